@@ -1,0 +1,36 @@
+"""flan_jax: Flan-style instruction tuning of T5-family models in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="flan_jax",
+    version="0.1.0",
+    description="Flan-style instruction tuning in JAX: templated seqio tasks, packing, T5, Adafactor, eval.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["flan_jax", "flan_jax.*", "tasks", "tasks.*"]),
+    package_data={"": ["*.gin", "*.json", "*.yaml"]},
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "seqio>=0.0.19",
+        "tensorflow",
+        "tensorflow-datasets>=4.9",
+        "gin-config>=0.5",
+        "sentencepiece",
+        "numpy",
+        "tensorboardX",
+        "rouge-score",
+        "sacrebleu",
+        "msgpack",
+        "tensorstore",
+        "safetensors",
+        "pyyaml",
+        "jinja2",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers"],
+        "bench": ["torch==2.13.0", "transformers", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["flan-jax=flan_jax.cli:main"]},
+)
