@@ -1,0 +1,121 @@
+"""Record sources: named splits of plain Python dict records, read in a fixed order.
+
+A source knows nothing of templates. `flan_jax.registry.register_task` renders its records into prompts.
+Every source yields `(index, record)` pairs where `index` is the record's position in the split (stable across runs,
+used for deterministic template choice and to keep a record out of its own few-shot exemplars).
+
+- `RecordSource`: the base class (override `records`; `num_examples` declares split sizes so mixing rates work
+  without building a dataset).
+- `FunctionSource`: wraps `fn(split) -> iterable of dicts`.
+- `TfdsSource`: a TFDS dataset, decoded to Python values (bytes -> str) and mapped by `map_fn`. Works offline under
+  `tfds.testing.mock_data`.
+- `flan_jax.sources.generated.GeneratedSource`: procedurally generated records (the embedded default mixture).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+Record = Mapping[str, Any]
+
+
+class RecordSource:
+    """Base class: a source of dict records with named splits."""
+
+    def __init__(self, splits: Sequence[str], num_examples: Mapping[str, int] | None = None):
+        self.splits = tuple(splits)
+        self._num_examples = dict(num_examples or {})
+        unknown = set(self._num_examples) - set(self.splits)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: num_examples names unknown splits {sorted(unknown)} "
+                             f"(splits: {self.splits})")
+
+    def num_examples(self, split: str) -> int | None:
+        """Declared number of records in `split`, or None when unknown."""
+        self.check_split(split)
+        return self._num_examples.get(split)
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"{self.describe()}: unknown split {split!r}; available: {list(self.splits)}")
+
+    def _iter_split(self, split: str) -> Iterable[Record]:
+        raise NotImplementedError
+
+    def records(self, split: str, shard_index: int = 0, num_shards: int = 1) -> Iterator[tuple[int, Record]]:
+        """Yields (index, record) in order; with num_shards > 1 only indices congruent to shard_index."""
+        self.check_split(split)
+        for index, record in enumerate(self._iter_split(split)):
+            if index % num_shards == shard_index:
+                yield index, record
+
+    def first_records(self, split: str, count: int) -> list[tuple[int, Record]]:
+        """The first `count` records of a split (the few-shot exemplar pool)."""
+        return list(itertools.islice(self.records(split), count))
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class FunctionSource(RecordSource):
+    """Records from `fn(split) -> iterable of dicts` (e.g. a list in a test, or a file reader)."""
+
+    def __init__(self, fn: Callable[[str], Iterable[Record]], splits: Sequence[str] = ("train", "validation"),
+                 num_examples: Mapping[str, int] | None = None, name: str = ""):
+        super().__init__(splits, num_examples)
+        self._fn = fn
+        self._name = name or getattr(fn, "__name__", "fn")
+
+    def _iter_split(self, split: str) -> Iterable[Record]:
+        return self._fn(split)
+
+    def describe(self) -> str:
+        return f"FunctionSource({self._name})"
+
+
+def to_python(value: Any) -> Any:
+    """Converts TFDS numpy values to plain Python: bytes -> str, numpy scalars -> int/float/bool, arrays -> lists."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        return [to_python(v) for v in value.tolist()] if value.dtype != object else [to_python(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    return value
+
+
+class TfdsSource(RecordSource):
+    """A TFDS dataset read in file order (no shuffling), decoded to Python and mapped to template fields.
+
+    Args:
+      name: TFDS name with optional config/version, e.g. "glue/rte:2.0.0".
+      split_map: our split name -> TFDS split expression, e.g. {"train": "train", "validation": "validation"}.
+      map_fn: decoded record -> dict of template fields (return None to mark a record malformed: counted/raised
+        by the registry like any other bad record).
+      num_examples: declared split sizes (so mixing rates need no dataset build).
+      data_dir: optional TFDS data_dir.
+    """
+
+    def __init__(self, name: str, split_map: Mapping[str, str] | None = None,
+                 map_fn: Callable[[dict], Record | None] | None = None,
+                 num_examples: Mapping[str, int] | None = None, data_dir: str | None = None):
+        split_map = dict(split_map or {"train": "train", "validation": "validation"})
+        super().__init__(tuple(split_map), num_examples)
+        self.name, self.split_map, self.map_fn, self.data_dir = name, split_map, map_fn, data_dir
+
+    def _iter_split(self, split: str) -> Iterable[Record]:
+        import tensorflow_datasets as tfds  # imported lazily: registration must stay cheap
+
+        ds = tfds.load(self.name, split=self.split_map[split], shuffle_files=False, data_dir=self.data_dir)
+        for example in tfds.as_numpy(ds):
+            record = to_python(example)
+            yield self.map_fn(record) if self.map_fn is not None else record
+
+    def describe(self) -> str:
+        return f"TfdsSource({self.name})"

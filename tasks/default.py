@@ -1,0 +1,131 @@
+"""The embedded default collection: procedurally generated instruction tasks (no downloads).
+
+Clusters (seen = in the training mixture, held out = evaluated zero-shot only):
+  number_properties (seen)   parity, larger_number, multiple_of_five                  options
+  text_classification (seen) keyword_sentiment, topic                                 options
+  list_ops (seen)            list_contains (options), list_sort, list_max             generative
+  arithmetic (seen)          addition (+cot), subtraction                             generative
+  string_editing (seen)      uppercase (+inv), acronym                                generative
+  word_analysis (HELD OUT)   vowel_start, longer_word (options), reverse_word         mixed
+
+Mixtures:
+  flan_default_train  zs_opt + zs_noopt variants of the seen clusters' tasks, example-proportional (all equal here).
+  flan_default_eval   one zero-shot task per base task on "validation": zs_opt for option tasks, zs_noopt otherwise.
+Few-shot variants are registered (inputs fit 256 bytes) but left out of the default train mixture.
+"""
+from __future__ import annotations
+
+from flan_jax import mixing, registry
+from flan_jax.sources.generated import GeneratedSource
+from flan_jax.sources import generated as gen
+from flan_jax.templates import FewShotConfig, Template as T
+
+COLLECTION = "default"
+SEED = 0
+HELD_OUT_CLUSTERS = ("word_analysis",)
+TRAIN_MIXTURE = "flan_default_train"
+EVAL_MIXTURE = "flan_default_eval"
+TRAIN_VARIANTS = ("zs_opt", "zs_noopt")
+FEW_SHOT = FewShotConfig(num_exemplars=2, max_input_length=256, exemplar_pool_size=200)
+
+# name -> (cluster, generator, fields, templates, extra register_task kwargs)
+TASKS = {
+    "parity": ("number_properties", gen.gen_parity, ("number", "answer"), [
+        T("Is {number} even or odd?", "{answer}"),
+        T("Number: {number}\nIs this number even or odd?", "{answer}"),
+        T("Tell me whether {number} is an even number or an odd number.", "{answer}"),
+        T("{number} -- odd or even?", "{answer}"),
+    ], {"options_field": "options", "rationale_field": "rationale"}),
+    "larger_number": ("number_properties", gen.gen_larger_number, ("a", "b", "answer"), [
+        T("Which is larger, {a} or {b}?", "{answer}"),
+        T("Pick the bigger number: {a}, {b}", "{answer}"),
+        T("Of the numbers {a} and {b}, which one is greater?", "{answer}"),
+    ], {"options_field": "options"}),
+    "multiple_of_five": ("number_properties", gen.gen_multiple_of_five, ("number", "answer"), [
+        T("Is {number} divisible by 5?", "{answer}"),
+        T("Can {number} be split into groups of five with nothing left over?", "{answer}"),
+        T("Number: {number}\nIs it a multiple of five?", "{answer}"),
+    ], {"options_field": "options"}),
+    "keyword_sentiment": ("text_classification", gen.gen_keyword_sentiment, ("sentence", "answer"), [
+        T("{sentence}\nIs this review positive or negative?", "{answer}"),
+        T("Review: {sentence}\nWhat is the sentiment of this review?", "{answer}"),
+        T("How does the writer feel? \"{sentence}\"", "{answer}"),
+    ], {"options_field": "options",
+        "inversion_templates": [T("Write a short {answer} review.", "{sentence}"),
+                                T("Give an example of a {answer} sentence about something.", "{sentence}"),
+                                T("Sentiment: {answer}\nReview:", "{sentence}")]}),
+    "topic": ("text_classification", gen.gen_topic, ("sentence", "answer"), [
+        T("{sentence}\nWhat is this sentence about?", "{answer}"),
+        T("Sentence: {sentence}\nTopic?", "{answer}"),
+        T("Classify the topic of: {sentence}", "{answer}"),
+    ], {"options_field": "options"}),
+    "list_contains": ("list_ops", gen.gen_list_contains, ("items", "item", "answer"), [
+        T("Does the list [{items}] contain {item}?", "{answer}"),
+        T("List: {items}\nIs {item} in the list?", "{answer}"),
+        T("Is {item} one of {items}?", "{answer}"),
+    ], {"options_field": "options"}),
+    "list_sort": ("list_ops", gen.gen_list_sort, ("items", "answer"), [
+        T("Sort these numbers from smallest to largest: {items}", "{answer}"),
+        T("Numbers: {items}\nWrite them in ascending order.", "{answer}"),
+        T("Put {items} in increasing order.", "{answer}"),
+    ], {}),
+    "list_max": ("list_ops", gen.gen_list_max, ("items", "answer"), [
+        T("What is the largest number in {items}?", "{answer}"),
+        T("List: {items}\nMaximum:", "{answer}"),
+        T("Find the biggest value among {items}.", "{answer}"),
+    ], {}),
+    "addition": ("arithmetic", gen.gen_addition, ("a", "b", "answer"), [
+        T("What is {a} + {b}?", "{answer}"),
+        T("Add {a} and {b}.", "{answer}"),
+        T("Compute the sum of {a} and {b}.", "{answer}"),
+        T("{a} plus {b} equals", "{answer}"),
+    ], {"rationale_field": "rationale"}),
+    "subtraction": ("arithmetic", gen.gen_subtraction, ("a", "b", "answer"), [
+        T("What is {a} - {b}?", "{answer}"),
+        T("Subtract {b} from {a}.", "{answer}"),
+        T("{a} minus {b} equals", "{answer}"),
+    ], {}),
+    "uppercase": ("string_editing", gen.gen_uppercase, ("text", "answer"), [
+        T("Write \"{text}\" in capital letters.", "{answer}"),
+        T("Convert to uppercase: {text}", "{answer}"),
+        T("Text: {text}\nThe same text in upper case:", "{answer}"),
+    ], {"inversion_templates": [T("Write \"{answer}\" in lowercase letters.", "{text}"),
+                                T("Convert to lowercase: {answer}", "{text}"),
+                                T("Text: {answer}\nThe same text in lower case:", "{text}")]}),
+    "acronym": ("string_editing", gen.gen_acronym, ("phrase", "answer"), [
+        T("Make an acronym from the first letters of: {phrase}", "{answer}"),
+        T("Phrase: {phrase}\nAcronym:", "{answer}"),
+        T("Take the first letter of each word in \"{phrase}\" and write them in capitals.", "{answer}"),
+    ], {}),
+    "vowel_start": ("word_analysis", gen.gen_vowel_start, ("word", "answer"), [
+        T("Does the word \"{word}\" start with a vowel?", "{answer}"),
+        T("Word: {word}\nIs its first letter a vowel?", "{answer}"),
+        T("Is the first letter of {word} one of a, e, i, o, u?", "{answer}"),
+    ], {"options_field": "options"}),
+    "longer_word": ("word_analysis", gen.gen_longer_word, ("word_a", "word_b", "answer"), [
+        T("Which word is longer, \"{word_a}\" or \"{word_b}\"?", "{answer}"),
+        T("Words: {word_a}, {word_b}\nWhich has more letters?", "{answer}"),
+        T("Pick the longer word: {word_a} or {word_b}", "{answer}"),
+    ], {"options_field": "options"}),
+    "reverse_word": ("word_analysis", gen.gen_reverse_word, ("word", "answer"), [
+        T("Spell \"{word}\" backwards.", "{answer}"),
+        T("Reverse the letters of the word {word}.", "{answer}"),
+        T("Word: {word}\nReversed:", "{answer}"),
+    ], {}),
+}
+
+
+def register(seed: int = SEED) -> None:
+    """Registers every default task and the two default mixtures (cheap: no data is generated)."""
+    for name, (cluster, generate, fields, templates, extra) in TASKS.items():
+        registry.register_task(name, GeneratedSource(name, generate, seed=seed), templates, fields=fields,
+                               cluster=cluster, collection=COLLECTION, few_shot=FEW_SHOT, seed=seed, **extra)
+    seen = [name for name, spec in TASKS.items() if spec[0] not in HELD_OUT_CLUSTERS]
+    train_tasks = [t for base in seen for t in (f"{base}_{v}" for v in TRAIN_VARIANTS)
+                   if t in registry.list_tasks(COLLECTION)]
+    mixing.register_mixture(TRAIN_MIXTURE, mixing.example_proportional_rates(mixing.num_train_examples(train_tasks)))
+    eval_tasks = [f"{name}_zs_opt" if registry.task_spec(name).has_options else f"{name}_zs_noopt" for name in TASKS]
+    mixing.register_mixture(EVAL_MIXTURE, {t: 1.0 for t in eval_tasks})
+
+
+register()
