@@ -1,0 +1,84 @@
+"""Sequence log-likelihood scoring and rank classification for the T5 model.
+
+`sequence_scores` follows T5X's "score" semantics: sum over target positions of
+log p(target token) * decoder_loss_weights. `rank_classification_scores` scores K options per input
+while running the encoder once per input; the K option rows share their input's encoder output
+(and cross-attention K/V) instead of repeating it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from flan_jax.models import t5
+
+
+def shift_right(targets: jax.Array) -> jax.Array:
+    """Decoder inputs for unpacked targets: 0 first, then targets[:-1] (along the last axis)."""
+    pad = [(0, 0)] * (targets.ndim - 1) + [(1, 0)]
+    return jnp.pad(targets, pad)[..., :-1]
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(targets) per position from float logits [..., L, V] and int targets [..., L]."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def sequence_scores(config: t5.T5Config, params, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """[B] sum of log p(decoder_target_tokens) * decoder_loss_weights (weights default: target != 0).
+
+    The batch is a seqio EncDecFeatureConverter batch; scores are per row, so use unpacked batches.
+    """
+    for key in ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens'):
+        if key not in batch:
+            raise KeyError(f'sequence_scores: batch is missing feature {key!r} (has {sorted(batch)})')
+    targets = batch['decoder_target_tokens']
+    weights = batch.get('decoder_loss_weights')
+    weights = (targets != 0) if weights is None else weights
+    logits = t5.forward(config, params, batch)
+    return jnp.sum(token_log_probs(logits, targets) * weights.astype(jnp.float32), axis=-1)
+
+
+def _check_options(encoder_input_tokens, option_target_tokens):
+    if encoder_input_tokens.ndim != 2 or option_target_tokens.ndim != 3:
+        raise ValueError('rank classification expects encoder_input_tokens [B, Lin] and option_target_tokens '
+                         f'[B, K, Lt]; got {encoder_input_tokens.shape} and {option_target_tokens.shape}')
+    if encoder_input_tokens.shape[0] != option_target_tokens.shape[0]:
+        raise ValueError(f'rank classification: batch sizes differ: inputs {encoder_input_tokens.shape[0]}, '
+                         f'options {option_target_tokens.shape[0]}')
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def rank_classification_scores(config: t5.T5Config, params, encoder_input_tokens: jax.Array,
+                               option_target_tokens: jax.Array) -> jax.Array:
+    """[B, K] log-likelihood of each option given its input; encoder runs once per input.
+
+    option_target_tokens: [B, K, Lt], each option ends with EOS and is 0-padded; all-zero rows (absent
+    options) score 0, so mask them before taking the argmax.
+    """
+    _check_options(encoder_input_tokens, option_target_tokens)
+    batch, num_options, length = option_target_tokens.shape
+    encoded = t5.encode(config, params, {'encoder_input_tokens': encoder_input_tokens})
+    targets = option_target_tokens.reshape(batch * num_options, length)
+    decoder_batch = {'encoder_input_tokens': encoder_input_tokens, 'decoder_input_tokens': shift_right(targets)}
+    logits = t5.decode(config, params, encoded, decoder_batch, decoder_rows_per_input=num_options)
+    scores = jnp.sum(token_log_probs(logits, targets) * (targets != 0), axis=-1)
+    return scores.reshape(batch, num_options)
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def rank_classification_scores_naive(config: t5.T5Config, params, encoder_input_tokens: jax.Array,
+                                     option_target_tokens: jax.Array) -> jax.Array:
+    """Baseline: every (input, option) pair is its own example, so the encoder runs K times per input."""
+    _check_options(encoder_input_tokens, option_target_tokens)
+    batch, num_options, length = option_target_tokens.shape
+    targets = option_target_tokens.reshape(batch * num_options, length)
+    pairs = {'encoder_input_tokens': jnp.repeat(encoder_input_tokens, num_options, axis=0),
+             'decoder_input_tokens': shift_right(targets), 'decoder_target_tokens': targets}
+    return sequence_scores(config, params, pairs).reshape(batch, num_options)
