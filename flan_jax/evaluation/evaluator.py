@@ -23,131 +23,131 @@ from flan_jax.train import loss as loss_lib
 
 @dataclasses.dataclass
 class TaskEvalData:
-  name: str
-  inputs: np.ndarray            # [N, Lin] int32, 0-padded, EOS-terminated
-  targets: np.ndarray           # [N, Lt]
-  target_strings: list
-  options: list                 # per example: list of option strings (empty for generative tasks)
-  seen: bool
-  task: seqio.Task
+    name: str
+    inputs: np.ndarray            # [N, Lin] int32, 0-padded, EOS-terminated
+    targets: np.ndarray           # [N, Lt]
+    target_strings: list
+    options: list                 # per example: list of option strings (empty for generative tasks)
+    seen: bool
+    task: seqio.Task
 
-  @property
-  def has_options(self) -> bool:
-    return any(len(o) > 0 for o in self.options)
+    @property
+    def has_options(self) -> bool:
+        return any(len(o) > 0 for o in self.options)
 
 
 def base_task_name(task_name: str) -> str:
-  try:
-    from flan_jax import registry
-    return registry.task_info(task_name).base_task
-  except Exception:  # tasks registered outside our registry are their own base task
-    return task_name
+    try:
+        from flan_jax import registry
+        return registry.task_info(task_name).base_task
+    except Exception:  # tasks registered outside our registry are their own base task
+        return task_name
 
 
 def _pad_to(arr: Sequence[int], length: int) -> np.ndarray:
-  out = np.zeros((length,), np.int32)
-  arr = np.asarray(arr, np.int32)[:length]
-  out[:len(arr)] = arr
-  return out
+    out = np.zeros((length,), np.int32)
+    arr = np.asarray(arr, np.int32)[:length]
+    out[:len(arr)] = arr
+    return out
 
 
 def load_task_eval_data(task: seqio.Task, feature_lengths: Mapping[str, int], max_examples: Optional[int],
-                        seen: bool, split: str = "validation") -> TaskEvalData:
-  ds = task.get_dataset(sequence_length=dict(feature_lengths), split=split, shuffle=False, num_epochs=1)
-  if max_examples:
-    ds = ds.take(max_examples)
-  inputs, targets, target_strings, options = [], [], [], []
-  for ex in ds.as_numpy_iterator():
-    inputs.append(_pad_to(ex["inputs"], feature_lengths["inputs"]))
-    targets.append(_pad_to(ex["targets"], feature_lengths["targets"]))
-    raw_target = ex["targets_pretokenized"].decode("utf-8")
-    target_strings.append(task.postprocess_fn(raw_target, example=ex, is_target=True)
-                          if task.postprocess_fn else raw_target)
-    opts = ex.get("options")
-    options.append([o.decode("utf-8") for o in opts] if opts is not None else [])
-  if not inputs:
-    raise ValueError(f"eval task {task.name!r} has no examples in split {split!r}")
-  return TaskEvalData(task.name, np.stack(inputs), np.stack(targets), target_strings, options, seen, task)
+                                                seen: bool, split: str = "validation") -> TaskEvalData:
+    ds = task.get_dataset(sequence_length=dict(feature_lengths), split=split, shuffle=False, num_epochs=1)
+    if max_examples:
+        ds = ds.take(max_examples)
+    inputs, targets, target_strings, options = [], [], [], []
+    for ex in ds.as_numpy_iterator():
+        inputs.append(_pad_to(ex["inputs"], feature_lengths["inputs"]))
+        targets.append(_pad_to(ex["targets"], feature_lengths["targets"]))
+        raw_target = ex["targets_pretokenized"].decode("utf-8")
+        target_strings.append(task.postprocess_fn(raw_target, example=ex, is_target=True)
+                                                    if task.postprocess_fn else raw_target)
+        opts = ex.get("options")
+        options.append([o.decode("utf-8") for o in opts] if opts is not None else [])
+    if not inputs:
+        raise ValueError(f"eval task {task.name!r} has no examples in split {split!r}")
+    return TaskEvalData(task.name, np.stack(inputs), np.stack(targets), target_strings, options, seen, task)
 
 
 class Evaluator:
-  def __init__(self, eval_mixture_or_task: str, feature_lengths: Mapping[str, int], model_cfg: t5.T5Config, *,
-               seen_base_tasks: set, examples_per_task: Optional[int] = 64, batch_size: int = 32,
-               split: str = "validation"):
-    self.model_cfg = model_cfg
-    self.feature_lengths = dict(feature_lengths)
-    self.batch_size = batch_size
-    mixture = seqio.get_mixture_or_task(eval_mixture_or_task)
-    tasks = seqio.get_subtasks(mixture)
-    self.data = [load_task_eval_data(t, feature_lengths, examples_per_task, base_task_name(t.name) in seen_base_tasks,
-                                     split) for t in tasks]
-    self.vocab = tasks[0].output_features["targets"].vocabulary
-    self._forward = jax.jit(functools.partial(t5.forward, model_cfg))
-    self._rank = jax.jit(functools.partial(scoring.rank_classification_scores, model_cfg))
-    self._greedy = jax.jit(functools.partial(decoding.greedy_decode, model_cfg),
-                           static_argnames=("max_decode_len",))
+    def __init__(self, eval_mixture_or_task: str, feature_lengths: Mapping[str, int], model_cfg: t5.T5Config, *,
+                              seen_base_tasks: set, examples_per_task: Optional[int] = 64, batch_size: int = 32,
+                              split: str = "validation"):
+        self.model_cfg = model_cfg
+        self.feature_lengths = dict(feature_lengths)
+        self.batch_size = batch_size
+        mixture = seqio.get_mixture_or_task(eval_mixture_or_task)
+        tasks = seqio.get_subtasks(mixture)
+        self.data = [load_task_eval_data(t, feature_lengths, examples_per_task, base_task_name(t.name) in seen_base_tasks,
+                                                                          split) for t in tasks]
+        self.vocab = tasks[0].output_features["targets"].vocabulary
+        self._forward = jax.jit(functools.partial(t5.forward, model_cfg))
+        self._rank = jax.jit(functools.partial(scoring.rank_classification_scores, model_cfg))
+        self._greedy = jax.jit(functools.partial(decoding.greedy_decode, model_cfg),
+                                                      static_argnames=("max_decode_len",))
 
-  # --- batching ------------------------------------------------------------------------------------------------------
-  def _batches(self, n: int):
-    for start in range(0, n, self.batch_size):
-      idx = np.arange(start, min(start + self.batch_size, n))
-      yield idx, np.pad(idx, (0, self.batch_size - len(idx)), constant_values=idx[0])
+    # --- batching ------------------------------------------------------------------------------------------------------
+    def _batches(self, n: int):
+        for start in range(0, n, self.batch_size):
+            idx = np.arange(start, min(start + self.batch_size, n))
+            yield idx, np.pad(idx, (0, self.batch_size - len(idx)), constant_values=idx[0])
 
-  def _teacher_forced_loss(self, params, d: TaskEvalData) -> float:
-    total, tokens = 0.0, 0.0
-    for real, padded in self._batches(len(d.inputs)):
-      tgt = d.targets[padded]
-      dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
-      logits = self._forward(params, {"encoder_input_tokens": d.inputs[padded], "decoder_input_tokens": dec_in})
-      tok_loss, _ = loss_lib.token_cross_entropy(logits, jnp.asarray(tgt))
-      w = (tgt > 0).astype(np.float32)
-      w[len(real):] = 0.0  # the rows repeated to fill the last batch do not count
-      total += float(jnp.sum(tok_loss * w))
-      tokens += float(w.sum())
-    return total / max(tokens, 1.0)
+    def _teacher_forced_loss(self, params, d: TaskEvalData) -> float:
+        total, tokens = 0.0, 0.0
+        for real, padded in self._batches(len(d.inputs)):
+            tgt = d.targets[padded]
+            dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
+            logits = self._forward(params, {"encoder_input_tokens": d.inputs[padded], "decoder_input_tokens": dec_in})
+            tok_loss, _ = loss_lib.token_cross_entropy(logits, jnp.asarray(tgt))
+            w = (tgt > 0).astype(np.float32)
+            w[len(real):] = 0.0  # the rows repeated to fill the last batch do not count
+            total += float(jnp.sum(tok_loss * w))
+            tokens += float(w.sum())
+        return total / max(tokens, 1.0)
 
-  def _rank_classify(self, params, d: TaskEvalData) -> list:
-    k = max(len(o) for o in d.options)
-    lt = self.feature_lengths["targets"]
-    preds = []
-    for real, padded in self._batches(len(d.inputs)):
-      opt_tokens = np.zeros((len(padded), k, lt), np.int32)
-      for row, i in enumerate(padded):
-        for j, opt in enumerate(d.options[i]):
-          opt_tokens[row, j] = _pad_to(list(self.vocab.encode(opt))[:lt - 1] + [1], lt)
-      scores = np.asarray(self._rank(params, d.inputs[padded], opt_tokens))
-      for row, i in enumerate(real):
-        n_opt = len(d.options[i])
-        preds.append(d.options[i][int(np.argmax(scores[row, :n_opt]))])
-    return preds
+    def _rank_classify(self, params, d: TaskEvalData) -> list:
+        k = max(len(o) for o in d.options)
+        lt = self.feature_lengths["targets"]
+        preds = []
+        for real, padded in self._batches(len(d.inputs)):
+            opt_tokens = np.zeros((len(padded), k, lt), np.int32)
+            for row, i in enumerate(padded):
+                for j, opt in enumerate(d.options[i]):
+                    opt_tokens[row, j] = _pad_to(list(self.vocab.encode(opt))[:lt - 1] + [1], lt)
+            scores = np.asarray(self._rank(params, d.inputs[padded], opt_tokens))
+            for row, i in enumerate(real):
+                n_opt = len(d.options[i])
+                preds.append(d.options[i][int(np.argmax(scores[row, :n_opt]))])
+        return preds
 
-  def _generate(self, params, d: TaskEvalData) -> list:
-    preds = []
-    for real, padded in self._batches(len(d.inputs)):
-      out = np.asarray(self._greedy(params, d.inputs[padded], max_decode_len=self.feature_lengths["targets"]))
-      for row, i in enumerate(real):
-        toks = [int(t) for t in out[row]]
-        toks = toks[:toks.index(1)] if 1 in toks else toks
-        text = self.vocab.decode([t for t in toks if t > 0])
-        if d.task.postprocess_fn:
-          text = d.task.postprocess_fn(text, example={}, is_target=False)
-        preds.append(text)
-    return preds
+    def _generate(self, params, d: TaskEvalData) -> list:
+        preds = []
+        for real, padded in self._batches(len(d.inputs)):
+            out = np.asarray(self._greedy(params, d.inputs[padded], max_decode_len=self.feature_lengths["targets"]))
+            for row, i in enumerate(real):
+                toks = [int(t) for t in out[row]]
+                toks = toks[:toks.index(1)] if 1 in toks else toks
+                text = self.vocab.decode([t for t in toks if t > 0])
+                if d.task.postprocess_fn:
+                    text = d.task.postprocess_fn(text, example={}, is_target=False)
+                preds.append(text)
+        return preds
 
-  # --- evaluation ----------------------------------------------------------------------------------------------------
-  def evaluate(self, params) -> dict:
-    """{task: {metric: value}} including the `mean_seen` / `mean_heldout` aggregates."""
-    results = {}
-    for d in self.data:
-      values = {"loss": self._teacher_forced_loss(params, d)}
-      preds = self._rank_classify(params, d) if d.has_options else self._generate(params, d)
-      for fn in d.task.predict_metric_fns or d.task.metric_fns:
-        values.update({k: float(v) for k, v in fn(d.target_strings, preds).items()})
-      results[d.name] = values
-    for agg, want_seen in (("mean_seen", True), ("mean_heldout", False)):
-      group = [results[d.name] for d in self.data if d.seen == want_seen]
-      metrics = sorted({m for r in group for m in r})
-      if group:
-        results[agg] = {m: float(np.mean([r[m] for r in group if m in r])) for m in metrics}
-    logging.info("eval: %s", {k: v for k, v in results.items() if k.startswith("mean")})
-    return results
+    # --- evaluation ----------------------------------------------------------------------------------------------------
+    def evaluate(self, params) -> dict:
+        """{task: {metric: value}} including the `mean_seen` / `mean_heldout` aggregates."""
+        results = {}
+        for d in self.data:
+            values = {"loss": self._teacher_forced_loss(params, d)}
+            preds = self._rank_classify(params, d) if d.has_options else self._generate(params, d)
+            for fn in d.task.predict_metric_fns or d.task.metric_fns:
+                values.update({k: float(v) for k, v in fn(d.target_strings, preds).items()})
+            results[d.name] = values
+        for agg, want_seen in (("mean_seen", True), ("mean_heldout", False)):
+            group = [results[d.name] for d in self.data if d.seen == want_seen]
+            metrics = sorted({m for r in group for m in r})
+            if group:
+                results[agg] = {m: float(np.mean([r[m] for r in group if m in r])) for m in metrics}
+        logging.info("eval: %s", {k: v for k, v in results.items() if k.startswith("mean")})
+        return results

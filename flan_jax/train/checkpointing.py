@@ -17,78 +17,78 @@ STEP_PREFIX = "checkpoint"
 
 
 def _manager(directory: str, max_to_keep: Optional[int], async_save: bool) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      step_prefix=STEP_PREFIX, max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    options = ocp.CheckpointManagerOptions(
+            step_prefix=STEP_PREFIX, max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 class Checkpointer:
-  def __init__(self, model_dir: str, keep: Optional[int] = 3, async_save: bool = True,
-               best_metric: Optional[str] = None, best_mode: str = "max"):
-    self.model_dir = model_dir
-    self.latest = _manager(model_dir, keep, async_save)
-    self.best_metric, self.best_mode = best_metric, best_mode
-    self._best_dir = os.path.join(model_dir, "best")
-    self._best = None  # created on first use so runs without keep-best leave no empty folder
+    def __init__(self, model_dir: str, keep: Optional[int] = 3, async_save: bool = True,
+                              best_metric: Optional[str] = None, best_mode: str = "max"):
+        self.model_dir = model_dir
+        self.latest = _manager(model_dir, keep, async_save)
+        self.best_metric, self.best_mode = best_metric, best_mode
+        self._best_dir = os.path.join(model_dir, "best")
+        self._best = None  # created on first use so runs without keep-best leave no empty folder
 
-  # --- latest ------------------------------------------------------------------------------------------------------
-  def latest_step(self) -> Optional[int]:
-    return self.latest.latest_step()
+    # --- latest ------------------------------------------------------------------------------------------------------
+    def latest_step(self) -> Optional[int]:
+        return self.latest.latest_step()
 
-  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    if step in (self.latest.all_steps() or []):
-      return False
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    return self.latest.save(step, args=args, force=True)
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+        if step in (self.latest.all_steps() or []):
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self.latest.save(step, args=args, force=True)
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None, directory: Optional[str] = None):
-    """Restores (state, meta) into the shardings given by `abstract_state` (ShapeDtypeStructs with .sharding)."""
-    mngr = self.latest if directory is None else _manager(directory, None, False)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint_<step> under {mngr.directory}")
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+    def restore(self, abstract_state: Any, step: Optional[int] = None, directory: Optional[str] = None):
+        """Restores (state, meta) into the shardings given by `abstract_state` (ShapeDtypeStructs with .sharding)."""
+        mngr = self.latest if directory is None else _manager(directory, None, False)
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint_<step> under {mngr.directory}")
+        restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
 
-  # --- best --------------------------------------------------------------------------------------------------------
-  def best_record(self) -> Optional[dict]:
-    path = os.path.join(self.model_dir, "best.json")
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
+    # --- best --------------------------------------------------------------------------------------------------------
+    def best_record(self) -> Optional[dict]:
+        path = os.path.join(self.model_dir, "best.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
 
-  def maybe_save_best(self, step: int, state: Any, meta: dict, eval_values: dict) -> bool:
-    """Keeps the checkpoint with the best `best_metric` (a key of eval_values) in MODEL_DIR/best/."""
-    if not self.best_metric:
-      return False
-    if self.best_metric not in eval_values:
-      raise KeyError(f"BEST_METRIC={self.best_metric!r} is not an eval metric; have {sorted(eval_values)}")
-    value = float(eval_values[self.best_metric])
-    record = self.best_record()
-    better = record is None or (value > record["value"] if self.best_mode == "max" else value < record["value"])
-    if not better:
-      return False
-    if self._best is None:
-      self._best = _manager(self._best_dir, 1, False)
-    self._best.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self._best.wait_until_finished()
-    if jax.process_index() == 0:
-      tmp = os.path.join(self.model_dir, "best.json.tmp")
-      with open(tmp, "w") as f:
-        json.dump({"metric": self.best_metric, "value": value, "step": int(step),
-                   "path": os.path.join(self._best_dir, f"{STEP_PREFIX}_{step}")}, f)
-      os.replace(tmp, os.path.join(self.model_dir, "best.json"))
-    return True
+    def maybe_save_best(self, step: int, state: Any, meta: dict, eval_values: dict) -> bool:
+        """Keeps the checkpoint with the best `best_metric` (a key of eval_values) in MODEL_DIR/best/."""
+        if not self.best_metric:
+            return False
+        if self.best_metric not in eval_values:
+            raise KeyError(f"BEST_METRIC={self.best_metric!r} is not an eval metric; have {sorted(eval_values)}")
+        value = float(eval_values[self.best_metric])
+        record = self.best_record()
+        better = record is None or (value > record["value"] if self.best_mode == "max" else value < record["value"])
+        if not better:
+            return False
+        if self._best is None:
+            self._best = _manager(self._best_dir, 1, False)
+        self._best.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._best.wait_until_finished()
+        if jax.process_index() == 0:
+            tmp = os.path.join(self.model_dir, "best.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"metric": self.best_metric, "value": value, "step": int(step),
+                                      "path": os.path.join(self._best_dir, f"{STEP_PREFIX}_{step}")}, f)
+            os.replace(tmp, os.path.join(self.model_dir, "best.json"))
+        return True
 
-  def wait(self) -> None:
-    self.latest.wait_until_finished()
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
 
-  def close(self) -> None:
-    self.latest.wait_until_finished()
-    self.latest.close()
-    if self._best is not None:
-      self._best.close()
+    def close(self) -> None:
+        self.latest.wait_until_finished()
+        self.latest.close()
+        if self._best is not None:
+            self._best.close()

@@ -16,57 +16,57 @@ import seqio
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-  mixture_or_task_name: str
-  task_feature_lengths: Mapping[str, int]
-  global_batch_size: int
-  seed: int = 0
-  split: str = "train"
-  shuffle: bool = True
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    global_batch_size: int
+    seed: int = 0
+    split: str = "train"
+    shuffle: bool = True
 
 
 def resolve_mixture_or_task(name: str):
-  """The seqio Task or Mixture, or a clear error naming it (checked before any training work)."""
-  try:
-    return seqio.get_mixture_or_task(name)
-  except ValueError as e:
-    raise ValueError(f"MIXTURE_OR_TASK_NAME={name!r} is not a registered seqio Task or Mixture "
-                     f"(did you `import tasks`?)") from e
+    """The seqio Task or Mixture, or a clear error naming it (checked before any training work)."""
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError as e:
+        raise ValueError(f"MIXTURE_OR_TASK_NAME={name!r} is not a registered seqio Task or Mixture "
+                                          f"(did you `import tasks`?)") from e
 
 
 def local_batch_size(global_batch_size: int) -> int:
-  n = jax.process_count()
-  if global_batch_size % n:
-    raise ValueError(f"BATCH_SIZE={global_batch_size} is not divisible by the {n} processes")
-  return global_batch_size // n
+    n = jax.process_count()
+    if global_batch_size % n:
+        raise ValueError(f"BATCH_SIZE={global_batch_size} is not divisible by the {n} processes")
+    return global_batch_size // n
 
 
 def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter,
-                  skip_batches: int = 0) -> Iterator[dict]:
-  shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
-  ds = seqio.get_dataset(
-      cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
-      feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
-      shard_info=shard if shard.num_shards > 1 else None, seed=cfg.seed,
-      batch_size=local_batch_size(cfg.global_batch_size), verbose=False)
-  if skip_batches:
-    ds = ds.skip(skip_batches)
-  for batch in ds.as_numpy_iterator():
-    yield batch
+                                    skip_batches: int = 0) -> Iterator[dict]:
+    shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+    ds = seqio.get_dataset(
+            cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
+            feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
+            shard_info=shard if shard.num_shards > 1 else None, seed=cfg.seed,
+            batch_size=local_batch_size(cfg.global_batch_size), verbose=False)
+    if skip_batches:
+        ds = ds.skip(skip_batches)
+    for batch in ds.as_numpy_iterator():
+        yield batch
 
 
 def batch_statistics(batch: Mapping[str, np.ndarray]) -> dict:
-  """Padding and packing figures of one host batch (cheap numpy on the host, no device sync)."""
-  out = {}
-  if "encoder_input_tokens" in batch:
-    out["encoder_nonpadding_fraction"] = float(np.mean(batch["encoder_input_tokens"] != 0))
-  out["decoder_nonpadding_fraction"] = float(np.mean(batch["decoder_target_tokens"] != 0))
-  seg = batch.get("decoder_segment_ids")
-  if seg is not None:
-    out["segments_per_row"] = float(np.mean(np.max(seg, axis=-1)))
-  return out
+    """Padding and packing figures of one host batch (cheap numpy on the host, no device sync)."""
+    out = {}
+    if "encoder_input_tokens" in batch:
+        out["encoder_nonpadding_fraction"] = float(np.mean(batch["encoder_input_tokens"] != 0))
+    out["decoder_nonpadding_fraction"] = float(np.mean(batch["decoder_target_tokens"] != 0))
+    seg = batch.get("decoder_segment_ids")
+    if seg is not None:
+        out["segments_per_row"] = float(np.mean(np.max(seg, axis=-1)))
+    return out
 
 
 def token_counts(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
-  """(real input tokens, real target tokens) in a host batch."""
-  enc = int(np.sum(batch["encoder_input_tokens"] != 0)) if "encoder_input_tokens" in batch else 0
-  return enc, int(np.sum(batch["decoder_target_tokens"] != 0))
+    """(real input tokens, real target tokens) in a host batch."""
+    enc = int(np.sum(batch["encoder_input_tokens"] != 0)) if "encoder_input_tokens" in batch else 0
+    return enc, int(np.sum(batch["decoder_target_tokens"] != 0))

@@ -19,204 +19,204 @@ from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  model_dir: str
-  model: t5.T5Config
-  input: data_lib.InputConfig
-  train_steps: int
-  eval_mixture_or_task_name: Optional[str] = None
-  schedule: optim.ScheduleConfig = optim.ScheduleConfig()
-  adafactor: optim.AdafactorConfig = optim.AdafactorConfig()
-  loss: step_lib.LossConfig = step_lib.LossConfig()
-  mesh: partitioning.MeshConfig = partitioning.MeshConfig()
-  num_microbatches: int = 1
-  eval_period: int = 0            # 0: only at the end
-  eval_examples_per_task: int = 64
-  eval_batch_size: int = 32
-  checkpoint_period: int = 0      # 0: only at the end
-  keep_checkpoints: int = 3
-  best_metric: Optional[str] = None  # e.g. "mean_seen/accuracy"
-  log_period: int = 10
-  seed: int = 0
-  skip_nonfinite_updates: bool = False
-  async_checkpointing: bool = True
-  init_checkpoint: Optional[str] = None  # params to finetune from (a T5X or HF checkpoint dir), see load_initial_params
+    model_dir: str
+    model: t5.T5Config
+    input: data_lib.InputConfig
+    train_steps: int
+    eval_mixture_or_task_name: Optional[str] = None
+    schedule: optim.ScheduleConfig = optim.ScheduleConfig()
+    adafactor: optim.AdafactorConfig = optim.AdafactorConfig()
+    loss: step_lib.LossConfig = step_lib.LossConfig()
+    mesh: partitioning.MeshConfig = partitioning.MeshConfig()
+    num_microbatches: int = 1
+    eval_period: int = 0            # 0: only at the end
+    eval_examples_per_task: int = 64
+    eval_batch_size: int = 32
+    checkpoint_period: int = 0      # 0: only at the end
+    keep_checkpoints: int = 3
+    best_metric: Optional[str] = None  # e.g. "mean_seen/accuracy"
+    log_period: int = 10
+    seed: int = 0
+    skip_nonfinite_updates: bool = False
+    async_checkpointing: bool = True
+    init_checkpoint: Optional[str] = None  # params to finetune from (a T5X or HF checkpoint dir), see load_initial_params
 
 
 class NonFiniteLossError(RuntimeError):
-  pass
+    pass
 
 
 def validate_config(cfg: TrainConfig, num_devices: int) -> None:
-  """Every check that can fail before any work, each naming its config key."""
-  def need(cond, msg):
-    if not cond:
-      raise ValueError(msg)
-  need(cfg.train_steps > 0, f"TRAIN_STEPS={cfg.train_steps} must be positive")
-  need(cfg.input.global_batch_size > 0, f"BATCH_SIZE={cfg.input.global_batch_size} must be positive")
-  for key, period in (("EVAL_PERIOD", cfg.eval_period), ("CHECKPOINT_PERIOD", cfg.checkpoint_period),
-                      ("LOG_PERIOD", cfg.log_period)):
-    need(period >= 0, f"{key}={period} must be >= 0")
-  need(cfg.log_period > 0, f"LOG_PERIOD={cfg.log_period} must be positive")
-  need(cfg.schedule.learning_rate > 0, f"LEARNING_RATE={cfg.schedule.learning_rate} must be positive")
-  need(0.0 <= cfg.model.dropout_rate < 1.0, f"DROPOUT_RATE={cfg.model.dropout_rate} must be in [0, 1)")
-  dp, _ = partitioning.validate_mesh(cfg.mesh, num_devices)
-  need(cfg.input.global_batch_size % dp == 0,
-       f"BATCH_SIZE={cfg.input.global_batch_size} is not divisible by the data-parallel size {dp}")
-  need(cfg.num_microbatches >= 1 and cfg.input.global_batch_size % cfg.num_microbatches == 0,
-       f"NUM_MICROBATCHES={cfg.num_microbatches} does not divide BATCH_SIZE={cfg.input.global_batch_size}")
-  for key in ("inputs", "targets"):
-    need(cfg.input.task_feature_lengths.get(key, 0) > 0, f"TASK_FEATURE_LENGTHS[{key!r}] must be a positive int")
-  need(cfg.best_metric is None or "/" in cfg.best_metric,
-       f"BEST_METRIC={cfg.best_metric!r} must look like '<task>/<metric>', e.g. 'mean_seen/accuracy'")
-  data_lib.resolve_mixture_or_task(cfg.input.mixture_or_task_name)
-  if cfg.eval_mixture_or_task_name:
-    data_lib.resolve_mixture_or_task(cfg.eval_mixture_or_task_name)
-  os.makedirs(cfg.model_dir, exist_ok=True)
-  need(os.access(cfg.model_dir, os.W_OK), f"MODEL_DIR={cfg.model_dir!r} is not writable")
+    """Every check that can fail before any work, each naming its config key."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+    need(cfg.train_steps > 0, f"TRAIN_STEPS={cfg.train_steps} must be positive")
+    need(cfg.input.global_batch_size > 0, f"BATCH_SIZE={cfg.input.global_batch_size} must be positive")
+    for key, period in (("EVAL_PERIOD", cfg.eval_period), ("CHECKPOINT_PERIOD", cfg.checkpoint_period),
+                                            ("LOG_PERIOD", cfg.log_period)):
+        need(period >= 0, f"{key}={period} must be >= 0")
+    need(cfg.log_period > 0, f"LOG_PERIOD={cfg.log_period} must be positive")
+    need(cfg.schedule.learning_rate > 0, f"LEARNING_RATE={cfg.schedule.learning_rate} must be positive")
+    need(0.0 <= cfg.model.dropout_rate < 1.0, f"DROPOUT_RATE={cfg.model.dropout_rate} must be in [0, 1)")
+    dp, _ = partitioning.validate_mesh(cfg.mesh, num_devices)
+    need(cfg.input.global_batch_size % dp == 0,
+              f"BATCH_SIZE={cfg.input.global_batch_size} is not divisible by the data-parallel size {dp}")
+    need(cfg.num_microbatches >= 1 and cfg.input.global_batch_size % cfg.num_microbatches == 0,
+              f"NUM_MICROBATCHES={cfg.num_microbatches} does not divide BATCH_SIZE={cfg.input.global_batch_size}")
+    for key in ("inputs", "targets"):
+        need(cfg.input.task_feature_lengths.get(key, 0) > 0, f"TASK_FEATURE_LENGTHS[{key!r}] must be a positive int")
+    need(cfg.best_metric is None or "/" in cfg.best_metric,
+              f"BEST_METRIC={cfg.best_metric!r} must look like '<task>/<metric>', e.g. 'mean_seen/accuracy'")
+    data_lib.resolve_mixture_or_task(cfg.input.mixture_or_task_name)
+    if cfg.eval_mixture_or_task_name:
+        data_lib.resolve_mixture_or_task(cfg.eval_mixture_or_task_name)
+    os.makedirs(cfg.model_dir, exist_ok=True)
+    need(os.access(cfg.model_dir, os.W_OK), f"MODEL_DIR={cfg.model_dir!r} is not writable")
 
 
 def seen_base_tasks(mixture_or_task_name: str) -> set:
-  from flan_jax.evaluation.evaluator import base_task_name
-  return {base_task_name(t.name) for t in seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))}
+    from flan_jax.evaluation.evaluator import base_task_name
+    return {base_task_name(t.name) for t in seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))}
 
 
 def _abstract_state(cfg: TrainConfig, optimizer, mesh):
-  """Shapes and shardings of the train state, without allocating it."""
-  shapes = jax.eval_shape(lambda rng: step_lib.init_state(cfg.model, optimizer, rng), jax.random.PRNGKey(0))
-  rules = partitioning.logical_rules(cfg.mesh)
-  axes = t5.param_logical_axes(cfg.model)
-  shardings = {
-      "step": partitioning.replicated(mesh),
-      "nonfinite_step": partitioning.replicated(mesh),
-      "params": partitioning.param_shardings(shapes["params"], axes, rules, mesh),
-      "opt_state": partitioning.opt_state_shardings(shapes["opt_state"], shapes["params"], axes, rules, mesh),
-  }
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-  return abstract, shardings
+    """Shapes and shardings of the train state, without allocating it."""
+    shapes = jax.eval_shape(lambda rng: step_lib.init_state(cfg.model, optimizer, rng), jax.random.PRNGKey(0))
+    rules = partitioning.logical_rules(cfg.mesh)
+    axes = t5.param_logical_axes(cfg.model)
+    shardings = {
+            "step": partitioning.replicated(mesh),
+            "nonfinite_step": partitioning.replicated(mesh),
+            "params": partitioning.param_shardings(shapes["params"], axes, rules, mesh),
+            "opt_state": partitioning.opt_state_shardings(shapes["opt_state"], shapes["params"], axes, rules, mesh),
+    }
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return abstract, shardings
 
 
 def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer, init_params_fn: Optional[Callable]):
-  abstract, shardings = _abstract_state(cfg, optimizer, mesh)
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract)
-    logging.info("resumed from %s/checkpoint_%d", cfg.model_dir, meta["step"])
-    return state, shardings, int(meta["step"])
-  init = jax.jit(lambda rng: step_lib.init_state(cfg.model, optimizer, rng), out_shardings=shardings)
-  state = init(jax.random.PRNGKey(cfg.seed))
-  if init_params_fn is not None:
-    params = init_params_fn(cfg)
-    state["params"] = jax.device_put(
-        jax.tree.map(lambda p, a: np.asarray(p, a.dtype), params, abstract["params"]), shardings["params"])
-  return state, shardings, 0
+    abstract, shardings = _abstract_state(cfg, optimizer, mesh)
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract)
+        logging.info("resumed from %s/checkpoint_%d", cfg.model_dir, meta["step"])
+        return state, shardings, int(meta["step"])
+    init = jax.jit(lambda rng: step_lib.init_state(cfg.model, optimizer, rng), out_shardings=shardings)
+    state = init(jax.random.PRNGKey(cfg.seed))
+    if init_params_fn is not None:
+        params = init_params_fn(cfg)
+        state["params"] = jax.device_put(
+                jax.tree.map(lambda p, a: np.asarray(p, a.dtype), params, abstract["params"]), shardings["params"])
+    return state, shardings, 0
 
 
 def _log_eval(writer: MetricsWriter, step: int, results: dict) -> dict:
-  flat = {}
-  for task, values in results.items():
-    writer.write(step, "eval", task, values)
-    flat.update({f"{task}/{m}": v for m, v in values.items()})
-  return flat
+    flat = {}
+    for task, values in results.items():
+        writer.write(step, "eval", task, values)
+        flat.update({f"{task}/{m}": v for m, v in values.items()})
+    return flat
 
 
 def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter] = None,
-        init_params_fn: Optional[Callable] = None, stop_after_steps: Optional[int] = None) -> dict:
-  """Trains to cfg.train_steps (resuming from MODEL_DIR if it holds a checkpoint). Returns the last eval results.
+                init_params_fn: Optional[Callable] = None, stop_after_steps: Optional[int] = None) -> dict:
+    """Trains to cfg.train_steps (resuming from MODEL_DIR if it holds a checkpoint). Returns the last eval results.
 
-  stop_after_steps: stop (after checkpointing) once this many steps were run in this call; used to test resume.
-  """
-  validate_config(cfg, jax.device_count())
-  mesh = partitioning.make_mesh(cfg.mesh)
-  converter = feature_converter or seqio.EncDecFeatureConverter(pack=True)
-  optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
-  schedule = optim.make_schedule(cfg.schedule)
-  ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
-                                    best_metric=cfg.best_metric)
-  writer = MetricsWriter(cfg.model_dir)
-  state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt, init_params_fn)
-  meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s)}
+    stop_after_steps: stop (after checkpointing) once this many steps were run in this call; used to test resume.
+    """
+    validate_config(cfg, jax.device_count())
+    mesh = partitioning.make_mesh(cfg.mesh)
+    converter = feature_converter or seqio.EncDecFeatureConverter(pack=True)
+    optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
+    schedule = optim.make_schedule(cfg.schedule)
+    ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
+                                                                        best_metric=cfg.best_metric)
+    writer = MetricsWriter(cfg.model_dir)
+    state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt, init_params_fn)
+    meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s)}
 
-  batch_sharding = partitioning.batch_sharding(mesh)
-  train_step = jax.jit(
-      step_lib.make_train_step(cfg.model, optimizer, cfg.loss, num_microbatches=cfg.num_microbatches,
-                               seed=cfg.seed, skip_nonfinite_updates=cfg.skip_nonfinite_updates),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=(0,))
-  batches = data_lib.train_batches(cfg.input, converter, skip_batches=start)
+    batch_sharding = partitioning.batch_sharding(mesh)
+    train_step = jax.jit(
+            step_lib.make_train_step(cfg.model, optimizer, cfg.loss, num_microbatches=cfg.num_microbatches,
+                                                              seed=cfg.seed, skip_nonfinite_updates=cfg.skip_nonfinite_updates),
+            in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=(0,))
+    batches = data_lib.train_batches(cfg.input, converter, skip_batches=start)
 
-  evaluator = None
-  if cfg.eval_mixture_or_task_name:
-    from flan_jax.evaluation.evaluator import Evaluator
-    evaluator = Evaluator(cfg.eval_mixture_or_task_name, cfg.input.task_feature_lengths, cfg.model,
-                          seen_base_tasks=seen_base_tasks(cfg.input.mixture_or_task_name),
-                          examples_per_task=cfg.eval_examples_per_task, batch_size=cfg.eval_batch_size)
+    evaluator = None
+    if cfg.eval_mixture_or_task_name:
+        from flan_jax.evaluation.evaluator import Evaluator
+        evaluator = Evaluator(cfg.eval_mixture_or_task_name, cfg.input.task_feature_lengths, cfg.model,
+                                                    seen_base_tasks=seen_base_tasks(cfg.input.mixture_or_task_name),
+                                                    examples_per_task=cfg.eval_examples_per_task, batch_size=cfg.eval_batch_size)
 
-  flops_per_row = 3 * t5.count_flops_per_example(cfg.model, cfg.input.task_feature_lengths["inputs"],
-                                                  cfg.input.task_feature_lengths["targets"])
-  progress = ProgressPrinter(cfg.train_steps)
-  last_eval: dict = {}
+    flops_per_row = 3 * t5.count_flops_per_example(cfg.model, cfg.input.task_feature_lengths["inputs"],
+                                                                                                    cfg.input.task_feature_lengths["targets"])
+    progress = ProgressPrinter(cfg.train_steps)
+    last_eval: dict = {}
 
-  def check_finite(step):
-    bad = int(state["nonfinite_step"])
-    if bad >= 0 and not cfg.skip_nonfinite_updates:
-      ckpt.wait()
-      raise NonFiniteLossError(
-          f"loss or gradients not finite at step {bad}; stopped before step {step} was checkpointed. "
-          f"Last good checkpoint: {ckpt.latest_step()} in {cfg.model_dir}. Lower LEARNING_RATE or set "
-          f"SKIP_NONFINITE_UPDATES=True to skip such updates.")
+    def check_finite(step):
+        bad = int(state["nonfinite_step"])
+        if bad >= 0 and not cfg.skip_nonfinite_updates:
+            ckpt.wait()
+            raise NonFiniteLossError(
+                    f"loss or gradients not finite at step {bad}; stopped before step {step} was checkpointed. "
+                    f"Last good checkpoint: {ckpt.latest_step()} in {cfg.model_dir}. Lower LEARNING_RATE or set "
+                    f"SKIP_NONFINITE_UPDATES=True to skip such updates.")
 
-  def evaluate(step):
-    nonlocal last_eval
-    results = evaluator.evaluate(state["params"])
-    flat = _log_eval(writer, step, results)
-    last_eval = results
-    check_finite(step)
-    ckpt.maybe_save_best(step, state, meta(step), flat)
-    seen, held = results.get("mean_seen", {}), results.get("mean_heldout", {})
-    if jax.process_index() == 0:
-      print(f"eval step {step}: mean_seen {fmt(seen)} | mean_heldout {fmt(held)}", flush=True)
-
-  step = start
-  window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
-  try:
-    while step < cfg.train_steps:
-      host_batch = next(batches)
-      window_stats.append(data_lib.batch_statistics(host_batch))
-      enc, dec = data_lib.token_counts(host_batch)
-      window_tokens[0] += enc
-      window_tokens[1] += dec
-      batch = partitioning.global_batch_from_local(host_batch, batch_sharding)
-      state, metrics = train_step(state, batch)
-      step += 1
-      window_steps += 1
-      if step % cfg.log_period == 0 or step == cfg.train_steps:
-        m = jax.device_get(metrics)
-        elapsed = max(time.time() - window_t, 1e-9)
-        sps = window_steps / elapsed
-        n_proc_tokens = (window_tokens[0] + window_tokens[1]) * jax.process_count()
-        values = {k: float(v) for k, v in m.items() if k != "finite"}
-        values.update({"steps_per_sec": sps, "tokens_per_sec": n_proc_tokens / elapsed,
-                       "learning_rate": float(schedule(step - 1)),
-                       "tflops_per_sec": flops_per_row * cfg.input.global_batch_size * sps / 1e12})
-        values.update({k: float(np.mean([s[k] for s in window_stats])) for k in window_stats[0]})
-        writer.write(step, "train", "all", values)
-        progress.line(step, values["loss"], sps)
-        window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
+    def evaluate(step):
+        nonlocal last_eval
+        results = evaluator.evaluate(state["params"])
+        flat = _log_eval(writer, step, results)
+        last_eval = results
         check_finite(step)
-      if evaluator and cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.train_steps:
-        evaluate(step)
-      if cfg.checkpoint_period and step % cfg.checkpoint_period == 0:
+        ckpt.maybe_save_best(step, state, meta(step), flat)
+        seen, held = results.get("mean_seen", {}), results.get("mean_heldout", {})
+        if jax.process_index() == 0:
+            print(f"eval step {step}: mean_seen {fmt(seen)} | mean_heldout {fmt(held)}", flush=True)
+
+    step = start
+    window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
+    try:
+        while step < cfg.train_steps:
+            host_batch = next(batches)
+            window_stats.append(data_lib.batch_statistics(host_batch))
+            enc, dec = data_lib.token_counts(host_batch)
+            window_tokens[0] += enc
+            window_tokens[1] += dec
+            batch = partitioning.global_batch_from_local(host_batch, batch_sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            window_steps += 1
+            if step % cfg.log_period == 0 or step == cfg.train_steps:
+                m = jax.device_get(metrics)
+                elapsed = max(time.time() - window_t, 1e-9)
+                sps = window_steps / elapsed
+                n_proc_tokens = (window_tokens[0] + window_tokens[1]) * jax.process_count()
+                values = {k: float(v) for k, v in m.items() if k != "finite"}
+                values.update({"steps_per_sec": sps, "tokens_per_sec": n_proc_tokens / elapsed,
+                                              "learning_rate": float(schedule(step - 1)),
+                                              "tflops_per_sec": flops_per_row * cfg.input.global_batch_size * sps / 1e12})
+                values.update({k: float(np.mean([s[k] for s in window_stats])) for k in window_stats[0]})
+                writer.write(step, "train", "all", values)
+                progress.line(step, values["loss"], sps)
+                window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
+                check_finite(step)
+            if evaluator and cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.train_steps:
+                evaluate(step)
+            if cfg.checkpoint_period and step % cfg.checkpoint_period == 0:
+                check_finite(step)
+                ckpt.save(step, state, meta(step))
+            if stop_after_steps is not None and step - start >= stop_after_steps:
+                break
         check_finite(step)
+        if evaluator and step == cfg.train_steps:
+            evaluate(step)
         ckpt.save(step, state, meta(step))
-      if stop_after_steps is not None and step - start >= stop_after_steps:
-        break
-    check_finite(step)
-    if evaluator and step == cfg.train_steps:
-      evaluate(step)
-    ckpt.save(step, state, meta(step))
-  finally:
-    ckpt.close()
-    writer.close()
-  return last_eval
+    finally:
+        ckpt.close()
+        writer.close()
+    return last_eval
 
 
 def fmt(values: dict) -> str:
-  return ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items())) or "-"
+    return ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items())) or "-"

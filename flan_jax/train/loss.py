@@ -12,65 +12,65 @@ NORMALIZER_NAMES = ("none", "num_real_target_tokens", "average_per_sequence")
 
 
 def token_cross_entropy(logits, targets, *, z_loss: float = 0.0, label_smoothing: float = 0.0):
-  """Per-token loss [B, L] (cross-entropy + z_loss * logsumexp^2) and the z-loss part alone, both float32."""
-  logits = logits.astype(jnp.float32)
-  vocab = logits.shape[-1]
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  log_probs = logits - log_z[..., None]
-  confidence = 1.0 - label_smoothing
-  if label_smoothing > 0:
-    low = label_smoothing / (vocab - 1)
-    soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
-    # Subtract the entropy of the soft targets so a perfect prediction has zero loss (as T5X does).
-    floor = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-    ce = -jnp.sum(soft * log_probs, axis=-1) - floor
-  else:
-    ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  zl = z_loss * jnp.square(log_z)
-  return ce + zl, zl
+    """Per-token loss [B, L] (cross-entropy + z_loss * logsumexp^2) and the z-loss part alone, both float32."""
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - log_z[..., None]
+    confidence = 1.0 - label_smoothing
+    if label_smoothing > 0:
+        low = label_smoothing / (vocab - 1)
+        soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+        # Subtract the entropy of the soft targets so a perfect prediction has zero loss (as T5X does).
+        floor = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
+        ce = -jnp.sum(soft * log_probs, axis=-1) - floor
+    else:
+        ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    zl = z_loss * jnp.square(log_z)
+    return ce + zl, zl
 
 
 def loss_weights_and_denominator(batch, normalizer: Normalizer):
-  """Returns (per-token weights, denominator) so that loss = sum(token_loss * weights) / denominator.
+    """Returns (per-token weights, denominator) so that loss = sum(token_loss * weights) / denominator.
 
-  The denominator is returned un-divided so gradient accumulation can sum numerators and denominators over microbatches
-  and divide once (correct token normalization across microbatches).
-  """
-  weights = batch.get("decoder_loss_weights")
-  if weights is None:
-    weights = (batch["decoder_target_tokens"] > 0)
-  weights = weights.astype(jnp.float32)
-  if normalizer is None or normalizer == "none":
-    return weights, jnp.float32(1.0)
-  if normalizer == "num_real_target_tokens":
-    return weights, jnp.sum(weights)
-  if normalizer == "average_per_sequence":
-    seg = batch.get("decoder_segment_ids")
-    if seg is None:  # unpacked: each row is one sequence
-      per_row = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-9)
-      num_seq = jnp.sum(jnp.any(weights > 0, axis=-1))
-      return weights / per_row, num_seq.astype(jnp.float32)
-    # Packed: each (row, segment) pair is one sequence; spread its weight so every sequence counts once.
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-    seg_tokens = jnp.einsum("bqk,bk->bq", same.astype(jnp.float32), weights)
-    w = jnp.where(weights > 0, weights / jnp.maximum(seg_tokens, 1e-9), 0.0)
-    return w, jnp.sum(w)
-  if isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
-    return weights, jnp.float32(normalizer)
-  raise ValueError(
-      f"loss_normalizing_factor={normalizer!r}: expected None, a float, or one of {NORMALIZER_NAMES}")
+    The denominator is returned un-divided so gradient accumulation can sum numerators and denominators over microbatches
+    and divide once (correct token normalization across microbatches).
+    """
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+        weights = (batch["decoder_target_tokens"] > 0)
+    weights = weights.astype(jnp.float32)
+    if normalizer is None or normalizer == "none":
+        return weights, jnp.float32(1.0)
+    if normalizer == "num_real_target_tokens":
+        return weights, jnp.sum(weights)
+    if normalizer == "average_per_sequence":
+        seg = batch.get("decoder_segment_ids")
+        if seg is None:  # unpacked: each row is one sequence
+            per_row = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-9)
+            num_seq = jnp.sum(jnp.any(weights > 0, axis=-1))
+            return weights / per_row, num_seq.astype(jnp.float32)
+        # Packed: each (row, segment) pair is one sequence; spread its weight so every sequence counts once.
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+        seg_tokens = jnp.einsum("bqk,bk->bq", same.astype(jnp.float32), weights)
+        w = jnp.where(weights > 0, weights / jnp.maximum(seg_tokens, 1e-9), 0.0)
+        return w, jnp.sum(w)
+    if isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
+        return weights, jnp.float32(normalizer)
+    raise ValueError(
+            f"loss_normalizing_factor={normalizer!r}: expected None, a float, or one of {NORMALIZER_NAMES}")
 
 
 def summed_loss(logits, batch, *, z_loss=0.0, label_smoothing=0.0, normalizer: Normalizer = "num_real_target_tokens"):
-  """(summed weighted loss, denominator, aux dict of summed figures) for one (micro)batch."""
-  token_loss, token_z = token_cross_entropy(
-      logits, batch["decoder_target_tokens"], z_loss=z_loss, label_smoothing=label_smoothing)
-  weights, denom = loss_weights_and_denominator(batch, normalizer)
-  correct = (jnp.argmax(logits, -1) == batch["decoder_target_tokens"]).astype(jnp.float32)
-  real = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
-  aux = {
-      "z_loss_sum": jnp.sum(token_z * weights),
-      "correct_tokens": jnp.sum(correct * real),
-      "target_tokens": jnp.sum(real),
-  }
-  return jnp.sum(token_loss * weights), denom, aux
+    """(summed weighted loss, denominator, aux dict of summed figures) for one (micro)batch."""
+    token_loss, token_z = token_cross_entropy(
+            logits, batch["decoder_target_tokens"], z_loss=z_loss, label_smoothing=label_smoothing)
+    weights, denom = loss_weights_and_denominator(batch, normalizer)
+    correct = (jnp.argmax(logits, -1) == batch["decoder_target_tokens"]).astype(jnp.float32)
+    real = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+    aux = {
+            "z_loss_sum": jnp.sum(token_z * weights),
+            "correct_tokens": jnp.sum(correct * real),
+            "target_tokens": jnp.sum(real),
+    }
+    return jnp.sum(token_loss * weights), denom, aux

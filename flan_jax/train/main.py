@@ -18,178 +18,199 @@ from flan_jax.models import t5
 from flan_jax.train import data as data_lib, loop, optim, partitioning, step as step_lib
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "gin_configs")
+                                                        "gin_configs")
 
 gin.external_configurable(t5.T5Config, name="T5Config")
 
 
 def _register_converters():
-  import seqio
-  gin.external_configurable(seqio.EncDecFeatureConverter, name="EncDecFeatureConverter", module="seqio")
-  try:
-    from flan_jax import packing
-    gin.external_configurable(packing.PackedEncDecFeatureConverter, name="PackedEncDecFeatureConverter",
-                              module="flan_jax.packing")
-  except (ImportError, AttributeError):  # packing module not available in this build
-    pass
+    import seqio
+    gin.external_configurable(seqio.EncDecFeatureConverter, name="EncDecFeatureConverter", module="seqio")
+    try:
+        from flan_jax import packing
+        gin.external_configurable(packing.PackedEncDecFeatureConverter, name="PackedEncDecFeatureConverter",
+                                                            module="flan_jax.packing")
+    except (ImportError, AttributeError):  # packing module not available in this build
+        pass
 
 
 @gin.configurable("train", denylist=["init_params_fn"])
 def train_config(
-    model_dir: str = gin.REQUIRED,
-    model: t5.T5Config = gin.REQUIRED,
-    mixture_or_task_name: str = gin.REQUIRED,
-    task_feature_lengths: dict = gin.REQUIRED,
-    train_steps: int = gin.REQUIRED,
-    batch_size: int = 32,
-    eval_mixture_or_task_name: Optional[str] = None,
-    learning_rate: float = 1e-3,
-    schedule: str = "constant",
-    warmup_steps: int = 0,
-    eval_period: int = 0,
-    eval_examples_per_task: int = 64,
-    eval_batch_size: int = 32,
-    checkpoint_period: int = 0,
-    keep_checkpoints: int = 3,
-    best_metric: Optional[str] = None,
-    log_period: int = 10,
-    num_partitions: int = 1,
-    mesh_shape: Optional[Sequence[int]] = None,
-    fsdp: bool = False,
-    num_microbatches: int = 1,
-    z_loss: float = 1e-4,
-    label_smoothing: float = 0.0,
-    loss_normalizing_factor=None,
-    seed: int = 0,
-    skip_nonfinite_updates: bool = False,
-    async_checkpointing: bool = True,
-    init_checkpoint: Optional[str] = None,
+        model_dir: str = gin.REQUIRED,
+        model: t5.T5Config = gin.REQUIRED,
+        mixture_or_task_name: str = gin.REQUIRED,
+        task_feature_lengths: dict = gin.REQUIRED,
+        train_steps: int = gin.REQUIRED,
+        batch_size: int = 32,
+        eval_mixture_or_task_name: Optional[str] = None,
+        learning_rate: float = 1e-3,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        eval_period: int = 0,
+        eval_examples_per_task: int = 64,
+        eval_batch_size: int = 32,
+        checkpoint_period: int = 0,
+        keep_checkpoints: int = 3,
+        best_metric: Optional[str] = None,
+        log_period: int = 10,
+        num_partitions: int = 1,
+        mesh_shape: Optional[Sequence[int]] = None,
+        fsdp: bool = False,
+        num_microbatches: int = 1,
+        z_loss: float = 1e-4,
+        label_smoothing: float = 0.0,
+        loss_normalizing_factor=None,
+        seed: int = 0,
+        skip_nonfinite_updates: bool = False,
+        async_checkpointing: bool = True,
+        init_checkpoint: Optional[str] = None,
 ) -> loop.TrainConfig:
-  """Collects the gin bindings into a TrainConfig (no work is done here)."""
-  checks = {"TRAIN_STEPS": (train_steps, int), "BATCH_SIZE": (batch_size, int), "EVAL_PERIOD": (eval_period, int),
-            "CHECKPOINT_PERIOD": (checkpoint_period, int), "LOG_PERIOD": (log_period, int),
-            "NUM_PARTITIONS": (num_partitions, int), "LEARNING_RATE": (learning_rate, (int, float)),
-            "MODEL_DIR": (model_dir, str), "MIXTURE_OR_TASK_NAME": (mixture_or_task_name, str),
-            "TASK_FEATURE_LENGTHS": (task_feature_lengths, dict)}
-  for key, (value, typ) in checks.items():
-    if isinstance(value, bool) or not isinstance(value, typ):
-      raise TypeError(f"{key}={value!r}: expected {getattr(typ, '__name__', typ)}")
-  return loop.TrainConfig(
-      model_dir=model_dir, model=model,
-      input=data_lib.InputConfig(mixture_or_task_name, dict(task_feature_lengths), batch_size, seed=seed),
-      train_steps=train_steps, eval_mixture_or_task_name=eval_mixture_or_task_name,
-      schedule=optim.ScheduleConfig(schedule, float(learning_rate), warmup_steps),
-      loss=step_lib.LossConfig(z_loss, label_smoothing,
-                               "num_real_target_tokens" if loss_normalizing_factor is None else loss_normalizing_factor),
-      mesh=partitioning.MeshConfig(num_partitions, tuple(mesh_shape) if mesh_shape else None, fsdp),
-      num_microbatches=num_microbatches, eval_period=eval_period, eval_examples_per_task=eval_examples_per_task,
-      eval_batch_size=eval_batch_size, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
-      best_metric=best_metric, log_period=log_period, seed=seed, skip_nonfinite_updates=skip_nonfinite_updates,
-      async_checkpointing=async_checkpointing, init_checkpoint=init_checkpoint)
+    """Collects the gin bindings into a TrainConfig (no work is done here)."""
+    checks = {"TRAIN_STEPS": (train_steps, int), "BATCH_SIZE": (batch_size, int), "EVAL_PERIOD": (eval_period, int),
+                        "CHECKPOINT_PERIOD": (checkpoint_period, int), "LOG_PERIOD": (log_period, int),
+                        "NUM_PARTITIONS": (num_partitions, int), "LEARNING_RATE": (learning_rate, (int, float)),
+                        "MODEL_DIR": (model_dir, str), "MIXTURE_OR_TASK_NAME": (mixture_or_task_name, str),
+                        "TASK_FEATURE_LENGTHS": (task_feature_lengths, dict)}
+    for key, (value, typ) in checks.items():
+        if isinstance(value, bool) or not isinstance(value, typ):
+            raise TypeError(f"{key}={value!r}: expected {getattr(typ, '__name__', typ)}")
+    return loop.TrainConfig(
+            model_dir=model_dir, model=model,
+            input=data_lib.InputConfig(mixture_or_task_name, dict(task_feature_lengths), batch_size, seed=seed),
+            train_steps=train_steps, eval_mixture_or_task_name=eval_mixture_or_task_name,
+            schedule=optim.ScheduleConfig(schedule, float(learning_rate), warmup_steps),
+            loss=step_lib.LossConfig(z_loss, label_smoothing,
+                                                              "num_real_target_tokens" if loss_normalizing_factor is None else loss_normalizing_factor),
+            mesh=partitioning.MeshConfig(num_partitions, tuple(mesh_shape) if mesh_shape else None, fsdp),
+            num_microbatches=num_microbatches, eval_period=eval_period, eval_examples_per_task=eval_examples_per_task,
+            eval_batch_size=eval_batch_size, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
+            best_metric=best_metric, log_period=log_period, seed=seed, skip_nonfinite_updates=skip_nonfinite_updates,
+            async_checkpointing=async_checkpointing, init_checkpoint=init_checkpoint)
 
 
 @gin.configurable("feature_converter")
 def make_feature_converter(converter=None):
-  import seqio
-  return converter if converter is not None else seqio.EncDecFeatureConverter(pack=True)
+    import seqio
+    return converter if converter is not None else seqio.EncDecFeatureConverter(pack=True)
 
 
 @gin.configurable("distributed")
 def maybe_init_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None):
-  partitioning.maybe_initialize_distributed(coordinator_address, num_processes, process_id)
+                                                      process_id: Optional[int] = None):
+    partitioning.maybe_initialize_distributed(coordinator_address, num_processes, process_id)
 
 
 # --- flags ---------------------------------------------------------------------------------------------------------
 def _gin_literal(value: str) -> str:
-  """Lets users write --gin.MODEL_DIR=runs/x without quotes; gin literals and references pass through."""
-  v = value.strip()
-  if v.startswith(("@", "%", "'", '"', "{", "[", "(")) or v in ("True", "False", "None"):
-    return v
-  try:
-    ast.literal_eval(v)
-    return v
-  except (ValueError, SyntaxError):
-    return repr(v)
+    """Lets users write --gin.MODEL_DIR=runs/x without quotes; gin literals and references pass through."""
+    v = value.strip()
+    if v.startswith(("@", "%", "'", '"', "{", "[", "(")) or v in ("True", "False", "None"):
+        return v
+    try:
+        ast.literal_eval(v)
+        return v
+    except (ValueError, SyntaxError):
+        return repr(v)
 
 
 def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="flan-jax", description=__doc__)
-  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-  parser.add_argument("--gin_bindings", action="append", default=[], help="a gin binding, e.g. 'train.seed = 1'")
-  parser.add_argument("--gin_search_paths", default="", help="comma-separated folders to find gin files in")
-  parser.add_argument("--checkpoint", default=None, help="(eval) checkpoint_<step> dir, or MODEL_DIR for its latest")
-  args, rest = parser.parse_known_args(argv)
-  args.overrides = []
-  for item in rest:
-    if not item.startswith("--gin.") or "=" not in item:
-      parser.error(f"unrecognized argument {item!r} (expected --gin.NAME=value)")
-    name, value = item[len("--gin."):].split("=", 1)
-    args.overrides.append((name, _gin_literal(value)))
-  return args
+    parser = argparse.ArgumentParser(prog="flan-jax", description=__doc__)
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument("--gin_bindings", action="append", default=[], help="a gin binding, e.g. 'train.seed = 1'")
+    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders to find gin files in")
+    parser.add_argument("--checkpoint", default=None, help="(eval) checkpoint_<step> dir, or MODEL_DIR for its latest")
+    args, rest = parser.parse_known_args(argv)
+    args.overrides = []
+    for item in rest:
+        if not item.startswith("--gin.") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r} (expected --gin.NAME=value)")
+        name, value = item[len("--gin."):].split("=", 1)
+        args.overrides.append((name, _gin_literal(value)))
+    return args
 
 
 def configure_gin(args: argparse.Namespace) -> None:
-  """Parses files then overrides; an unknown binding, macro or configurable fails here, naming it."""
-  _register_converters()
-  paths = [p for p in args.gin_search_paths.split(",") if p] + [os.getcwd(), REPO_GIN_DIR]
-  for path in paths:
-    gin.add_config_file_search_path(path)
-  if not args.gin_file:
-    raise ValueError("no --gin_file given (e.g. --gin_file=gin_configs/runs/default_cpu.gin)")
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings, finalize_config=False)
-  for name, value in args.overrides:
-    if "." not in name and "/" not in name:  # a macro: it must already be defined by the gin files
-      try:
-        gin.query_parameter(f"{name}/gin.macro.value")
-      except ValueError:
-        raise ValueError(f"--gin.{name}: no macro {name} is defined in {args.gin_file}") from None
-    gin.parse_config(f"{name} = {value}")
-  gin.finalize()
+    """Parses files then overrides; an unknown binding, macro or configurable fails here, naming it."""
+    _register_converters()
+    paths = [p for p in args.gin_search_paths.split(",") if p] + [os.getcwd(), REPO_GIN_DIR]
+    for path in paths:
+        gin.add_config_file_search_path(path)
+    if not args.gin_file:
+        raise ValueError("no --gin_file given (e.g. --gin_file=gin_configs/runs/default_cpu.gin)")
+    gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings, finalize_config=False)
+    for name, value in args.overrides:
+        if "." not in name and "/" not in name:  # a macro: it must already be defined by the gin files
+            try:
+                gin.query_parameter(f"{name}/gin.macro.value")
+            except ValueError:
+                raise ValueError(f"--gin.{name}: no macro {name} is defined in {args.gin_file}") from None
+        gin.parse_config(f"{name} = {value}")
+    gin.finalize()
 
 
 def _setup(argv):
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-  args = parse_flags(argv)
-  configure_gin(args)
-  maybe_init_distributed()
-  # Keep TensorFlow (data pipeline only) off accelerators and from grabbing their memory.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
-  return args
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    args = parse_flags(argv)
+    configure_gin(args)
+    maybe_init_distributed()
+    # Keep TensorFlow (data pipeline only) off accelerators and from grabbing their memory.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    return args
 
 
-def train_main(argv: Sequence[str]) -> int:
-  _setup(argv)
-  cfg = train_config()
-  os.makedirs(cfg.model_dir, exist_ok=True)
-  with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
-    f.write(gin.config_str())
-  init_fn = None
-  if cfg.init_checkpoint:
-    from flan_jax.train.init_from import load_initial_params
-    init_fn = load_initial_params
-  loop.run(cfg, feature_converter=make_feature_converter(), init_params_fn=init_fn)
-  with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
-    f.write(gin.operative_config_str())
-  return 0
+class ConfigError(ValueError):
+    """A configuration problem found before any training work; printed as one line naming the key."""
 
 
-def eval_main(argv: Sequence[str]) -> int:
-  args = _setup(argv)
-  from flan_jax.train.evaluate import run_eval
-  cfg = train_config()
-  results = run_eval(cfg, args.checkpoint)
-  for task, values in results.items():
-    print(task + "\t" + "\t".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
-  return 0
+def _configured(argv):
+    """Flags -> gin -> TrainConfig, validated. Any failure becomes a ConfigError naming what is wrong."""
+    try:
+        args = _setup(argv)
+        cfg = train_config()
+        loop.validate_config(cfg, __import__("jax").device_count())
+        return args, cfg
+    except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as e:
+        raise ConfigError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from e
+
+
+def train_main(argv: Sequence[str]) -> dict:
+    _, cfg = _configured(argv)
+    with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
+        f.write(gin.config_str())
+    init_fn = None
+    if cfg.init_checkpoint:
+        from flan_jax.train.init_from import load_initial_params
+        init_fn = load_initial_params
+    results = loop.run(cfg, feature_converter=make_feature_converter(), init_params_fn=init_fn)
+    with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+    return results
+
+
+def eval_main(argv: Sequence[str]) -> dict:
+    args, cfg = _configured(argv)
+    from flan_jax.train.evaluate import run_eval
+    return run_eval(cfg, args.checkpoint or cfg.model_dir)
+
+
+def _cli(fn, name: str, argv) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        results = fn(argv)
+    except ConfigError as e:
+        print(f"flan-jax {name}: config error: {e}", file=sys.stderr)
+        return 2
+    if name == "eval":
+        for task, values in results.items():
+            print(task + "\t" + "\t".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  try:
-    return train_main(argv)
-  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-    print(f"flan-jax train: error: {e}", file=sys.stderr)
-    return 2
+    return _cli(train_main, "train", argv)
+
+
+def eval_cli(argv: Optional[Sequence[str]] = None) -> int:
+    return _cli(eval_main, "eval", argv)

@@ -15,47 +15,47 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
-  kind: str = "constant"  # constant | warmup_constant | rsqrt
-  learning_rate: float = 1e-3
-  warmup_steps: int = 0
+    kind: str = "constant"  # constant | warmup_constant | rsqrt
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
 
 
 def make_schedule(cfg: ScheduleConfig) -> optax.Schedule:
-  lr, warm = cfg.learning_rate, max(cfg.warmup_steps, 0)
-  if cfg.kind == "constant":
-    return optax.constant_schedule(lr)
-  if cfg.kind == "warmup_constant":
-    return lambda step: lr * jnp.minimum(1.0, (step + 1) / max(warm, 1))
-  if cfg.kind == "rsqrt":
-    # T5's pretraining schedule: lr / sqrt(max(step, warmup)), with `learning_rate` the value at the end of warmup.
-    return lambda step: lr * jnp.sqrt(max(warm, 1)) / jnp.sqrt(jnp.maximum(step + 1, max(warm, 1)))
-  raise ValueError(f"schedule kind={cfg.kind!r}: expected constant, warmup_constant or rsqrt")
+    lr, warm = cfg.learning_rate, max(cfg.warmup_steps, 0)
+    if cfg.kind == "constant":
+        return optax.constant_schedule(lr)
+    if cfg.kind == "warmup_constant":
+        return lambda step: lr * jnp.minimum(1.0, (step + 1) / max(warm, 1))
+    if cfg.kind == "rsqrt":
+        # T5's pretraining schedule: lr / sqrt(max(step, warmup)), with `learning_rate` the value at the end of warmup.
+        return lambda step: lr * jnp.sqrt(max(warm, 1)) / jnp.sqrt(jnp.maximum(step + 1, max(warm, 1)))
+    raise ValueError(f"schedule kind={cfg.kind!r}: expected constant, warmup_constant or rsqrt")
 
 
 @dataclasses.dataclass(frozen=True)
 class AdafactorConfig:
-  decay_rate: float = 0.8
-  step_offset: int = 0
-  multiply_by_parameter_scale: bool = True
-  clipping_threshold: Optional[float] = 1.0
-  epsilon1: float = 1e-30
-  min_dim_size_to_factor: int = 128
-  beta1: Optional[float] = None
-  weight_decay_rate: Optional[float] = None
-  factored: bool = True
+    decay_rate: float = 0.8
+    step_offset: int = 0
+    multiply_by_parameter_scale: bool = True
+    clipping_threshold: Optional[float] = 1.0
+    epsilon1: float = 1e-30
+    min_dim_size_to_factor: int = 128
+    beta1: Optional[float] = None
+    weight_decay_rate: Optional[float] = None
+    factored: bool = True
 
 
 def make_adafactor(cfg: AdafactorConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-  return optax.adafactor(
-      learning_rate=schedule,
-      min_dim_size_to_factor=cfg.min_dim_size_to_factor,
-      decay_rate=cfg.decay_rate,
-      decay_offset=cfg.step_offset,
-      multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,
-      clipping_threshold=cfg.clipping_threshold,
-      momentum=cfg.beta1,
-      dtype_momentum=jnp.float32,
-      weight_decay_rate=cfg.weight_decay_rate,
-      eps=cfg.epsilon1,
-      factored=cfg.factored,
-  )
+    return optax.adafactor(
+            learning_rate=schedule,
+            min_dim_size_to_factor=cfg.min_dim_size_to_factor,
+            decay_rate=cfg.decay_rate,
+            decay_offset=cfg.step_offset,
+            multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,
+            clipping_threshold=cfg.clipping_threshold,
+            momentum=cfg.beta1,
+            dtype_momentum=jnp.float32,
+            weight_decay_rate=cfg.weight_decay_rate,
+            eps=cfg.epsilon1,
+            factored=cfg.factored,
+    )

@@ -14,78 +14,78 @@ from flan_jax.train import loss as loss_lib
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  z_loss: float = 1e-4
-  label_smoothing: float = 0.0
-  normalizer: loss_lib.Normalizer = "num_real_target_tokens"
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    normalizer: loss_lib.Normalizer = "num_real_target_tokens"
 
 
 def init_state(model_cfg: t5.T5Config, optimizer: optax.GradientTransformation, rng) -> dict:
-  params = t5.init_params(model_cfg, rng)
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
-          # first step whose loss was not finite, -1 while all are finite (read on the host at log/save points)
-          "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    params = t5.init_params(model_cfg, rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+                    # first step whose loss was not finite, -1 while all are finite (read on the host at log/save points)
+                    "nonfinite_step": jnp.full((), -1, jnp.int32)}
 
 
 def _split_microbatches(batch: dict, num_microbatches: int) -> dict:
-  # Strided split (row i goes to microbatch i % m) keeps each microbatch spread over the data-parallel devices.
-  def split(x):
-    b = x.shape[0]
-    if b % num_microbatches:
-      raise ValueError(f"batch of {b} rows does not split into NUM_MICROBATCHES={num_microbatches}")
-    return x.reshape((b // num_microbatches, num_microbatches) + x.shape[1:]).swapaxes(0, 1)
-  return jax.tree.map(split, batch)
+    # Strided split (row i goes to microbatch i % m) keeps each microbatch spread over the data-parallel devices.
+    def split(x):
+        b = x.shape[0]
+        if b % num_microbatches:
+            raise ValueError(f"batch of {b} rows does not split into NUM_MICROBATCHES={num_microbatches}")
+        return x.reshape((b // num_microbatches, num_microbatches) + x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
 
 
 def make_train_step(model_cfg: t5.T5Config, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
-                    *, num_microbatches: int = 1, seed: int = 0, skip_nonfinite_updates: bool = False) -> Callable:
-  """Returns step(state, batch) -> (state, metrics). Pure; the caller jits it with shardings."""
-  base_rng = jax.random.PRNGKey(seed)
-  use_dropout = model_cfg.dropout_rate > 0
+                                        *, num_microbatches: int = 1, seed: int = 0, skip_nonfinite_updates: bool = False) -> Callable:
+    """Returns step(state, batch) -> (state, metrics). Pure; the caller jits it with shardings."""
+    base_rng = jax.random.PRNGKey(seed)
+    use_dropout = model_cfg.dropout_rate > 0
 
-  def loss_fn(params, batch, rng):
-    logits = t5.forward(model_cfg, params, batch, dropout_rng=rng if use_dropout else None)
-    total, denom, aux = loss_lib.summed_loss(
-        logits, batch, z_loss=loss_cfg.z_loss, label_smoothing=loss_cfg.label_smoothing,
-        normalizer=loss_cfg.normalizer)
-    return total, (denom, aux)
+    def loss_fn(params, batch, rng):
+        logits = t5.forward(model_cfg, params, batch, dropout_rng=rng if use_dropout else None)
+        total, denom, aux = loss_lib.summed_loss(
+                logits, batch, z_loss=loss_cfg.z_loss, label_smoothing=loss_cfg.label_smoothing,
+                normalizer=loss_cfg.normalizer)
+        return total, (denom, aux)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state: dict, batch: dict):
-    params = state["params"]
-    rng = jax.random.fold_in(base_rng, state["step"])  # dropout noise is a function of the step: resume is exact
-    if num_microbatches == 1:
-      (total, (denom, aux)), grads = grad_fn(params, batch, rng)
-    else:
-      micro = _split_microbatches(batch, num_microbatches)
+    def step(state: dict, batch: dict):
+        params = state["params"]
+        rng = jax.random.fold_in(base_rng, state["step"])  # dropout noise is a function of the step: resume is exact
+        if num_microbatches == 1:
+            (total, (denom, aux)), grads = grad_fn(params, batch, rng)
+        else:
+            micro = _split_microbatches(batch, num_microbatches)
 
-      def body(carry, xs):
-        i, mb = xs
-        (t, (d, a)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
-        acc_g, acc_t, acc_d, acc_a = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_t + t, acc_d + d, jax.tree.map(jnp.add, acc_a, a)), None
+            def body(carry, xs):
+                i, mb = xs
+                (t, (d, a)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                acc_g, acc_t, acc_d, acc_a = carry
+                return (jax.tree.map(jnp.add, acc_g, g), acc_t + t, acc_d + d, jax.tree.map(jnp.add, acc_a, a)), None
 
-      zeros_aux = {k: jnp.zeros((), jnp.float32) for k in ("z_loss_sum", "correct_tokens", "target_tokens")}
-      init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0), zeros_aux)
-      (grads, total, denom, aux), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), micro))
-      if loss_cfg.normalizer in (None, "none") or isinstance(loss_cfg.normalizer, (int, float)):
-        denom = denom / num_microbatches  # constant denominators were added once per microbatch
-    denom = jnp.maximum(denom, 1e-9)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    loss = total / denom
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    updates, new_opt = optimizer.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    if skip_nonfinite_updates:
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_params, new_opt = keep(new_params, params), keep(new_opt, state["opt_state"])
-    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"] + 1, state["nonfinite_step"])
-    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt,
-                 "nonfinite_step": nonfinite_step}
-    metrics = {"loss": loss, "z_loss": aux["z_loss_sum"] / denom,
-               "token_accuracy": aux["correct_tokens"] / jnp.maximum(aux["target_tokens"], 1.0),
-               "grad_norm": optax.global_norm(grads), "finite": finite.astype(jnp.float32)}
-    return new_state, metrics
+            zeros_aux = {k: jnp.zeros((), jnp.float32) for k in ("z_loss_sum", "correct_tokens", "target_tokens")}
+            init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0), zeros_aux)
+            (grads, total, denom, aux), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), micro))
+            if loss_cfg.normalizer in (None, "none") or isinstance(loss_cfg.normalizer, (int, float)):
+                denom = denom / num_microbatches  # constant denominators were added once per microbatch
+        denom = jnp.maximum(denom, 1e-9)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = total / denom
+        finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+                [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        updates, new_opt = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        if skip_nonfinite_updates:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new_params, new_opt = keep(new_params, params), keep(new_opt, state["opt_state"])
+        nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"] + 1, state["nonfinite_step"])
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt,
+                                  "nonfinite_step": nonfinite_step}
+        metrics = {"loss": loss, "z_loss": aux["z_loss_sum"] / denom,
+                              "token_accuracy": aux["correct_tokens"] / jnp.maximum(aux["target_tokens"], 1.0),
+                              "grad_norm": optax.tree.norm(grads), "finite": finite.astype(jnp.float32)}
+        return new_state, metrics
 
-  return step
+    return step

@@ -1,0 +1,40 @@
+"""`flan-jax` command line: train | eval | data | convert."""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+USAGE = """usage: flan-jax COMMAND [flags]
+
+commands:
+    train     train from gin configs        (flan-jax train --gin_file=gin_configs/runs/default_cpu.gin)
+    eval      evaluate a checkpoint          (flan-jax eval --gin_file=... --checkpoint=runs/default)
+    data      list / show / stats of tasks   (flan-jax data list --collection default)
+    convert   checkpoint conversion          (flan-jax convert --from t5x|hf --to hf|orbax IN OUT)
+"""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from flan_jax.train.main import main as train
+        return train(rest)
+    if command == "eval":
+        from flan_jax.train.main import eval_cli
+        return eval_cli(rest)
+    if command == "data":
+        from flan_jax.data_cli import main as data
+        return data(rest)
+    if command == "convert":
+        from flan_jax.checkpoints.convert import main as convert
+        return convert(rest)
+    print(f"flan-jax: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
