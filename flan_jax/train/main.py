@@ -34,7 +34,7 @@ def _register_converters():
         pass
 
 
-@gin.configurable("train", denylist=["init_params_fn"])
+@gin.configurable("train")
 def train_config(
         model_dir: str = gin.REQUIRED,
         model: t5.T5Config = gin.REQUIRED,
@@ -137,7 +137,13 @@ def configure_gin(args: argparse.Namespace) -> None:
         gin.add_config_file_search_path(path)
     if not args.gin_file:
         raise ValueError("no --gin_file given (e.g. --gin_file=gin_configs/runs/default_cpu.gin)")
-    gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings, finalize_config=False)
+    # gin logs an ERROR for every search path that lacks an included file before finding it; hide that noise
+    # (a file missing everywhere still raises).
+    logging.disable(logging.ERROR)
+    try:
+        gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings, finalize_config=False)
+    finally:
+        logging.disable(logging.NOTSET)
     for name, value in args.overrides:
         if "." not in name and "/" not in name:  # a macro: it must already be defined by the gin files
             try:
