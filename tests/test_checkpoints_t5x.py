@@ -180,3 +180,26 @@ def test_chunk_shape_divides_and_fits(shape, itemsize):
     assert np.prod(chunks) * itemsize <= 64 * 1024 * 1024
     if np.prod(shape) * itemsize <= 64 * 1024 * 1024:
         assert list(chunks) == list(shape)
+
+
+def test_convert_cli_t5x_to_hf_and_orbax(legacy_dir, params, slots, tmp_path, capsys):
+    from flan_jax.checkpoints import convert, hf
+    hf_dir = str(tmp_path / 'hf')
+    assert convert.main(['--from', 't5x', '--to', 'hf', legacy_dir, hf_dir]) == 0
+    config, loaded = hf.load_hf(hf_dir)
+    assert config == CONFIG
+    _assert_same_arrays(loaded, params)
+
+    orbax_dir = str(tmp_path / 'orbax')
+    assert convert.main(['--from', 't5x', '--to', 'orbax', legacy_dir, orbax_dir]) == 0
+    loaded, opt = t5x.load_t5x(orbax_dir, with_optimizer_state=True)
+    _assert_same_arrays(loaded, params)
+    assert opt['step'] == STEP
+    _assert_same_arrays(opt['slots'], slots)
+
+    back = str(tmp_path / 'from_hf')
+    assert convert.main(['--from', 'hf', '--to', 'orbax', hf_dir, back]) == 0
+    _assert_same_arrays(t5x.load_t5x(back), params)
+
+    assert convert.main(['--from', 't5x', '--to', 'hf', str(tmp_path / 'nothing_here'), hf_dir]) == 1
+    assert 'not found' in capsys.readouterr().err
