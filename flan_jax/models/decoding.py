@@ -150,7 +150,8 @@ def beam_search(config: t5.T5Config, params, encoder_input_tokens: jax.Array, ma
     """Beam search -> best sequence per row int32 [B, max_decode_len] (and its normalised score).
 
     Scores are sum log p / brevity_penalty(length). Each step expands the alive beams to 2*beam_size
-    candidates; those ending in EOS compete for the finished set, the rest for the alive set. Stops when
+    candidates; those ending in EOS and ranked within the top beam_size compete for the finished set,
+    the non-EOS ones for the alive set. Stops when
     no alive beam can beat the worst finished one (using the most optimistic length penalty). Rows
     with nothing finished at max_decode_len return their best alive beam.
     """
@@ -183,8 +184,9 @@ def beam_search(config: t5.T5Config, params, encoder_input_tokens: jax.Array, ma
         cand_seqs = jax.lax.dynamic_update_slice(cand_seqs, cand_token[..., None], (0, 0, index))
         is_eos = cand_token == eos_id
 
-        # Finished set: old finished + candidates that just emitted EOS, best k by normalised score.
-        new_fin = jnp.where(is_eos, cand_logp / brevity_penalty(index + 1.0, length_penalty_alpha), NEG_INF)
+        # Finished set: old finished + EOS candidates ranked within the top k (as in HF; this makes
+        # beam_size=1 greedy), best k by normalised score.
+        new_fin = jnp.where(is_eos & (jnp.arange(2 * k) < k)[None], cand_logp / brevity_penalty(index + 1.0, length_penalty_alpha), NEG_INF)
         fin_scores, fin_pick = jax.lax.top_k(jnp.concatenate([fin_scores, new_fin], axis=1), k)
         fin_seqs = gather_beams(jnp.concatenate([fin_seqs, cand_seqs], axis=1), fin_pick)
 
