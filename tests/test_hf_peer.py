@@ -83,9 +83,12 @@ def _hf_logits(model, inputs, decoder_inputs):
     return out.logits.float().numpy()
 
 
+_forward = jax.jit(t5.forward, static_argnums=0)  # one compile per config across tests
+
+
 def _our_logits(config, params, inputs, decoder_inputs):
     batch = {'encoder_input_tokens': inputs, 'decoder_input_tokens': decoder_inputs}
-    return np.asarray(jax.jit(t5.forward, static_argnums=0)(config, params, batch))
+    return np.asarray(_forward(config, params, batch))
 
 
 @pytest.mark.parametrize('variant', ['tiny', 'small_like', 'tiny_bin'])
@@ -151,9 +154,14 @@ def test_export_hf_round_trip_loads_in_transformers(hf_dirs, tmp_path):
 
 
 def test_export_of_fresh_init_matches_transformers(tmp_path):
-    """Params born in JAX (not from HF) export to a model HF runs identically."""
-    config = t5.T5Config.preset('tiny', num_encoder_layers=1, num_decoder_layers=1)
-    params = jax.tree_util.tree_map(np.asarray, t5.init_params(config, jax.random.PRNGKey(7)))
+    """Params made on our side (not from HF) export to a model HF runs identically."""
+    tiny = SHAPES['tiny']  # same shapes as the HF 'tiny' model, so the compiled forward is reused
+    config = t5.T5Config(vocab_size=tiny['vocab_size'], emb_dim=tiny['d_model'], num_heads=tiny['num_heads'],
+                         head_dim=tiny['d_kv'], mlp_dim=tiny['d_ff'], num_encoder_layers=tiny['num_layers'],
+                         num_decoder_layers=tiny['num_decoder_layers'])
+    rng = np.random.RandomState(7)
+    params = jax.tree_util.tree_map(  # numpy draws: eager jax.random would compile one op per shape
+        lambda s: (rng.randn(*s.shape) / np.sqrt(s.shape[0])).astype(np.float32), t5.param_shapes(config))
     reloaded = transformers.T5ForConditionalGeneration.from_pretrained(
         hf_ckpt.export_hf(config, params, str(tmp_path / 'out'))).eval()
     inputs, decoder_inputs = _batch(config.vocab_size, seed=9)

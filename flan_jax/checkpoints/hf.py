@@ -202,7 +202,7 @@ def load_hf(path: str, **config_overrides):
     dtype = np.dtype(config.param_dtype) if config.param_dtype != 'bfloat16' else _bfloat16()
     flat = {}
     for hf_name, (ours, transpose) in names.items():
-        value = np.asarray(weights[hf_name], dtype=np.float32)
+        value = np.asarray(weights.pop(hf_name), dtype=np.float32)  # pop: one copy of the model at a time
         if transpose:
             value = value.T
         if hf_name == 'lm_head.weight' and scale != 1.0:
