@@ -24,7 +24,7 @@ from flan_jax import mixing, registry
 from flan_jax.sources import TfdsSource
 from tasks.flan2021 import (closed_book_qa, commonsense, coreference, misc, nli, paraphrase, rc_commonsense,
                             reading_comprehension, sentiment, struct_to_text, summarization, translation)
-from tasks.flan2021._common import COLLECTION, TRAIN_EXAMPLE_CAP, Flan2021Dataset
+from tasks.flan2021._common import COLLECTION, SUMMARY_METRICS, TRAIN_EXAMPLE_CAP, Flan2021Dataset
 
 SEED = 0
 RATE_CAP = mixing.FLAN2021_RATE_CAP
@@ -77,12 +77,16 @@ def train_rates(names) -> dict[str, float]:
 
 
 def register_dataset(dataset: Flan2021Dataset, seed: int = SEED) -> list[str]:
+    metric_fns = list(dataset.metric_fns)
+    if not metric_fns and (dataset.fixed_options or dataset.options_field):
+        # Option variants score accuracy; the generative inversions of a classification dataset score ROUGE-L.
+        metric_fns = list(SUMMARY_METRICS)
     source = TfdsSource(dataset.tfds_name, split_map=dataset.splits, map_fn=dataset.map_fn,
                         num_examples=dataset.num_examples)
     return registry.register_task(
         dataset.name, source, list(dataset.templates), fields=dataset.fields, cluster=dataset.cluster,
         collection=COLLECTION, fixed_options=dataset.fixed_options, options_field=dataset.options_field,
-        inversion_templates=list(dataset.inversion_templates), metric_fns=list(dataset.metric_fns) or None,
+        inversion_templates=list(dataset.inversion_templates), metric_fns=metric_fns or None,
         max_examples=TRAIN_EXAMPLE_CAP, seed=seed)
 
 

