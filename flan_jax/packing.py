@@ -128,108 +128,77 @@ class BestFitPacker:
     return self.buffer_size - len(self._free)
 
   def push(self, payload: Any, sizes: Sequence[int]) -> list[list[Any]]:
-    s0 = int(sizes[0])
-    s1 = int(sizes[1]) if len(sizes) > 1 else 0
-    if s0 > self.capacities[0] or s1 > self.capacities[1] or s0 < 0 or s1 < 0:
+    s0, s1 = int(sizes[0]), int(sizes[1]) if len(sizes) > 1 else 0
+    if not (0 <= s0 <= self.capacities[0] and 0 <= s1 <= self.capacities[1]):
       raise ValueError(f"BestFitPacker.push: sizes {tuple(sizes)} do not fit capacities {self.capacities}")
     slot = self._free.pop()
-    self._size0[slot] = s0
-    self._size1[slot] = s1
     if self._jitter_pos == len(self._jitter):
-      self._jitter = self._rng.random(4096) * 1e-7
-      self._jitter_pos = 0
+      self._jitter, self._jitter_pos = self._rng.random(4096) * 1e-7, 0
+    self._size0[slot], self._size1[slot] = s0, s1
     self._score[slot] = s0 * self._weights[0] + s1 * self._weights[1] + self._jitter[self._jitter_pos]
     self._jitter_pos += 1
     self._payload[slot] = payload
     self._serial[slot] = self._next_serial
     self._fifo.append((slot, self._next_serial))
     self._next_serial += 1
-    if not self._free:
-      return [self._build_row()]
-    return []
+    return [] if self._free else [self._build_row()]
 
   def flush(self) -> Iterator[list[Any]]:
     while len(self):
       yield self._build_row()
 
-  # -- internals -------------------------------------------------------------------------------------------
-
   def _take(self, slot: int) -> Any:
-    payload = self._payload[slot]
-    self._payload[slot] = None
-    self._size0[slot] = _ABSENT
-    self._size1[slot] = _ABSENT
+    payload, self._payload[slot] = self._payload[slot], None
+    self._size0[slot] = self._size1[slot] = _ABSENT
     self._serial[slot] = 0
     self._free.append(slot)
     return payload
 
-  def _greedy(self, room0: int, room1: int, room_segments: int):
-    """Fills (room0, room1) greedily -> (slots, used0, used1, sizes0); picked slots stay hidden (size0 = ABSENT)."""
-    picks, used0, used1 = [], 0, 0
-    size0, size1, score = self._size0, self._size1, self._score
-    while room_segments > 0 and room0 > 0:
-      candidates = np.where((size0 <= room0) & (size1 <= room1), score, -1.0)
-      j = int(candidates.argmax())
-      if candidates[j] < 0:
-        break
-      s0, s1 = int(size0[j]), int(size1[j])
-      picks.append((j, s0))
-      size0[j] = _ABSENT
-      room0 -= s0
-      room1 -= s1
-      used0 += s0
-      used1 += s1
-      room_segments -= 1
-    return [j for j, _ in picks], used0, used1, [s for _, s in picks]
-
-  def _restore(self, slots: list[int], sizes0: list[int]) -> None:
-    for j, s0 in zip(slots, sizes0):
-      self._size0[j] = s0
-
   def _build_row(self) -> list[Any]:
-    while True:
+    while True:  # the oldest live example seeds the row (FIFO entries of taken slots are stale)
       seed, serial = self._fifo.popleft()
       if self._serial[seed] == serial:
         break
     room0 = self.capacities[0] - int(self._size0[seed])
     room1 = self.capacities[1] - int(self._size1[seed])
     row = [self._take(seed)]
-    room_segments = self.max_segments_per_row - 1
-    if room_segments <= 0 or len(self) == 0:
+    fits = np.flatnonzero((self._size0 <= room0) & (self._size1 <= room1))
+    if self.max_segments_per_row == 1 or not len(fits):
       return row
-    best = self._greedy(room0, room1, room_segments)
-    if self.lookahead > 1 and best[1] < room0 and best[0]:
-      self._restore(best[0], best[3])
-      best = self._lookahead(room0, room1, room_segments)
-    # Commit: `best` slots are currently hidden; take them out of the buffer.
-    for j in best[0]:
-      row.append(self._take(j))
+    # Candidates by decreasing score: the first that fits is the best fit, and since the room only shrinks, a
+    # completion is one forward scan. Lookahead forces each of the top-k candidates in turn as the first pick.
+    order = fits[np.argsort(-self._score[fits])]  # jitter: no ties
+    size0, size1 = self._size0[order], self._size1[order]
+    best, best_used = None, (-1, -1)
+    for first in range(min(self.lookahead, len(order))):
+      picks, used = _complete(size0, size1, room0, room1, self.max_segments_per_row - 1, first)
+      if used > best_used:
+        best, best_used = picks, used
+        if used[0] == room0:
+          break  # perfect encoder fill: nothing can beat it
+    row.extend(self._take(int(order[i])) for i in best)
     return row
 
-  def _lookahead(self, room0: int, room1: int, room_segments: int):
-    """Tries the top-k first completions; returns the best, with its slots hidden (all others visible)."""
-    size0, size1, score = self._size0, self._size1, self._score
-    candidates = np.where((size0 <= room0) & (size1 <= room1), score, -1.0)
-    k = min(self.lookahead, len(candidates))
-    top = np.argpartition(-candidates, k - 1)[:k]
-    top = top[np.argsort(-candidates[top], kind="stable")]
-    best, best_key = None, None
-    for first in top:
-      first = int(first)
-      if candidates[first] < 0:
-        break
-      s0, s1 = int(size0[first]), int(size1[first])
-      size0[first] = _ABSENT
-      rest, used0, used1, rest_sizes = self._greedy(room0 - s0, room1 - s1, room_segments - 1)
-      slots, sizes = [first] + rest, [s0] + rest_sizes
-      self._restore(slots, sizes)
-      key = (used0 + s0, used1 + s1)
-      if best_key is None or key > best_key:
-        best, best_key = (slots, key[0], key[1], sizes), key
-        if key[0] == room0:
-          break  # perfect encoder fill; nothing can beat it
-    size0[best[0]] = _ABSENT  # never None: the first candidate is the greedy's own first pick
-    return best
+
+def _complete(size0, size1, room0, room1, max_picks, first):
+  """Greedy completion over score-sorted candidates with `first` forced in; returns (indices, (used0, used1))."""
+  picks = [first]
+  used0, used1 = int(size0[first]), int(size1[first])
+  room0, room1 = room0 - used0, room1 - used1
+  start = 0
+  while len(picks) < max_picks and (room0 > 0 or room1 > 0) and start < len(size0):
+    ok = (size0[start:] <= room0) & (size1[start:] <= room1)
+    if start <= first:
+      ok[first - start] = False
+    i = int(ok.argmax())
+    if not ok[i]:
+      break
+    i += start
+    picks.append(i)
+    s0, s1 = int(size0[i]), int(size1[i])
+    room0, room1, used0, used1 = room0 - s0, room1 - s1, used0 + s0, used1 + s1
+    start = i + 1
+  return picks, (used0, used1)
 
 
 def _truncate_or_drop(
@@ -310,94 +279,88 @@ def pack_examples(
     yield account(row)
 
 
-# -- feature builders: one packed row -> seqio model features (numpy int32) --------------------------------------
+# -- feature builders: packed rows -> seqio model features (numpy int32, batched over rows for speed) ----------
 
 
-def _segment_layout(seg_lengths: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
-  """Segment ids (1-based, 0 = padding) and positions (restart at 0 per segment) for consecutive segments."""
-  seg_lengths = np.asarray(seg_lengths, np.int64)
-  used = int(seg_lengths.sum())
-  segment_ids = np.zeros(length, np.int32)
-  positions = np.zeros(length, np.int32)
-  segment_ids[:used] = np.repeat(np.arange(1, len(seg_lengths) + 1, dtype=np.int32), seg_lengths)
-  starts = np.cumsum(seg_lengths) - seg_lengths
-  positions[:used] = np.arange(used) - np.repeat(starts, seg_lengths)
-  return segment_ids, positions
+def _lay_out(rows: Sequence[Sequence[np.ndarray]], length: int):
+  """Concatenates each row's segments -> (tokens, segment_ids, positions), each [len(rows), length] int32.
+
+  Segment ids count 1, 2, ... per row (0 = padding); positions restart at 0 in every segment.
+  """
+  out = np.zeros((3, len(rows), length), np.int32)
+  segments = [seg for row in rows for seg in row]
+  seg_len = np.fromiter((len(seg) for seg in segments), np.int64, len(segments))
+  if not seg_len.sum():
+    return out[0], out[1], out[2]
+  per_row = np.fromiter((len(row) for row in rows), np.int64, len(rows))
+  first_seg_of_row = np.cumsum(per_row) - per_row
+  seg_start = np.cumsum(seg_len) - seg_len  # in the flat concatenation of all segments
+  seg_row = np.repeat(np.arange(len(rows)), per_row)
+  seg_number = np.arange(len(segments)) - np.repeat(first_seg_of_row, per_row) + 1
+  seg_offset = seg_row * length + seg_start - seg_start[first_seg_of_row][seg_row]  # flat [R*length] index
+  token_seg = np.repeat(np.arange(len(segments)), seg_len)
+  position = np.arange(int(seg_len.sum())) - seg_start[token_seg]
+  destination = seg_offset[token_seg] + position
+  tokens, segment_ids, positions = (x.reshape(-1) for x in out)
+  tokens[destination] = np.concatenate(segments)
+  segment_ids[destination] = seg_number[token_seg]
+  positions[destination] = position
+  return out[0], out[1], out[2]
 
 
-def _concat_padded(parts: Sequence[np.ndarray], length: int) -> np.ndarray:
-  out = np.zeros(length, np.int32)
-  if parts:
-    flat = np.concatenate(parts)
-    out[: len(flat)] = flat
-  return out
+def _autoregressive_inputs(targets: np.ndarray, segment_ids: np.ndarray, bos_id: int) -> np.ndarray:
+  """seqio.utils.make_autoregressive_inputs, batched: shift right; bos wherever the segment id changes."""
+  shifted = np.full_like(targets, bos_id)
+  shifted[:, 1:] = targets[:, :-1]
+  previous_ids = np.zeros_like(segment_ids)
+  previous_ids[:, 1:] = segment_ids[:, :-1]
+  return np.where(segment_ids != previous_ids, np.int32(bos_id), shifted).astype(np.int32)
 
 
-def _shift_right_within_segments(tokens: np.ndarray, positions: np.ndarray, bos_id: int) -> np.ndarray:
-  shifted = np.empty_like(tokens)
-  shifted[0] = bos_id
-  shifted[1:] = tokens[:-1]
-  shifted[positions == 0] = bos_id  # each segment starts fresh (padding positions are 0 too: stays bos/pad)
-  return shifted
+def encdec_feature_batch(rows, lengths: tuple[int, int], bos_id: int = 0) -> dict[str, np.ndarray]:
+  """seqio.EncDecFeatureConverter(pack=True) features [len(rows), length] for rows of (inputs, targets) segments."""
+  enc_tokens, enc_ids, enc_pos = _lay_out([[i for i, _ in row] for row in rows], lengths[0])
+  dec_tokens, dec_ids, dec_pos = _lay_out([[t for _, t in row] for row in rows], lengths[1])
+  return {"encoder_input_tokens": enc_tokens, "encoder_segment_ids": enc_ids, "encoder_positions": enc_pos,
+          "decoder_target_tokens": dec_tokens, "decoder_segment_ids": dec_ids, "decoder_positions": dec_pos,
+          "decoder_input_tokens": _autoregressive_inputs(dec_tokens, dec_ids, bos_id),
+          "decoder_loss_weights": (dec_ids > 0).astype(np.int32)}
 
 
-def encdec_features(
-    row: Sequence[tuple[np.ndarray, np.ndarray]], lengths: tuple[int, int], bos_id: int = 0
-) -> dict[str, np.ndarray]:
-  """seqio.EncDecFeatureConverter(pack=True) features for one row of (inputs, targets) segments."""
-  enc_len, dec_len = lengths
-  enc_seg, enc_pos = _segment_layout([len(i) for i, _ in row], enc_len)
-  dec_seg, dec_pos = _segment_layout([len(t) for _, t in row], dec_len)
-  dec_target = _concat_padded([t for _, t in row], dec_len)
-  return {
-      "encoder_input_tokens": _concat_padded([i for i, _ in row], enc_len),
-      "encoder_segment_ids": enc_seg,
-      "encoder_positions": enc_pos,
-      "decoder_target_tokens": dec_target,
-      "decoder_input_tokens": _shift_right_within_segments(dec_target, dec_pos, bos_id),
-      "decoder_segment_ids": dec_seg,
-      "decoder_positions": dec_pos,
-      "decoder_loss_weights": (dec_seg > 0).astype(np.int32),
-  }
+def lm_feature_batch(rows, length: int, bos_id: int = 0) -> dict[str, np.ndarray]:
+  """seqio.LMFeatureConverter(pack=True) features for rows of target-only segments."""
+  tokens, ids, pos = _lay_out(rows, length)
+  return {"decoder_target_tokens": tokens, "decoder_segment_ids": ids, "decoder_positions": pos,
+          "decoder_input_tokens": _autoregressive_inputs(tokens, ids, bos_id),
+          "decoder_loss_weights": (ids > 0).astype(np.int32)}
 
 
-def lm_features(row: Sequence[np.ndarray], length: int, bos_id: int = 0) -> dict[str, np.ndarray]:
-  """seqio.LMFeatureConverter(pack=True) features for one row of target-only segments."""
-  seg, pos = _segment_layout([len(t) for t in row], length)
-  target = _concat_padded(list(row), length)
-  return {
-      "decoder_target_tokens": target,
-      "decoder_input_tokens": _shift_right_within_segments(target, pos, bos_id),
-      "decoder_loss_weights": (seg > 0).astype(np.int32),
-      "decoder_segment_ids": seg,
-      "decoder_positions": pos,
-  }
-
-
-def prefix_lm_features(
-    row: Sequence[tuple[np.ndarray, np.ndarray]], length: int, loss_on_targets_only: bool = True, bos_id: int = 0
-) -> dict[str, np.ndarray]:
+def prefix_lm_feature_batch(rows, length: int, loss_on_targets_only: bool = True, bos_id: int = 0):
   """seqio.PrefixLMFeatureConverter(pack=True) features: each segment is inputs ++ targets in one decoder row.
 
   decoder_causal_attention is 1 on the inputs of each segment plus one position (where the last input token is
-  read and the first target is predicted); loss is on targets only unless loss_on_targets_only=False.
+  read and the first target predicted); the loss is on the targets only unless loss_on_targets_only=False.
   """
-  seg_lengths = [len(i) + len(t) for i, t in row]
-  seg, pos = _segment_layout(seg_lengths, length)
-  target = _concat_padded([np.concatenate([i, t]) for i, t in row], length)
-  input_widths = np.zeros(length, np.int64)
-  used = sum(seg_lengths)
-  input_widths[:used] = np.repeat([len(i) for i, _ in row], seg_lengths)
-  non_padding = seg > 0
-  loss = non_padding & (pos >= input_widths) if loss_on_targets_only else non_padding
-  return {
-      "decoder_target_tokens": target,
-      "decoder_input_tokens": _shift_right_within_segments(target, pos, bos_id),
-      "decoder_loss_weights": loss.astype(np.int32),
-      "decoder_segment_ids": seg,
-      "decoder_positions": pos,
-      "decoder_causal_attention": (non_padding & (pos < input_widths + 1)).astype(np.int32),
-  }
+  features = lm_feature_batch([[np.concatenate([i, t]) for i, t in row] for row in rows], length, bos_id)
+  input_width, _, _ = _lay_out([[np.full(len(i) + len(t), len(i)) for i, t in row] for row in rows], length)
+  ids, pos = features["decoder_segment_ids"], features["decoder_positions"]
+  features["decoder_causal_attention"] = ((ids > 0) & (pos <= input_width)).astype(np.int32)
+  if loss_on_targets_only:
+    features["decoder_loss_weights"] = ((ids > 0) & (pos >= input_width)).astype(np.int32)
+  return features
+
+
+def encdec_features(row, lengths: tuple[int, int], bos_id: int = 0) -> dict[str, np.ndarray]:
+  """One row of (inputs, targets) segments -> seqio.EncDecFeatureConverter(pack=True) features."""
+  return {k: v[0] for k, v in encdec_feature_batch([row], lengths, bos_id).items()}
+
+
+def lm_features(row, length: int, bos_id: int = 0) -> dict[str, np.ndarray]:
+  return {k: v[0] for k, v in lm_feature_batch([row], length, bos_id).items()}
+
+
+def prefix_lm_features(row, length: int, loss_on_targets_only: bool = True, bos_id: int = 0):
+  return {k: v[0] for k, v in prefix_lm_feature_batch([row], length, loss_on_targets_only, bos_id).items()}
 
 
 # -- seqio FeatureConverters ----------------------------------------------------------------------------------
@@ -423,7 +386,7 @@ class _BestFitPackingMixin:
       expected_lengths = {}  # over-length examples reach the packer, which truncates or drops and counts them
     return super()._validate_dataset(ds, expected_features, expected_lengths, strict, error_label)
 
-  def _best_fit_pack(self, ds, keys, lengths, concatenate, row_to_features, model_lengths):
+  def _best_fit_pack(self, ds, keys, lengths, concatenate, rows_to_features, model_lengths):
     stats = PackingStats()
     self.stats = stats
     options = dict(self._packing_options)
@@ -444,12 +407,12 @@ class _BestFitPackingMixin:
     def feature_batches():
       buffered = []
       for row in pack_examples(examples(), lengths, concatenate=concatenate, stats=stats, **options):
-        buffered.append(row_to_features(row))
+        buffered.append(row)
         if len(buffered) == self._rows_per_yield:
-          yield {k: np.stack([r[k] for r in buffered]) for k in model_lengths}
+          yield rows_to_features(buffered)
           buffered = []
       if buffered:
-        yield {k: np.stack([r[k] for r in buffered]) for k in model_lengths}
+        yield rows_to_features(buffered)
 
     signature = {k: tf.TensorSpec([None, n], tf.int32) for k, n in model_lengths.items()}
     return tf.data.Dataset.from_generator(feature_batches, output_signature=signature).unbatch()
@@ -470,7 +433,7 @@ class PackedEncDecFeatureConverter(_BestFitPackingMixin, seqio.EncDecFeatureConv
       return super()._convert_features(ds, task_feature_lengths)
     lengths = (task_feature_lengths["inputs"], task_feature_lengths["targets"])
     return self._best_fit_pack(ds, ("inputs", "targets"), lengths, False,
-                               lambda row: encdec_features(row, lengths, self.bos_id),
+                               lambda rows: encdec_feature_batch(rows, lengths, self.bos_id),
                                self.get_model_feature_lengths(task_feature_lengths))
 
 
@@ -489,7 +452,7 @@ class PackedLMFeatureConverter(_BestFitPackingMixin, seqio.LMFeatureConverter):
       return super()._convert_features(ds, task_feature_lengths)
     length = task_feature_lengths["targets"]
     return self._best_fit_pack(ds, ("targets",), (0, length), True,
-                               lambda row: lm_features([t for _, t in row], length, self.bos_id),
+                               lambda rows: lm_feature_batch([[t for _, t in r] for r in rows], length, self.bos_id),
                                self.get_model_feature_lengths(task_feature_lengths))
 
 
@@ -510,7 +473,7 @@ class PackedPrefixLMFeatureConverter(_BestFitPackingMixin, seqio.PrefixLMFeature
     row_length = sum(lengths)
     return self._best_fit_pack(
         ds, ("inputs", "targets"), lengths, True,
-        lambda row: prefix_lm_features(row, row_length, self.loss_on_targets_only, self.bos_id),
+        lambda rows: prefix_lm_feature_batch(rows, row_length, self.loss_on_targets_only, self.bos_id),
         self.get_model_feature_lengths(task_feature_lengths))
 
 

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Runs one benchmark suite and prints its figures as a markdown table.
+
+  python scripts/benchmark.py SUITE [--quick] [--json OUT]
+
+SUITE is a module in scripts/bench/ (packing, ...) exposing run(quick) -> list of rows
+{"suite", "name", "ours", "baseline", "ratio", "unit"}. --json writes the rows plus machine info to OUT.
+"""
+import argparse
+import datetime
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_SCRIPTS, os.path.dirname(_SCRIPTS)]  # scripts/ for `bench`, the repo root for `flan_jax`, `tasks`
+
+import bench  # noqa: E402
+
+
+def available_suites() -> list[str]:
+  return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+
+
+def _fmt(value) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+  return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+  lines = ["| suite | name | ours | baseline | ratio | unit |", "|---|---|---:|---:|---:|---|"]
+  for r in rows:
+    lines.append("| " + " | ".join(_fmt(r.get(k)) for k in bench.ROW_KEYS) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  suites = available_suites()
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("suite", choices=suites)
+  parser.add_argument("--quick", action="store_true", help="small sizes; finishes in about a minute")
+  parser.add_argument("--json", metavar="OUT", help="also write rows and machine info as JSON")
+  args = parser.parse_args(argv)
+
+  module = importlib.import_module(f"bench.{args.suite}")
+  start = time.time()
+  rows = module.run(quick=args.quick)
+  for r in rows:
+    missing = [k for k in bench.ROW_KEYS if k not in r]
+    if missing:
+      raise ValueError(f"benchmark suite {args.suite!r} returned a row without {missing}: {r}")
+  info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
+          "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+          "python": platform.python_version(), "command": " ".join(sys.argv), "seconds": round(time.time() - start, 1)}
+  print(f"\n{args.suite} ({'quick' if args.quick else 'full'}) on {info['machine']}, {info['cpus']} CPUs, "
+        f"{info['date']}, {info['seconds']} s\n")
+  print(markdown_table(rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"info": info, "rows": rows}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
