@@ -17,7 +17,8 @@ Ties are broken by a per-example random jitter drawn from `seed`, so packing is 
 Layers (each usable without the ones below):
   - `BestFitPacker`: sizes + opaque payloads -> rows of payloads (pure numpy, no seqio/TF).
   - `pack_examples`: (inputs, targets) arrays -> rows, with truncate/drop of over-length examples and `PackingStats`.
-  - `encdec_features` / `lm_features` / `prefix_lm_features`: one row of segments -> seqio feature dict (numpy).
+  - `encdec_feature_batch` / `lm_feature_batch` / `prefix_lm_feature_batch`: packed rows -> seqio feature arrays
+    [rows, length] (numpy); `encdec_features` etc. do one row.
   - `PackedEncDecFeatureConverter`, `PackedLMFeatureConverter`, `PackedPrefixLMFeatureConverter`,
     `PackedDecoderFeatureConverter`: seqio FeatureConverters producing exactly the packed features of their seqio
     counterparts; `converter.stats` accumulates `PackingStats` as the dataset is consumed.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import seqio
@@ -241,22 +242,15 @@ def pack_examples(
   lengths = (int(lengths[0]), int(lengths[1]))
   stats = stats if stats is not None else PackingStats()
   capacities = (sum(lengths),) if concatenate else lengths
-  packer = BestFitPacker(
-      capacities,
-      buffer_size=buffer_size,
-      max_segments_per_row=max_segments_per_row,
-      lookahead=lookahead,
-      secondary_weight=secondary_weight,
-      seed=seed,
-  )
+  packer = BestFitPacker(capacities, buffer_size=buffer_size, max_segments_per_row=max_segments_per_row,
+                         lookahead=lookahead, secondary_weight=secondary_weight, seed=seed)
 
   def account(row):
     stats.rows_out += 1
     stats.segments += len(row)
     stats.examples_packed += len(row)
     stats.max_segments_in_a_row = max(stats.max_segments_in_a_row, len(row))
-    n_in = sum(len(i) for i, _ in row)
-    n_tg = sum(len(t) for _, t in row)
+    n_in, n_tg = sum(len(i) for i, _ in row), sum(len(t) for _, t in row)
     if concatenate:
       stats.decoder_tokens += n_in + n_tg
       stats.decoder_slots += capacities[0]
@@ -399,7 +393,8 @@ class _BestFitPackingMixin:
         columns = []
         for k in keys:
           values, row_lengths = batch[k]
-          columns.append(np.split(values, np.cumsum(row_lengths)[:-1]))
+          ends = np.cumsum(row_lengths).tolist()
+          columns.append([values[e - n:e] for e, n in zip(ends, row_lengths.tolist())])
         if len(keys) == 1:  # targets only (LM): no inputs
           columns.insert(0, [values[:0]] * len(columns[0]))
         yield from zip(*columns)

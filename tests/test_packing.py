@@ -286,3 +286,31 @@ def test_decoder_converter_matches_seqio_feature_spec(with_inputs):
   want = collections.Counter(tuple(np.concatenate([i, t]) if with_inputs else t) for i, t in examples)
   assert got == want and all(f["decoder_target_tokens"].shape == (row_length,) for f in rows)
   assert conv.stats.examples_in == 200 and conv.stats.decoder_fill > 0.9
+
+
+@pytest.mark.parametrize("bos_id", [0, 3])
+def test_encdec_converter_equals_seqio_when_packings_coincide(bos_id):
+  # Two examples that share one row: both packers must then emit identical features (bos at each segment start
+  # and at the first padding position, exactly like seqio.utils.make_autoregressive_inputs).
+  examples = [(np.array([7, 8, 5, 1], np.int32), np.array([3, 9, 1], np.int32)),
+              (np.array([8, 4, 9, 3, 1], np.int32), np.array([4, 1], np.int32))]
+  lengths = {"inputs": 10, "targets": 7}
+  ours = list(PackedEncDecFeatureConverter(bos_id=bos_id)(_tf_dataset(examples), lengths).as_numpy_iterator())
+  ref = list(seqio.EncDecFeatureConverter(pack=True, bos_id=bos_id)(_tf_dataset(examples), lengths)
+             .as_numpy_iterator())
+  assert len(ours) == len(ref) == 1 and ours[0].keys() == ref[0].keys()
+  for key in ref[0]:
+    np.testing.assert_array_equal(ours[0][key], ref[0][key], err_msg=key)
+
+
+def test_stats_accumulate_as_the_dataset_is_consumed():
+  examples = random_examples(3000, mean_in=40, mean_tg=8, seed=10, max_in=128, max_tg=32)
+  conv = PackedEncDecFeatureConverter(buffer_size=100, read_batch_size=64, rows_per_yield=4)
+  iterator = conv(_tf_dataset(examples), {"inputs": 128, "targets": 32}).as_numpy_iterator()
+  for _ in range(5):
+    next(iterator)
+  partial = conv.stats.examples_in
+  assert 0 < partial < len(examples)  # streaming: only what was needed (plus prefetch) has been read
+  rest = sum(1 for _ in iterator)
+  assert conv.stats.examples_in == len(examples) and conv.stats.rows_out == rest + 5
+  assert set(conv.stats.as_dict()) >= {"encoder_fill", "decoder_fill", "segments_per_row", "truncated", "dropped_overlength"}
