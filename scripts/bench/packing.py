@@ -7,8 +7,8 @@ Streams (each example already trimmed to the feature lengths, as seqio.get_datas
   d_heavy_tail_382_61 (full run only) as c with sigma 1.0 / 1.0: 2.7% of targets are cut at 256 and each must sit
                       alone in its row, which caps the encoder fill of ANY packer at 0.948 on this stream
 Figures per stream: encoder fill, decoder fill (non-padding fraction), rows per 10k examples, examples/s through the
-whole converter (tf.data in, packed feature rows out, batched by 64), after one untimed warm-up pass; the full run
-takes the best of 2 passes.
+whole converter (tf.data in, packed feature rows out, batched by 64), after an untimed warm-up pass; the two
+converters alternate twice and each keeps its fastest pass.
 """
 import os
 import time
@@ -69,7 +69,7 @@ def to_dataset(examples):
 
 
 def measure(converter, examples, lengths, repeats):
-  """Runs the converter over the stream; returns fills, rows per 10k examples and examples/s (best of repeats).
+  """Runs the converter over the stream; returns fills, rows per 10k examples and examples/s (fastest of `repeats` passes).
 
   The pipeline is built (and its tf.functions traced) before the clock starts; the clock covers iterating it.
   """
@@ -96,8 +96,14 @@ UNITS = {"encoder_fill": "fraction", "decoder_fill": "fraction", "rows_per_10k_e
 
 
 def compare(case, examples, lengths, repeats):
-  ours = measure(PackedEncDecFeatureConverter(), examples, lengths, repeats)
-  seqio_figures = measure(seqio.EncDecFeatureConverter(pack=True), examples, lengths, repeats)
+  """Alternates the two converters `repeats` times (the machine may be shared) and keeps each one's fastest pass."""
+  ours = seqio_figures = None
+  for _ in range(repeats):
+    mine = measure(PackedEncDecFeatureConverter(), examples, lengths, 1)
+    theirs = measure(seqio.EncDecFeatureConverter(pack=True), examples, lengths, 1)
+    ours = mine if ours is None or mine["examples_per_s"] > ours["examples_per_s"] else ours
+    if seqio_figures is None or theirs["examples_per_s"] > seqio_figures["examples_per_s"]:
+      seqio_figures = theirs
   name = f"{case} ({len(examples)} ex, {lengths['inputs']}/{lengths['targets']})"
   rows = [row(SUITE, f"{name} {k}", ours[k], seqio_figures[k], UNITS[k]) for k in UNITS]
   print(f"[packing] {name}: " + ", ".join(f"{k} {ours[k]:.4g} vs seqio {seqio_figures[k]:.4g}" for k in UNITS),
@@ -106,9 +112,9 @@ def compare(case, examples, lengths, repeats):
 
 
 def run(quick: bool) -> list[dict]:
-  n_lognormal = 5_000 if quick else 50_000
-  n_mixture = 2_000 if quick else 20_000
-  repeats = 1 if quick else 2  # best-of: the machine may be shared
+  n_lognormal = 4_000 if quick else 50_000
+  n_mixture = 1_500 if quick else 20_000
+  repeats = 2
   results = []
   for case, mean_in, mean_tg, sigma_in, sigma_tg, full_only in LOGNORMAL_CASES:
     if full_only and quick:
