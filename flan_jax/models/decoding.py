@@ -130,6 +130,8 @@ def sample_decode(config: t5.T5Config, params, encoder_input_tokens: jax.Array, 
     """Ancestral sampling with temperature / top-k / top-p; temperature 0 means greedy."""
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f'sample_decode: bad temperature={temperature}, top_k={top_k} or top_p={top_p}')
+    if top_k > config.vocab_size:
+        raise ValueError(f'sample_decode: top_k={top_k} exceeds vocab_size={config.vocab_size}')
     if temperature == 0.0:
         choose = lambda logits, _: jnp.argmax(logits, axis=-1)
     else:
