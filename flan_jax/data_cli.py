@@ -1,0 +1,178 @@
+"""`flan-jax data ...`: inspect registered tasks and mixtures.
+
+  flan-jax data list [--collection NAME]                      task name, cluster, number of templates (TSV)
+  flan-jax data show NAME [-n N] [--split S] [--mock]         rendered input/target pairs
+  flan-jax data stats NAME [-n N] [--split S] [--mock] [--feature_lengths inputs=256,targets=64]
+                                                              per-task rate and share, token-length percentiles,
+                                                              examples that would be truncated, skipped records
+`--module M` (repeatable) imports more registration modules besides `tasks`. `--mock` wraps the run in
+`tfds.testing.mock_data` so TFDS-backed tasks render random schema-correct records offline.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+from typing import Sequence, TextIO
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+def _parse_feature_lengths(text: str) -> dict[str, int]:
+    lengths = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in ("inputs", "targets") or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"--feature_lengths: expected inputs=N,targets=M, got {item!r}")
+        lengths[key.strip()] = int(value)
+    return lengths
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flan-jax data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--module", action="append", default=[], help="extra registration module to import")
+    p_list = sub.add_parser("list", parents=[common], help="list registered tasks")
+    p_list.add_argument("--collection", default=None)
+    for name, help_text in (("show", "print rendered examples"), ("stats", "rates, lengths and truncation")):
+        p = sub.add_parser(name, parents=[common], help=help_text)
+        p.add_argument("name", help="seqio task or mixture name")
+        p.add_argument("-n", "--num_examples", type=int, default=3 if name == "show" else 500,
+                       help="examples per task")
+        p.add_argument("--split", default=None, help="default: train (validation for eval mixtures)")
+        p.add_argument("--mock", action="store_true", help="use tfds.testing.mock_data for TFDS sources")
+    sub.choices["stats"].add_argument("--feature_lengths", type=_parse_feature_lengths,
+                                      default={"inputs": 1024, "targets": 256})
+    return parser
+
+
+def _import_registrations(modules: Sequence[str]) -> None:
+    for module in ["tasks", *modules]:
+        importlib.import_module(module)
+
+
+def _tasks_and_rates(name: str) -> list[tuple[str, float]]:
+    import seqio
+    from flan_jax import mixing
+
+    try:
+        seqio.get_mixture_or_task(name)
+    except ValueError:
+        raise SystemExit(f"flan-jax data: no task or mixture named {name!r} (see `flan-jax data list`)") from None
+    return sorted(mixing.mixture_rates(name).items())
+
+
+def _default_split(name: str, task: str) -> str:
+    import seqio
+
+    splits = seqio.get_mixture_or_task(task).splits
+    preferred = "validation" if "eval" in name else "train"
+    return preferred if preferred in splits else splits[0]
+
+
+def _mock_context(enabled: bool, num_examples: int):
+    if not enabled:
+        return contextlib.nullcontext()
+    import tensorflow_datasets as tfds
+
+    return tfds.testing.mock_data(num_examples=max(num_examples, 10), policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def cmd_list(args, out: TextIO) -> int:
+    from flan_jax import registry
+
+    names = registry.list_tasks(args.collection)
+    if not names:
+        print(f"no tasks registered{' in collection ' + repr(args.collection) if args.collection else ''}",
+              file=sys.stderr)
+        return 1
+    for name in names:
+        info = registry.task_info(name)
+        print(f"{name}\t{info.cluster}\t{info.num_templates}", file=out)
+    return 0
+
+
+def cmd_show(args, out: TextIO) -> int:
+    import seqio
+
+    with _mock_context(args.mock, args.num_examples):
+        for task_name, _ in _tasks_and_rates(args.name):
+            split = args.split or _default_split(args.name, task_name)
+            ds = seqio.get_mixture_or_task(task_name).get_dataset(
+                sequence_length=None, split=split, shuffle=False, use_cached=False)
+            for i, ex in enumerate(ds.take(args.num_examples).as_numpy_iterator()):
+                template = ex.get("template_index", -1)
+                print(f"=== {task_name} [{split} #{i}, template {template}] ===", file=out)
+                print(f"INPUT:\n{_text(ex['inputs_pretokenized'])}", file=out)
+                print(f"TARGET: {_text(ex['targets_pretokenized'])}", file=out)
+                options = [_text(o) for o in ex.get("options", [])]
+                if options:
+                    print(f"SCORED OPTIONS: {options}", file=out)
+                print(file=out)
+    return 0
+
+
+def _length_stats(lengths: np.ndarray, limit: int) -> str:
+    if lengths.size == 0:
+        return "-"
+    pcts = "/".join(str(int(np.percentile(lengths, p))) for p in PERCENTILES)
+    return f"{pcts}/{int(lengths.max())} trunc={int((lengths > limit).sum())}"
+
+
+def cmd_stats(args, out: TextIO) -> int:
+    import seqio
+    import tensorflow as tf
+    from flan_jax import registry
+
+    task_rates = _tasks_and_rates(args.name)
+    total_rate = sum(rate for _, rate in task_rates) or 1.0
+    limits = {"inputs": 1024, "targets": 256, **args.feature_lengths}
+    print(f"# {args.name}: {len(task_rates)} task(s); lengths in tokens incl. EOS as "
+          f"p{'/p'.join(map(str, PERCENTILES))}/max; trunc = examples longer than "
+          f"inputs={limits['inputs']} / targets={limits['targets']} (of n scanned)", file=out)
+    print("task\trate\tshare\tn\tinputs\ttargets", file=out)
+    totals = {"n": 0, "inputs": 0, "targets": 0}
+    with _mock_context(args.mock, args.num_examples):
+        for task_name, rate in task_rates:
+            split = args.split or _default_split(args.name, task_name)
+            ds = seqio.get_mixture_or_task(task_name).get_dataset(
+                sequence_length=None, split=split, shuffle=False, use_cached=False)
+            ds = ds.take(args.num_examples).map(
+                lambda ex: {"inputs": tf.size(ex["inputs"]), "targets": tf.size(ex["targets"])}).batch(1024)
+            lengths = {"inputs": [], "targets": []}
+            for batch in ds.as_numpy_iterator():
+                for key in lengths:
+                    lengths[key].append(batch[key])
+            arrays = {k: np.concatenate(v) if v else np.zeros([0], np.int32) for k, v in lengths.items()}
+            totals["n"] += arrays["inputs"].size
+            for key in ("inputs", "targets"):
+                totals[key] += int((arrays[key] > limits[key]).sum())
+            print(f"{task_name}\t{rate:g}\t{rate / total_rate:.4f}\t{arrays['inputs'].size}\t"
+                  f"{_length_stats(arrays['inputs'], limits['inputs'])}\t"
+                  f"{_length_stats(arrays['targets'], limits['targets'])}", file=out)
+    print(f"# total scanned {totals['n']}: truncated inputs {totals['inputs']}, targets {totals['targets']}", file=out)
+    errors = {t: c for t, c in registry.data_error_counts().items() if t in dict(task_rates)}
+    print(f"# skipped malformed records: {errors or 'none'}", file=out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "data":
+        argv = argv[1:]
+    args = _build_parser().parse_args(argv)
+    _import_registrations(args.module)
+    command = {"list": cmd_list, "show": cmd_show, "stats": cmd_stats}[args.command]
+    return command(args, out or sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
