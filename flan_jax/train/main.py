@@ -6,6 +6,7 @@ Flags follow T5X: --gin_file (repeatable), --gin.NAME=value (a macro or a bindin
 from __future__ import annotations
 
 import argparse
+import functools
 import ast
 import logging
 import os
@@ -23,15 +24,14 @@ REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.p
 gin.external_configurable(t5.T5Config, name="T5Config")
 
 
-def _register_converters():
+@functools.lru_cache(maxsize=None)
+def _register_converters() -> None:
+    """Feature converters selectable from gin (registered once per process)."""
     import seqio
+    from flan_jax import packing
     gin.external_configurable(seqio.EncDecFeatureConverter, name="EncDecFeatureConverter", module="seqio")
-    try:
-        from flan_jax import packing
-        gin.external_configurable(packing.PackedEncDecFeatureConverter, name="PackedEncDecFeatureConverter",
-                                                            module="flan_jax.packing")
-    except (ImportError, AttributeError):  # packing module not available in this build
-        pass
+    gin.external_configurable(packing.PackedEncDecFeatureConverter, name="PackedEncDecFeatureConverter",
+                              module="flan_jax.packing")
 
 
 @gin.configurable("train")
@@ -131,6 +131,7 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
 
 def configure_gin(args: argparse.Namespace) -> None:
     """Parses files then overrides; an unknown binding, macro or configurable fails here, naming it."""
+    gin.clear_config()
     _register_converters()
     paths = [p for p in args.gin_search_paths.split(",") if p] + [os.getcwd(), REPO_GIN_DIR]
     for path in paths:
