@@ -1,0 +1,42 @@
+"""`flan-jax data list|show|stats` run and print what they promise."""
+import io
+
+import pytest
+
+from flan_jax import data_cli
+
+
+def run(*argv):
+    out = io.StringIO()
+    assert data_cli.main(list(argv), out=out) == 0
+    return out.getvalue()
+
+
+def test_list_is_tab_separated_name_cluster_templates():
+    lines = run("data", "list", "--collection", "default").strip().split("\n")
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines}
+    assert rows["parity_zs_opt"] == ["parity_zs_opt", "number_properties", "4"]
+    assert all(len(r) == 3 for r in rows.values()) and len(rows) >= 40
+
+
+def test_show_prints_rendered_pairs():
+    text = run("show", "topic_zs_opt", "-n", "2", "--split", "validation")
+    assert text.count("=== topic_zs_opt [validation #") == 2
+    assert "OPTIONS:\n- sports\n- food\n- weather\n- music" in text and "TARGET: " in text
+
+
+def test_stats_reports_rates_lengths_and_truncation():
+    text = run("stats", "flan_default_eval", "-n", "20", "--feature_lengths", "inputs=40,targets=8")
+    lines = text.strip().split("\n")
+    rows = [line.split("\t") for line in lines if line.startswith("parity_zs_opt")]
+    (row,) = rows
+    assert row[1] == "1" and float(row[2]) == pytest.approx(1 / 15, abs=1e-3) and row[3] == "20"
+    assert "trunc=" in row[4] and int(row[4].split("trunc=")[1]) > 0  # parity prompts exceed 40 bytes
+    assert "truncated inputs" in lines[-2] and "skipped malformed records: none" in lines[-1]
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(SystemExit):
+        data_cli.main(["stats", "parity_zs_opt", "--feature_lengths", "inputs=abc"])
+    with pytest.raises(SystemExit, match="no task or mixture named 'nope'"):
+        data_cli.main(["show", "nope"])
