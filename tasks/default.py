@@ -9,7 +9,8 @@ Clusters (seen = in the training mixture, held out = evaluated zero-shot only):
   word_analysis (HELD OUT)   vowel_start, longer_word (options), reverse_word         mixed
 
 Mixtures:
-  flan_default_train  zs_opt + zs_noopt variants of the seen clusters' tasks, example-proportional (all equal here).
+  flan_default_train  zs_opt + zs_noopt variants of the seen clusters' tasks, example-proportional
+                      (option tasks 20k train records, generative tasks 10k).
   flan_default_eval   one zero-shot task per base task on "validation": zs_opt for option tasks, zs_noopt otherwise.
 Few-shot variants are registered (inputs fit 256 bytes) but left out of the default train mixture.
 """
@@ -26,6 +27,10 @@ HELD_OUT_CLUSTERS = ("word_analysis",)
 TRAIN_MIXTURE = "flan_default_train"
 EVAL_MIXTURE = "flan_default_eval"
 TRAIN_VARIANTS = ("zs_opt", "zs_noopt")
+# Option tasks get 20k train records, generative ones 10k: the example-proportional train mixture then leans on the
+# classification tasks the tiny default model is gated on (rank accuracy), while still learning generation.
+OPTION_TASK_EXAMPLES = {"train": 20_000, "validation": 200}
+GENERATIVE_TASK_EXAMPLES = {"train": 10_000, "validation": 200}
 FEW_SHOT = FewShotConfig(num_exemplars=2, max_input_length=256, exemplar_pool_size=200)
 
 # name -> (cluster, generator, fields, templates, extra register_task kwargs)
@@ -33,35 +38,35 @@ TASKS = {
     "parity": ("number_properties", gen.gen_parity, ("number", "answer"), [
         T("Is {number} even or odd?", "{answer}"),
         T("Number: {number}\nIs this number even or odd?", "{answer}"),
-        T("Tell me whether {number} is an even number or an odd number.", "{answer}"),
+        T("Even or odd: {number}", "{answer}"),
         T("{number} -- odd or even?", "{answer}"),
     ], {"options_field": "options", "rationale_field": "rationale"}),
     "larger_number": ("number_properties", gen.gen_larger_number, ("a", "b", "answer"), [
         T("Which is larger, {a} or {b}?", "{answer}"),
         T("Pick the bigger number: {a}, {b}", "{answer}"),
-        T("Of the numbers {a} and {b}, which one is greater?", "{answer}"),
+        T("Which is greater: {a} or {b}?", "{answer}"),
     ], {"options_field": "options"}),
     "multiple_of_five": ("number_properties", gen.gen_multiple_of_five, ("number", "answer"), [
         T("Is {number} divisible by 5?", "{answer}"),
-        T("Can {number} be split into groups of five with nothing left over?", "{answer}"),
-        T("Number: {number}\nIs it a multiple of five?", "{answer}"),
+        T("Is {number} a multiple of 5?", "{answer}"),
+        T("Number: {number}\nDivisible by five?", "{answer}"),
     ], {"options_field": "options"}),
     "keyword_sentiment": ("text_classification", gen.gen_keyword_sentiment, ("sentence", "answer"), [
-        T("{sentence}\nIs this review positive or negative?", "{answer}"),
-        T("Review: {sentence}\nWhat is the sentiment of this review?", "{answer}"),
+        T("{sentence}\nPositive or negative?", "{answer}"),
+        T("Review: {sentence}\nSentiment?", "{answer}"),
         T("How does the writer feel? \"{sentence}\"", "{answer}"),
     ], {"options_field": "options",
         "inversion_templates": [T("Write a short {answer} review.", "{sentence}"),
                                 T("Give an example of a {answer} sentence about something.", "{sentence}"),
                                 T("Sentiment: {answer}\nReview:", "{sentence}")]}),
     "topic": ("text_classification", gen.gen_topic, ("sentence", "answer"), [
-        T("{sentence}\nWhat is this sentence about?", "{answer}"),
+        T("{sentence}\nWhat is this about?", "{answer}"),
         T("Sentence: {sentence}\nTopic?", "{answer}"),
-        T("Classify the topic of: {sentence}", "{answer}"),
+        T("Topic of: {sentence}", "{answer}"),
     ], {"options_field": "options"}),
     "list_contains": ("list_ops", gen.gen_list_contains, ("items", "item", "answer"), [
-        T("Does the list [{items}] contain {item}?", "{answer}"),
-        T("List: {items}\nIs {item} in the list?", "{answer}"),
+        T("Does [{items}] contain {item}?", "{answer}"),
+        T("List: {items}\nIs {item} in it?", "{answer}"),
         T("Is {item} one of {items}?", "{answer}"),
     ], {"options_field": "options"}),
     "list_sort": ("list_ops", gen.gen_list_sort, ("items", "answer"), [
@@ -118,7 +123,9 @@ TASKS = {
 def register(seed: int = SEED) -> None:
     """Registers every default task and the two default mixtures (cheap: no data is generated)."""
     for name, (cluster, generate, fields, templates, extra) in TASKS.items():
-        registry.register_task(name, GeneratedSource(name, generate, seed=seed), templates, fields=fields,
+        counts = OPTION_TASK_EXAMPLES if "options_field" in extra else GENERATIVE_TASK_EXAMPLES
+        registry.register_task(name, GeneratedSource(name, generate, seed=seed, num_examples=counts), templates,
+                               fields=fields,
                                cluster=cluster, collection=COLLECTION, few_shot=FEW_SHOT, seed=seed, **extra)
     seen = [name for name, spec in TASKS.items() if spec[0] not in HELD_OUT_CLUSTERS]
     train_tasks = [t for base in seen for t in (f"{base}_{v}" for v in TRAIN_VARIANTS)

@@ -46,7 +46,8 @@ def test_mixtures():
     train_bases = {registry.task_info(t).base_task for t in train}
     assert all(registry.task_info(t).variant in ("zs_opt", "zs_noopt") for t in train)
     assert all(registry.task_info(t).cluster not in default.HELD_OUT_CLUSTERS for t in train)
-    assert set(train.values()) == {20_000.0}
+    assert {rate for t, rate in train.items() if registry.task_info(t).has_options} == {20_000.0}
+    assert {rate for t, rate in train.items() if not registry.task_info(t).has_options} == {10_000.0}
     evals = mixing.mixture_rates(default.EVAL_MIXTURE)
     eval_bases = [registry.task_info(t).base_task for t in evals]
     assert sorted(eval_bases) == registry.list_base_tasks("default")  # exactly one eval task per base task

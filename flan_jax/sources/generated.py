@@ -89,14 +89,14 @@ def _yes_no(flag: bool) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 def gen_parity(rng: random.Random) -> dict:
-    n = _number(rng)
+    n = _number(rng, 0, 999)
     answer = "even" if n % 2 == 0 else "odd"
     return {"number": str(n), "answer": answer, "options": ["even", "odd"],
             "rationale": f"The last digit of {n} is {n % 10}, which is {answer}."}
 
 
 def gen_larger_number(rng: random.Random) -> dict:
-    a, b = rng.sample(range(1000), 2)
+    a, b = rng.sample(range(100), 2)
     return {"a": str(a), "b": str(b), "answer": str(max(a, b)), "options": [str(a), str(b)]}
 
 
@@ -128,14 +128,16 @@ def gen_topic(rng: random.Random) -> dict:
 # Cluster list_ops
 # ----------------------------------------------------------------------------------------------------------------
 
+LIST_LETTERS = "abcdefghjk"
+
+
 def gen_list_contains(rng: random.Random) -> dict:
-    items = rng.sample(range(20), rng.randint(3, 6))
+    items = rng.sample(LIST_LETTERS, rng.randint(2, 4))
     if rng.random() < 0.5:
         item, present = rng.choice(items), True
     else:
-        item, present = rng.choice([v for v in range(20) if v not in items]), False
-    return {"items": ", ".join(map(str, items)), "item": str(item), "answer": _yes_no(present),
-            "options": ["yes", "no"]}
+        item, present = rng.choice([v for v in LIST_LETTERS if v not in items]), False
+    return {"items": ", ".join(items), "item": item, "answer": _yes_no(present), "options": ["yes", "no"]}
 
 
 def gen_list_sort(rng: random.Random) -> dict:
