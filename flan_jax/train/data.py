@@ -43,15 +43,47 @@ def local_batch_size(global_batch_size: int) -> int:
 def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter,
                                     skip_batches: int = 0) -> Iterator[dict]:
     shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+    # Our packer truncates (or drops) over-length examples itself and counts them; seqio's trimming is silent.
+    counts_truncation = hasattr(feature_converter, "stats")
     ds = seqio.get_dataset(
             cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
             feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
             shard_info=shard if shard.num_shards > 1 else None, seed=cfg.seed,
-            batch_size=local_batch_size(cfg.global_batch_size), verbose=False)
+            batch_size=local_batch_size(cfg.global_batch_size), verbose=False,
+            trim_output_features=not counts_truncation)
     if skip_batches:
         ds = ds.skip(skip_batches)
     for batch in ds.as_numpy_iterator():
         yield batch
+
+
+def pipeline_counters(feature_converter) -> dict:
+    """Cumulative packing figures (examples in, truncated, dropped, fill) and per-task skipped-record counts.
+
+    Counters run slightly ahead of training (tf.data prefetches): they describe the data produced so far.
+    """
+    out = {}
+    stats = getattr(feature_converter, "stats", None)
+    if stats is not None:
+        d = stats.as_dict()
+        for key in ("examples_in", "truncated", "dropped_overlength", "dropped_empty", "rows_out"):
+            if key in d:
+                out[f"packing_{key}"] = float(d[key])
+    return out
+
+
+def data_errors_by_task() -> dict:
+    """{task: {"data_errors": total, "data_errors/<reason>": n}} from the registry's skip-and-count policy."""
+    try:
+        from flan_jax import registry
+    except ImportError:
+        return {}
+    result = {}
+    for task, reasons in registry.data_error_counts().items():
+        values = {"data_errors": float(sum(reasons.values()))}
+        values.update({f"data_errors/{r}": float(n) for r, n in reasons.items()})
+        result[task] = values
+    return result
 
 
 def batch_statistics(batch: Mapping[str, np.ndarray]) -> dict:

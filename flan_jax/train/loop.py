@@ -126,7 +126,10 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     """
     validate_config(cfg, jax.device_count())
     mesh = partitioning.make_mesh(cfg.mesh)
-    converter = feature_converter or seqio.EncDecFeatureConverter(pack=True)
+    if feature_converter is None:
+        from flan_jax.packing import PackedEncDecFeatureConverter
+        feature_converter = PackedEncDecFeatureConverter(seed=cfg.seed)
+    converter = feature_converter
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
     schedule = optim.make_schedule(cfg.schedule)
     ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
@@ -197,7 +200,10 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                                               "learning_rate": float(schedule(step - 1)),
                                               "tflops_per_sec": flops_per_row * cfg.input.global_batch_size * sps / 1e12})
                 values.update({k: float(np.mean([s[k] for s in window_stats])) for k in window_stats[0]})
+                values.update(data_lib.pipeline_counters(converter))
                 writer.write(step, "train", "all", values)
+                for task, errors in data_lib.data_errors_by_task().items():
+                    writer.write(step, "train", task, errors)
                 progress.line(step, values["loss"], sps)
                 window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
                 check_finite(step)

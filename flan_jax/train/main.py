@@ -90,8 +90,8 @@ def train_config(
 
 @gin.configurable("feature_converter")
 def make_feature_converter(converter=None):
-    import seqio
-    return converter if converter is not None else seqio.EncDecFeatureConverter(pack=True)
+    """The gin-selected feature converter; None lets the loop use best-fit packing (PackedEncDecFeatureConverter)."""
+    return converter
 
 
 @gin.configurable("distributed")
