@@ -5,7 +5,11 @@
   flan-jax data stats NAME [-n N] [--split S] [--mock] [--feature_lengths inputs=256,targets=64]
                                                               per-task rate and share, token-length percentiles,
                                                               examples that would be truncated, skipped records
-`--module M` (repeatable) imports more registration modules besides `tasks`. `--mock` wraps the run in
+`--module M` (repeatable) imports more registration modules besides `tasks`. Collections t0 / niv2 / cot / flan2022
+register on demand: `--collection NAME` (list) or a task/mixture name with that prefix (show, stats), with
+`--promptsource-dir DIR` [--t0-data-dir DIR], `--niv2-dir DIR`, `--cot-dir DIR`; `data list --collection t0` also
+prints the templates it left out ("# SKIPPED" lines), and with `--check N [--mock]` the tasks that render none of N
+records. `--mock` wraps the run in
 `tfds.testing.mock_data` so TFDS-backed tasks render random schema-correct records offline.
 """
 from __future__ import annotations
@@ -36,8 +40,12 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--module", action="append", default=[], help="extra registration module to import")
+    _add_collection_arguments(common)
     p_list = sub.add_parser("list", parents=[common], help="list registered tasks")
     p_list.add_argument("--collection", default=None)
+    p_list.add_argument("--check", type=int, default=0, metavar="N",
+                        help="t0: render N records per task and list tasks that render none")
+    p_list.add_argument("--mock", action="store_true", help="with --check: use tfds.testing.mock_data")
     for name, help_text in (("show", "print rendered examples"), ("stats", "rates, lengths and truncation")):
         p = sub.add_parser(name, parents=[common], help=help_text)
         p.add_argument("name", help="seqio task or mixture name")
@@ -89,6 +97,8 @@ def _text(value) -> str:
 def cmd_list(args, out: TextIO) -> int:
     from flan_jax import registry
 
+    if args.collection in COLLECTION_MODULES:
+        return _list_collection(args, out)
     names = registry.list_tasks(args.collection)
     if not names:
         print(f"no tasks registered{' in collection ' + repr(args.collection) if args.collection else ''}",
@@ -161,6 +171,9 @@ def cmd_stats(args, out: TextIO) -> int:
     print(f"# total scanned {totals['n']}: truncated inputs {totals['inputs']}, targets {totals['targets']}", file=out)
     errors = {t: c for t, c in registry.data_error_counts().items() if t in dict(task_rates)}
     print(f"# skipped malformed records: {errors or 'none'}", file=out)
+    if args.name.startswith("flan2022"):
+        import tasks.flan2022
+        print(f"# flan2022 missing collections: {tasks.flan2022.describe_missing()}", file=out)
     return 0
 
 
@@ -170,8 +183,121 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         argv = argv[1:]
     args = _build_parser().parse_args(argv)
     _import_registrations(args.module)
+    _register_collections(args)
     command = {"list": cmd_list, "show": cmd_show, "stats": cmd_stats}[args.command]
     return command(args, out or sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collections registered on demand (t0, niv2, cot, flan2022): options, registration and listing
+# ----------------------------------------------------------------------------------------------------------------
+
+COLLECTION_MODULES = {"t0": "tasks.t0", "t0sf": "tasks.t0", "niv2": "tasks.niv2", "niv2tk": "tasks.niv2",
+                      "cot": "tasks.cot", "flan2022": "tasks.flan2022"}
+
+
+def _add_collection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--promptsource-dir", default=None, help="promptsource templates folder (T0 / P3)")
+    parser.add_argument("--t0-data-dir", default=None, help="folder of <dataset>/<split>.jsonl HF exports for T0")
+    parser.add_argument("--niv2-dir", default=None, help="local clone of Super-NaturalInstructions")
+    parser.add_argument("--cot-dir", default=None, help="folder of <dataset>/<split>.{tsv,jsonl} CoT files")
+
+
+def _wanted_collection(args) -> str | None:
+    name = getattr(args, "collection", None) or getattr(args, "name", None) or ""
+    for collection in sorted(COLLECTION_MODULES, key=len, reverse=True):
+        if name == collection or name.startswith(collection + "_"):
+            return "t0" if collection == "t0sf" else "niv2" if collection == "niv2tk" else collection
+    return None
+
+
+def _register_collections(args) -> None:
+    """Registers the collection a command names (and any whose folder is given); cheap when none applies."""
+    wanted = _wanted_collection(args)
+    ps_dir, niv2_dir, cot_dir = args.promptsource_dir, args.niv2_dir, args.cot_dir
+    if wanted == "t0" and not ps_dir:
+        raise SystemExit("flan-jax data: the t0 collection needs --promptsource-dir DIR (a promptsource templates "
+                         "folder) or $FLAN_JAX_PROMPTSOURCE_DIR")
+    if wanted == "niv2" and not niv2_dir:
+        raise SystemExit("flan-jax data: the niv2 collection needs --niv2-dir DIR (a natural-instructions clone) "
+                         "or $FLAN_JAX_NIV2_DIR")
+    if ps_dir and (wanted in ("t0", "flan2022") or not wanted):
+        from tasks import t0
+        t0.register(ps_dir, args.t0_data_dir)
+    if niv2_dir and (wanted in ("niv2", "flan2022") or not wanted):
+        from tasks import niv2
+        niv2.register(niv2_dir)
+    if wanted == "cot" or cot_dir:
+        from tasks import cot
+        cot.register(cot_dir)
+    if wanted == "flan2022":
+        from tasks import flan2022
+        flan2022.register()
+
+
+def _t0_render_check(num_records: int, mock: bool, out: TextIO) -> None:
+    from flan_jax import registry
+    from tasks import t0
+
+    failing = 0
+    with _mock_context(mock, num_records):
+        for dataset, names in t0.LAST_DIAGNOSTICS.registered.items():
+            first = registry.task_spec(names[0]).source
+            split = "validation" if "validation" in first.splits else first.splits[0]
+            raws = first.base.first_records(split, num_records)
+            for name in names:
+                source = registry.task_spec(name).source
+                rendered = [source.render(split, i, raw) for i, raw in raws]
+                usable = [r for r in rendered if r is not None and ("options" not in r or r["target"] in r["options"])]
+                if not usable:
+                    failing += 1
+                    reasons = dict(source.render_error_counts())
+                    bad_targets = sum(1 for r in rendered if r is not None) - len(usable)
+                    if bad_targets:
+                        reasons["target_not_in_options"] = bad_targets
+                    print(f"# RENDERS_NONE\t{dataset}\t{name}\t{split}: 0 of {len(raws)} records: {reasons}",
+                          file=out)
+    print(f"# render check: {failing} task(s) rendered none of {num_records} records", file=out)
+
+
+def _list_collection(args, out: TextIO) -> int:
+    from flan_jax import mixing, registry
+
+    collection = _wanted_collection(args)
+    if collection == "t0":
+        from tasks import t0
+        diagnostics = t0.LAST_DIAGNOSTICS
+        for dataset, names in diagnostics.registered.items():
+            for name in names:
+                print(f"{name}\t{dataset}\t1", file=out)
+        for line in diagnostics.lines():
+            print(f"# {line}", file=out)
+        print(f"# t0: {sum(map(len, diagnostics.registered.values()))} template task(s) from "
+              f"{len(diagnostics.registered)} dataset(s); {len(diagnostics.skipped)} template(s) or dataset(s) "
+              f"skipped", file=out)
+        if args.check:
+            _t0_render_check(args.check, args.mock, out)
+        return 0
+    if collection == "niv2":
+        from tasks import niv2
+        result = niv2.LAST_REGISTRATION
+        for task, (flan_name, tk_name) in result.base_tasks.items():
+            n = registry.task_spec(flan_name).source.num_examples("train")
+            print(f"{flan_name}\t{task}\t{n}", file=out)
+            print(f"{tk_name}\t{task}\t{n}", file=out)
+        for task, reason in result.missing:
+            print(f"# SKIPPED\t{task}\t{reason}", file=out)
+        return 0
+    if collection == "cot":
+        for name in registry.list_base_tasks("cot"):
+            spec = registry.task_spec(name)
+            print(f"{name}\t{spec.source.describe()}\t{len(spec.cot_templates)}", file=out)
+        return 0
+    from tasks import flan2022
+    for task, rate in sorted(mixing.mixture_rates(flan2022.MIXTURE).items()):
+        print(f"{task}\t{registry.task_info(task).collection}\t{rate:.6g}", file=out)
+    print(f"# flan2022 missing collections: {flan2022.describe_missing()}", file=out)
+    return 0
 
 
 if __name__ == "__main__":

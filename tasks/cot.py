@@ -1,0 +1,159 @@
+"""Chain-of-thought tasks: local TSV/JSONL files (question, answer, rationale) and TFDS gsm8k.
+
+`register(cot_dir=None, include_gsm8k=True)` (or $FLAN_JAX_COT_DIR on import). Every `<cot_dir>/<name>/{train,
+validation,test}.{tsv,jsonl}` becomes dataset `cot_<name>`; TSV files have a header row naming at least question,
+answer, rationale. Each dataset gets variants:
+  cot        "<rationale> So the answer is <answer>." after one of our CoT templates (the training format)
+  zs_noopt   the answer alone (direct prompting), fs_noopt with exemplars
+Predictions of the cot variant are post-processed by `flan_jax.templates.extract_cot_answer` and scored by exact
+match. Self-consistency: `self_consistency(samples)` votes over extracted answers; `sample_self_consistency(...)`
+draws k samples at a temperature with `flan_jax.models.decoding.sample_decode` and votes.
+Mixtures: cot_train (every dataset's cot variant, example-proportional, Flan 2022 cap 100k) and cot_eval.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+from typing import Sequence
+
+from flan_jax import mixing, registry
+from flan_jax.sources import RecordSource, TfdsSource
+from flan_jax.sources.files import JsonlSource, TsvSource
+from flan_jax.templates import FewShotConfig, Template as T, extract_cot_answer
+
+COLLECTION = "cot"
+ENV_COT_DIR = "FLAN_JAX_COT_DIR"
+TRAIN_CAP = mixing.FLAN2022_EXAMPLE_CAPS["cot"]
+FIELDS = ("question", "answer")
+FEW_SHOT = FewShotConfig(num_exemplars=3, max_input_length=2048)
+
+# Direct-answer templates (zs/fs variants) and CoT templates (cot variant), our own wording.
+DIRECT_TEMPLATES = (
+    T("{question}", "{answer}"),
+    T("Question: {question}\nAnswer:", "{answer}"),
+    T("Q: {question}\nA:", "{answer}"),
+    T("Answer the following question.\n{question}", "{answer}"),
+    T("{question}\nGive only the final answer.", "{answer}"),
+    T("Solve this problem: {question}", "{answer}"),
+    T("Here is a question: {question}\nWhat is the answer?", "{answer}"),
+    T("{question}\n\nThe answer is:", "{answer}"),
+)
+COT_TEMPLATES = (
+    T("{question}\nLet's think step by step.", "{rationale} So the answer is {answer}."),
+    T("Question: {question}\nThink it through carefully, then answer.", "{rationale} So the answer is {answer}."),
+    T("Q: {question}\nA: Let's reason about it.", "{rationale} The answer is {answer}."),
+    T("Answer the question and explain your reasoning first.\n\n{question}",
+      "{rationale} Therefore, the final answer is {answer}."),
+    T("{question}\n\nWork out the answer step by step.", "{rationale} So the final answer is {answer}."),
+    T("Solve the problem below. Show your work before the answer.\n{question}",
+      "{rationale} Answer: {answer}"),
+    T("Here is a question: {question}\nReason it out, then state the answer.",
+      "{rationale} Thus, the answer is {answer}."),
+    T("{question}\nFirst explain, then answer.", "{rationale} The answer is {answer}."),
+)
+
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_record(record: dict) -> dict | None:
+    """TFDS gsm8k {question, answer: "<steps> #### <number>"} -> {question, rationale, answer}; None if no '####'."""
+    match = _GSM8K_FINAL.search(record.get("answer", ""))
+    if not match:
+        return None
+    steps = _CALCULATOR.sub("", record["answer"][:match.start()]).strip()
+    return {"question": record["question"], "rationale": " ".join(steps.split()), "answer": match.group(1)}
+
+
+def file_sources(cot_dir: str) -> dict[str, RecordSource]:
+    """{dataset name: source} for every folder of `cot_dir` holding split files (.tsv or .jsonl)."""
+    sources = {}
+    for name in sorted(os.listdir(cot_dir)):
+        folder = os.path.join(cot_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        for ext, cls in (("tsv", TsvSource), ("jsonl", JsonlSource)):
+            files = {s: os.path.join(folder, f"{s}.{ext}") for s in ("train", "validation", "test")}
+            files = {s: p for s, p in files.items() if os.path.isfile(p)}
+            if files:
+                sources[re.sub(r"[^a-z0-9]+", "_", name.lower())] = cls(files, name=name)
+                break
+    return sources
+
+
+def register(cot_dir: str | None = None, *, include_gsm8k: bool = True, seed: int = 0) -> list[str]:
+    """Registers CoT datasets (files under `cot_dir`, and gsm8k from TFDS) and the CoT mixtures; returns base tasks."""
+    sources = file_sources(cot_dir) if cot_dir else {}
+    if include_gsm8k:
+        sources["gsm8k"] = TfdsSource("gsm8k", {"train": "train", "validation": "test"}, gsm8k_record,
+                                      {"train": 7_473, "validation": 1_319})
+    names = []
+    for name, source in sources.items():
+        base = f"cot_{name}"
+        registry.register_task(base, source, list(DIRECT_TEMPLATES), fields=FIELDS, cluster="chain_of_thought",
+                               collection=COLLECTION, rationale_field="rationale",
+                               cot_templates=list(COT_TEMPLATES), few_shot=FEW_SHOT, seed=seed,
+                               max_examples={"train": TRAIN_CAP})
+        names.append(base)
+    if names:
+        counts = {f"{n}_cot": registry.task_spec(n).num_examples("train") or 0 for n in names
+                  if "train" in registry.task_spec(n).source.splits}
+        if counts:
+            mixing.register_mixture("cot_train", mixing.example_proportional_rates(counts, example_cap=TRAIN_CAP))
+        mixing.register_mixture("cot_eval", {f"{n}_cot": 1.0 for n in names})
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Self-consistency
+# ----------------------------------------------------------------------------------------------------------------
+
+def self_consistency(samples: Sequence[Sequence[str]]) -> list[str]:
+    """Majority vote over the extracted answers of each example's sampled CoT outputs.
+
+    `samples[i]` are the k decoded outputs for example i. Ties go to the answer reached first; empty extracted
+    answers do not vote (an example whose samples are all empty gets "").
+    """
+    voted = []
+    for outputs in samples:
+        answers = [a for a in (extract_cot_answer(o) for o in outputs) if a]
+        counts = collections.Counter(answers)
+        voted.append(max(answers, key=lambda a: (counts[a], -answers.index(a))) if answers else "")
+    return voted
+
+
+def sample_self_consistency(config, params, encoder_input_tokens, *, vocabulary, rng, num_samples: int = 8,
+                            temperature: float = 0.7, max_decode_len: int = 128, top_k: int = 0,
+                            top_p: float = 1.0) -> tuple[list[str], list[list[str]]]:
+    """Draws `num_samples` CoT outputs per input with sample_decode and votes; returns (answers, samples).
+
+    encoder_input_tokens: int32 [B, L]. The B inputs are repeated k times in one decode batch (rows i*k..i*k+k-1
+    belong to input i), so one call samples everything.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flan_jax.models import decoding
+
+    if num_samples < 1:
+        raise ValueError(f"sample_self_consistency: num_samples must be >= 1, got {num_samples}")
+    tokens = jnp.repeat(jnp.asarray(encoder_input_tokens, jnp.int32), num_samples, axis=0)
+    decoded = np.asarray(jax.device_get(decoding.sample_decode(
+        config, params, tokens, max_decode_len, rng, temperature=temperature, top_k=top_k, top_p=top_p)))
+    texts = []
+    for row in decoded:
+        ids = row.tolist()
+        ids = ids[:ids.index(1)] if 1 in ids else ids
+        texts.append(vocabulary.decode([i for i in ids if i > 1]))
+    samples = [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(texts) // num_samples)]
+    return self_consistency(samples), samples
+
+
+def register_from_env() -> list[str] | None:
+    directory = os.environ.get(ENV_COT_DIR)
+    return register(directory) if directory else None
+
+
+register_from_env()
