@@ -40,3 +40,21 @@ def test_bad_arguments_fail_clearly():
         data_cli.main(["stats", "parity_zs_opt", "--feature_lengths", "inputs=abc"])
     with pytest.raises(SystemExit, match="no task or mixture named 'nope'"):
         data_cli.main(["show", "nope"])
+
+
+def test_show_mock_renders_a_tfds_task_offline():
+    from flan_jax import registry
+    from flan_jax.sources import TfdsSource
+    from flan_jax.templates import Template
+
+    labels = ["negative", "positive"]
+    registry.register_task(
+        "t_mock_sst2",
+        TfdsSource("glue/sst2", map_fn=lambda r: {"sentence": r["sentence"], "answer": labels[r["label"]]},
+                   num_examples={"train": 67349, "validation": 872}),
+        [Template("{sentence}\nSentiment?", "{answer}"), Template("Review: {sentence}", "{answer}"),
+         Template("How does this feel? {sentence}", "{answer}")],
+        fields=["sentence", "answer"], fixed_options=labels, cluster="sentiment", collection="test",
+        variants=["zs_opt"])
+    text = run("show", "t_mock_sst2_zs_opt", "-n", "2", "--mock")
+    assert text.count("=== t_mock_sst2_zs_opt [train #") == 2 and "OPTIONS:\n- negative\n- positive" in text

@@ -14,6 +14,7 @@ used for deterministic template choice and to keep a record out of its own few-s
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -90,6 +91,11 @@ def to_python(value: Any) -> Any:
     return value
 
 
+# tfds.load under tfds.testing.mock_data swaps a process-wide fake filesystem while it builds a dataset, which is not
+# thread-safe; mixtures start several task generators on tf.data threads at once. Loads are rare, so serialize them.
+_TFDS_LOAD_LOCK = threading.Lock()
+
+
 class TfdsSource(RecordSource):
     """A TFDS dataset read in file order (no shuffling), decoded to Python and mapped to template fields.
 
@@ -112,7 +118,8 @@ class TfdsSource(RecordSource):
     def _iter_split(self, split: str) -> Iterable[Record]:
         import tensorflow_datasets as tfds  # imported lazily: registration must stay cheap
 
-        ds = tfds.load(self.name, split=self.split_map[split], shuffle_files=False, data_dir=self.data_dir)
+        with _TFDS_LOAD_LOCK:
+            ds = tfds.load(self.name, split=self.split_map[split], shuffle_files=False, data_dir=self.data_dir)
         for example in tfds.as_numpy(ds):
             record = to_python(example)
             yield self.map_fn(record) if self.map_fn is not None else record
