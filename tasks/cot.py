@@ -58,12 +58,18 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 def gsm8k_record(record: dict) -> dict | None:
-    """TFDS gsm8k {question, answer: "<steps> #### <number>"} -> {question, rationale, answer}; None if no '####'."""
-    match = _GSM8K_FINAL.search(record.get("answer", ""))
-    if not match:
+    """TFDS gsm8k {question, answer: "<steps> #### <number>", short_answer} -> {question, rationale, answer}.
+
+    Calculator annotations "<<2*3=6>>" are removed from the steps. Without "####" the `short_answer` is the answer
+    and the whole `answer` text the rationale; None when neither gives an answer.
+    """
+    text = record.get("answer", "")
+    match = _GSM8K_FINAL.search(text)
+    answer = match.group(1) if match else record.get("short_answer", "")
+    if not answer or not answer.strip():
         return None
-    steps = _CALCULATOR.sub("", record["answer"][:match.start()]).strip()
-    return {"question": record["question"], "rationale": " ".join(steps.split()), "answer": match.group(1)}
+    steps = _CALCULATOR.sub("", text[:match.start()] if match else text).strip()
+    return {"question": record["question"], "rationale": " ".join(steps.split()), "answer": answer.strip()}
 
 
 def file_sources(cot_dir: str) -> dict[str, RecordSource]:

@@ -59,7 +59,7 @@ def submixtures() -> dict[str, dict[str, float]]:
                                       inversion_share=INVERSION_SHARE)}
     t0_bases = set(registry.list_base_tasks("t0"))
     t0_groups = {d: names for d, names in t0.LAST_DIAGNOSTICS.registered.items()
-                 if t0.DATASETS_BY_NAME[d].role == "train" and not t0.DATASETS_BY_NAME[d].in_flan2021
+                 if t0.LAST_DIAGNOSTICS.datasets[d].role == "train" and not t0.LAST_DIAGNOSTICS.datasets[d].in_flan2021
                  and set(names) <= t0_bases}
     if t0_groups:
         subs["t0"] = dataset_rates(t0_groups, CAPS["t0"])

@@ -23,9 +23,10 @@ Mixtures:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from flan_jax import mixing, registry
 from flan_jax.sources import RecordSource, TfdsSource
@@ -214,6 +215,7 @@ class Diagnostics:
     registered: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # dataset -> base task names
     skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (dataset, template, reason)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)              # dataset -> source description
+    datasets: dict[str, T0Dataset] = dataclasses.field(default_factory=dict)       # name -> declaration
 
     def lines(self) -> list[str]:
         return [f"SKIPPED\t{dataset}\t{template}\t{reason}" for dataset, template, reason in self.skipped]
@@ -233,27 +235,43 @@ def task_name(dataset: str, template_name: str, taken: set[str]) -> str:
     return name
 
 
-def make_source(dataset: T0Dataset, data_dir: str | None) -> tuple[RecordSource | None, str]:
-    """(raw HF-schema source, description) or (None, reason)."""
+def _first_jsonl_fields(path: str) -> tuple[str, ...] | None:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return None
+                return tuple(record) if isinstance(record, dict) else None
+    return None
+
+
+def make_source(dataset: T0Dataset, data_dir: str | None) -> tuple[RecordSource | None, str, tuple[str, ...] | None]:
+    """(raw HF-schema source, description, fields it provides or None if unknown), or (None, reason, None)."""
     if data_dir:
         folder = os.path.join(data_dir, dataset.name)
         if os.path.isdir(folder):
             files = {s: os.path.join(folder, f"{s}.jsonl") for s in ("train", "validation", "test")}
             files = {s: p for s, p in files.items() if os.path.isfile(p)}
             if files:
-                return JsonlSource(files, name=dataset.name), f"jsonl:{folder}"
+                fields = _first_jsonl_fields(next(iter(files.values())))
+                return JsonlSource(files, name=dataset.name), f"jsonl:{folder}", fields
     if dataset.tfds_name:
         source = TfdsSource(dataset.tfds_name, dataset.tfds_splits, dataset.adapter,
                             {s: n for s, n in dataset.num_examples.items() if s in dataset.tfds_splits})
-        return source, f"tfds:{dataset.tfds_name}"
+        return source, f"tfds:{dataset.tfds_name}", dataset.fields
     where = f"{os.path.join(data_dir, dataset.name)}/<split>.jsonl" if data_dir else \
         f"<data_dir>/{dataset.name}/<split>.jsonl (set --t0-data-dir or ${ENV_DATA_DIR})"
-    return None, f"no TFDS builder for {dataset.templates_key}; export the HF dataset to {where}"
+    return None, f"no TFDS builder for {dataset.templates_key}; export the HF dataset to {where}", None
 
 
 def register(promptsource_dir: str, data_dir: str | None = None, *, original_task_only: bool = True,
-             datasets: list[str] | None = None, seed: int = 0) -> Diagnostics:
-    """Registers one task per (dataset, template) and the T0 mixtures; returns what was registered or skipped."""
+             datasets: Sequence[str | T0Dataset] | None = None, seed: int = 0) -> Diagnostics:
+    """Registers one task per (dataset, template) and the T0 mixtures; returns what was registered or skipped.
+
+    `datasets`: names from `DATASETS` or extra `T0Dataset`s (default: all of `DATASETS`).
+    """
     global LAST_DIAGNOSTICS
     diagnostics = Diagnostics()
     by_key = {}
@@ -262,19 +280,19 @@ def register(promptsource_dir: str, data_dir: str | None = None, *, original_tas
             diagnostics.skipped.append((file.key, "*", f"unreadable templates.yaml: {file.error}"))
         by_key[file.key] = file
     taken: set[str] = set()
-    chosen = [DATASETS_BY_NAME[n] for n in datasets] if datasets else DATASETS
+    chosen = [DATASETS_BY_NAME[d] if isinstance(d, str) else d for d in datasets] if datasets else DATASETS
+    diagnostics.datasets = {d.name: d for d in chosen}
     for dataset in chosen:
         file = by_key.get(dataset.templates_key)
         if file is None or (not file.templates and not file.error):
             diagnostics.skipped.append((dataset.name, "*", f"no templates.yaml for {dataset.templates_key} "
                                                            f"under {promptsource_dir}"))
             continue
-        base, where = make_source(dataset, data_dir)
+        base, where, fields = make_source(dataset, data_dir)
         if base is None:
             diagnostics.skipped.extend((dataset.name, t.name, where) for t in file.templates)
             continue
         diagnostics.sources[dataset.name] = where
-        fields = dataset.fields if where.startswith("tfds:") else None
         for template in file.templates:
             if original_task_only and template.original_task is not True:
                 diagnostics.skipped.append((dataset.name, template.name, "not an original-task template"))
@@ -303,8 +321,8 @@ def register(promptsource_dir: str, data_dir: str | None = None, *, original_tas
 def train_rates(dataset_tasks: Mapping[str, list[str]]) -> dict[str, float]:
     """T0 rates for the zs_noopt task of every template (dataset size, or 500k / num_templates above 500k)."""
     counts, num_templates = {}, {}
-    for dataset_name, names in dataset_tasks.items():
-        n = DATASETS_BY_NAME[dataset_name].num_examples.get("train")
+    for names in dataset_tasks.values():
+        n = registry.task_spec(names[0]).num_examples("train")
         for name in names:
             counts[f"{name}_zs_noopt"] = n
             num_templates[f"{name}_zs_noopt"] = len(names)
@@ -312,15 +330,15 @@ def train_rates(dataset_tasks: Mapping[str, list[str]]) -> dict[str, float]:
 
 
 def _register_mixtures(diagnostics: Diagnostics) -> None:
+    declared = diagnostics.datasets
     train = {d: n for d, n in diagnostics.registered.items()
-             if DATASETS_BY_NAME[d].role == "train" and DATASETS_BY_NAME[d].num_examples.get("train")}
+             if declared[d].role == "train" and registry.task_spec(n[0]).num_examples("train")}
     for mixture, members in ((TRAIN_MIXTURE, train),
-                             (SANS_FLAN_MIXTURE, {d: n for d, n in train.items()
-                                                  if not DATASETS_BY_NAME[d].in_flan2021})):
+                             (SANS_FLAN_MIXTURE, {d: n for d, n in train.items() if not declared[d].in_flan2021})):
         if members:
             mixing.register_mixture(mixture, train_rates(members))
     evals = {f"{name}_zs_noopt": 1.0 for d, names in diagnostics.registered.items()
-             if DATASETS_BY_NAME[d].role == "eval" for name in names}
+             if declared[d].role == "eval" for name in names}
     if evals:
         mixing.register_mixture(EVAL_MIXTURE, evals)
 
