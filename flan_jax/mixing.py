@@ -112,6 +112,31 @@ def register_mixture(name: str, rates: Mapping[str, float]) -> seqio.Mixture:
     return seqio.MixtureRegistry.add(name, [(task, float(rate)) for task, rate in sorted(rates.items())])
 
 
+def register_proportional_mixture(name: str, task_names: Sequence[str], *, example_cap: int | None = None,
+                                  rate_cap: int | None = None, temperature: float = 1.0,
+                                  split: str = "train") -> seqio.Mixture:
+    """Example-proportional (optionally capped, optionally temperature-scaled) mixture of registered tasks.
+
+    FLAN 2021: `register_proportional_mixture(name, tasks, example_cap=30_000, rate_cap=3_000)`.
+    """
+    rates = example_proportional_rates(num_train_examples(task_names, split), example_cap=example_cap,
+                                       rate_cap=rate_cap)
+    if temperature != 1.0:
+        rates = temperature_rates(rates, temperature)
+    return register_mixture(name, rates)
+
+
+def register_weighted_mixture(name: str, submixtures: Mapping[str, str],
+                              weights: Mapping[str, float] = FLAN2022_SUBMIX_WEIGHTS) -> seqio.Mixture:
+    """Flattens registered mixtures into one with submixture weights, e.g. Flan 2022:
+
+    `register_weighted_mixture("flan2022", {"flan2021": "flan2021_train", "t0": "t0_train", ...})`.
+    """
+    rates = weighted_submixture_rates({key: mixture_rates(mixture) for key, mixture in submixtures.items()},
+                                      weights)
+    return register_mixture(name, rates)
+
+
 def mixture_rates(name: str) -> dict[str, float]:
     """{task: rate} of a registered mixture or {name: 1.0} for a task (submixtures are flattened by seqio)."""
     provider = seqio.get_mixture_or_task(name)

@@ -206,6 +206,12 @@ def test_register_mixture_uses_declared_counts():
     assert rates == {"t_colors_zs_opt": 25.0, "t_gen_zs_noopt": 60.0}
     mixing.register_mixture("t_mix", rates)
     assert mixing.mixture_rates("t_mix") == rates
+    mixing.register_proportional_mixture("t_mix_capped", list(rates), rate_cap=30)
+    assert mixing.mixture_rates("t_mix_capped") == {"t_colors_zs_opt": 25.0, "t_gen_zs_noopt": 30.0}
+    mixing.register_mixture("t_mix_other", {"t_gen_fs_noopt": 7.0})
+    mixing.register_weighted_mixture("t_mix_weighted", {"a": "t_mix", "b": "t_mix_other"}, {"a": 0.75, "b": 0.25})
+    assert mixing.mixture_rates("t_mix_weighted") == pytest.approx(
+        {"t_colors_zs_opt": 0.75 * 25 / 85, "t_gen_zs_noopt": 0.75 * 60 / 85, "t_gen_fs_noopt": 0.25})
 
 
 # ---------------------------------------------------------------------------------------------------------------
