@@ -66,9 +66,9 @@ DEFAULT_VOCABULARY = seqio.ByteVocabulary()
 class MalformedRecordError(ValueError):
     """A record cannot be rendered; `reason` is the counter key (e.g. "missing_field:premise")."""
 
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}{': ' + detail if detail else ''}")
-        self.reason = reason
+    def __init__(self, reason: str, detail: str = "", context: str = ""):
+        super().__init__(f"{context + ': ' if context else ''}{reason}{': ' + detail if detail else ''}")
+        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,8 +274,8 @@ def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0
             yield render_example(spec, variant, split, index, values, pool)
         except MalformedRecordError as e:
             if spec.record_policy == "fail_fast":
-                raise MalformedRecordError(e.reason, f"task {task_name!r}, split {split!r}, record {index}: "
-                                                     f"{e}") from None
+                raise MalformedRecordError(e.reason, e.detail, f"task {task_name!r}, split {split!r}, "
+                                                               f"record {index}") from None
             _count_error(task_name, e.reason)
 
 
