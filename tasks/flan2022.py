@@ -78,12 +78,11 @@ def register(promptsource_dir: str | None = None, niv2_dir: str | None = None, c
     """Registers the collections whose folders are given, then the `flan2022` mixture; returns its submixtures."""
     from tasks import cot, niv2, t0
 
-    # A collection already registered (e.g. by its own module from the environment) is not registered twice.
-    if promptsource_dir and not registry.list_base_tasks("t0"):
+    if promptsource_dir:
         t0.register(promptsource_dir, t0_data_dir)
-    if niv2_dir and not registry.list_base_tasks("niv2"):
+    if niv2_dir:
         niv2.register(niv2_dir)
-    if not registry.list_base_tasks("cot"):
+    if cot_dir or not registry.list_base_tasks("cot"):
         cot.register(cot_dir)
     subs = submixtures()
     MISSING.clear()
@@ -103,5 +102,10 @@ def describe_missing() -> str:
     return "; ".join(f"{name} (weight {WEIGHTS[name]}): {why}" for name, why in MISSING.items())
 
 
-register(os.environ.get("FLAN_JAX_PROMPTSOURCE_DIR"), os.environ.get("FLAN_JAX_NIV2_DIR"),
-         os.environ.get("FLAN_JAX_COT_DIR"), os.environ.get("FLAN_JAX_T0_DATA_DIR"))
+def _register_from_env() -> None:
+    # tasks.t0 / tasks.niv2 / tasks.cot already registered what their environment variables name on import.
+    from tasks import cot, niv2, t0  # noqa: F401
+    register()
+
+
+_register_from_env()
