@@ -22,6 +22,10 @@ class InputConfig:
     seed: int = 0
     split: str = "train"
     shuffle: bool = True
+    # 'per_process_shard': each process reads its own seqio shard (ShardInfo by process index) - scales to pods.
+    # 'global_stream': each process reads the whole stream and keeps its rows - global batches independent of the
+    #   number of processes (bitwise-comparable runs), at the cost of redundant input work per host.
+    input_sharding: str = "per_process_shard"
 
 
 def resolve_mixture_or_task(name: str):
@@ -40,20 +44,30 @@ def local_batch_size(global_batch_size: int) -> int:
     return global_batch_size // n
 
 
+INPUT_SHARDINGS = ("per_process_shard", "global_stream")
+
+
 def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter,
-                                    skip_batches: int = 0) -> Iterator[dict]:
-    shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+                  skip_batches: int = 0) -> Iterator[dict]:
+    """This process's rows of each global batch, as numpy arrays."""
+    if cfg.input_sharding not in INPUT_SHARDINGS:
+        raise ValueError(f"INPUT_SHARDING={cfg.input_sharding!r}: expected one of {INPUT_SHARDINGS}")
+    n_proc, index = jax.process_count(), jax.process_index()
+    per_process = cfg.input_sharding == "per_process_shard" and n_proc > 1
+    local = local_batch_size(cfg.global_batch_size)
     # Our packer truncates (or drops) over-length examples itself and counts them; seqio's trimming is silent.
     counts_truncation = hasattr(feature_converter, "stats")
     ds = seqio.get_dataset(
             cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
             feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
-            shard_info=shard if shard.num_shards > 1 else None, seed=cfg.seed,
-            batch_size=local_batch_size(cfg.global_batch_size), verbose=False,
+            shard_info=seqio.ShardInfo(index=index, num_shards=n_proc) if per_process else None, seed=cfg.seed,
+            batch_size=local if per_process else cfg.global_batch_size, verbose=False,
             trim_output_features=not counts_truncation)
     if skip_batches:
         ds = ds.skip(skip_batches)
     for batch in ds.as_numpy_iterator():
+        if not per_process and n_proc > 1:
+            batch = {k: v[index * local:(index + 1) * local] for k, v in batch.items()}
         yield batch
 
 

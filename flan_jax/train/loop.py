@@ -66,6 +66,8 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> None:
               f"NUM_MICROBATCHES={cfg.num_microbatches} does not divide BATCH_SIZE={cfg.input.global_batch_size}")
     for key in ("inputs", "targets"):
         need(cfg.input.task_feature_lengths.get(key, 0) > 0, f"TASK_FEATURE_LENGTHS[{key!r}] must be a positive int")
+    need(cfg.input.input_sharding in data_lib.INPUT_SHARDINGS,
+         f"INPUT_SHARDING={cfg.input.input_sharding!r}: expected one of {data_lib.INPUT_SHARDINGS}")
     need(cfg.best_metric is None or "/" in cfg.best_metric,
               f"BEST_METRIC={cfg.best_metric!r} must look like '<task>/<metric>', e.g. 'mean_seen/accuracy'")
     data_lib.resolve_mixture_or_task(cfg.input.mixture_or_task_name)
@@ -81,10 +83,14 @@ def seen_base_tasks(mixture_or_task_name: str) -> set:
 
 
 def _abstract_state(cfg: TrainConfig, optimizer, mesh):
-    """Shapes and shardings of the train state, without allocating it."""
-    shapes = jax.eval_shape(lambda rng: step_lib.init_state(cfg.model, optimizer, rng), jax.random.PRNGKey(0))
-    rules = partitioning.logical_rules(cfg.mesh)
-    axes = t5.param_logical_axes(cfg.model)
+    return abstract_train_state(cfg.model, optimizer, cfg.mesh, mesh)
+
+
+def abstract_train_state(model_cfg: t5.T5Config, optimizer, mesh_cfg: partitioning.MeshConfig, mesh):
+    """(abstract state with shardings, sharding tree) of the train state, without allocating it."""
+    shapes = jax.eval_shape(lambda rng: step_lib.init_state(model_cfg, optimizer, rng), jax.random.PRNGKey(0))
+    rules = partitioning.logical_rules(mesh_cfg)
+    axes = t5.param_logical_axes(model_cfg)
     shardings = {
             "step": partitioning.replicated(mesh),
             "nonfinite_step": partitioning.replicated(mesh),

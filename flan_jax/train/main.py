@@ -64,6 +64,7 @@ def train_config(
         skip_nonfinite_updates: bool = False,
         async_checkpointing: bool = True,
         init_checkpoint: Optional[str] = None,
+    input_sharding: str = "per_process_shard",
 ) -> loop.TrainConfig:
     """Collects the gin bindings into a TrainConfig (no work is done here)."""
     checks = {"TRAIN_STEPS": (train_steps, int), "BATCH_SIZE": (batch_size, int), "EVAL_PERIOD": (eval_period, int),
@@ -76,7 +77,8 @@ def train_config(
             raise TypeError(f"{key}={value!r}: expected {getattr(typ, '__name__', typ)}")
     return loop.TrainConfig(
             model_dir=model_dir, model=model,
-            input=data_lib.InputConfig(mixture_or_task_name, dict(task_feature_lengths), batch_size, seed=seed),
+            input=data_lib.InputConfig(mixture_or_task_name, dict(task_feature_lengths), batch_size, seed=seed,
+                                     input_sharding=input_sharding),
             train_steps=train_steps, eval_mixture_or_task_name=eval_mixture_or_task_name,
             schedule=optim.ScheduleConfig(schedule, float(learning_rate), warmup_steps),
             loss=step_lib.LossConfig(z_loss, label_smoothing,
