@@ -227,7 +227,8 @@ def _extra_oracle(overrides):
 
 
 @pytest.mark.xfail(strict=True, reason="validate_config/train_config miss these checks; see each case's note")
-@pytest.mark.parametrize("overrides, note", KNOWN_GAPS, ids=[f"{i}-{sorted(o)[0]}" for i, (o, _) in enumerate(KNOWN_GAPS)])
+@pytest.mark.parametrize("overrides, note", KNOWN_GAPS,
+                         ids=[f"{i}-{sorted(o)[0]}" for i, (o, _) in enumerate(KNOWN_GAPS)])
 def test_known_gap(overrides, note):
     merged = {**DEFAULTS, **overrides}
     bad = invalid_keys(merged) | _extra_oracle(overrides)
