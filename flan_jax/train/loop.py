@@ -5,7 +5,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,8 @@ class TrainConfig:
     seed: int = 0
     skip_nonfinite_updates: bool = False
     async_checkpointing: bool = True
-    init_checkpoint: Optional[str] = None  # params to finetune from (a T5X or HF checkpoint dir), see load_initial_params
+    init_checkpoint: Optional[str] = None  # a T5X or HF checkpoint to finetune from (see train/init_from.py)
+    restore_optimizer_state: bool = False  # T5X only: also restore Adafactor slots and step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,7 +102,8 @@ def abstract_train_state(model_cfg: t5.T5Config, optimizer, mesh_cfg: partitioni
     return abstract, shardings
 
 
-def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer, init_params_fn: Optional[Callable]):
+def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
+    """(state, shardings, first step): resume MODEL_DIR's latest checkpoint, else initialize (or load INIT_CHECKPOINT)."""
     abstract, shardings = _abstract_state(cfg, optimizer, mesh)
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(abstract)
@@ -109,10 +111,15 @@ def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer, ini
         return state, shardings, int(meta["step"])
     init = jax.jit(lambda rng: step_lib.init_state(cfg.model, optimizer, rng), out_shardings=shardings)
     state = init(jax.random.PRNGKey(cfg.seed))
-    if init_params_fn is not None:
-        params = init_params_fn(cfg)
-        state["params"] = jax.device_put(
-                jax.tree.map(lambda p, a: np.asarray(p, a.dtype), params, abstract["params"]), shardings["params"])
+    if cfg.init_checkpoint:
+        from flan_jax.train import init_from
+        params, opt_state, step = init_from.initial_params_and_opt_state(
+            cfg.init_checkpoint, cfg.model, jax.device_get(state["opt_state"]), cfg.restore_optimizer_state)
+        cast = lambda tree, ref: jax.tree.map(lambda x, a: np.asarray(x, a.dtype), tree, ref)
+        state["params"] = jax.device_put(cast(params, abstract["params"]), shardings["params"])
+        if opt_state is not None:
+            state["opt_state"] = jax.device_put(cast(opt_state, abstract["opt_state"]), shardings["opt_state"])
+        # The loop's step stays 0 (TRAIN_STEPS counts finetuning steps); Adafactor's own count carries T5X's step.
     return state, shardings, 0
 
 
@@ -125,7 +132,7 @@ def _log_eval(writer: MetricsWriter, step: int, results: dict) -> dict:
 
 
 def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter] = None,
-                init_params_fn: Optional[Callable] = None, stop_after_steps: Optional[int] = None) -> dict:
+        stop_after_steps: Optional[int] = None) -> dict:
     """Trains to cfg.train_steps (resuming from MODEL_DIR if it holds a checkpoint). Returns the last eval results.
 
     stop_after_steps: stop (after checkpointing) once this many steps were run in this call; used to test resume.
@@ -141,7 +148,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
                                                                         best_metric=cfg.best_metric)
     writer = MetricsWriter(cfg.model_dir)
-    state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt, init_params_fn)
+    state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt)
     meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s)}
 
     batch_sharding = partitioning.batch_sharding(mesh)

@@ -65,6 +65,7 @@ def train_config(
         async_checkpointing: bool = True,
         init_checkpoint: Optional[str] = None,
     input_sharding: str = "per_process_shard",
+    restore_optimizer_state: bool = False,
 ) -> loop.TrainConfig:
     """Collects the gin bindings into a TrainConfig (no work is done here)."""
     checks = {"TRAIN_STEPS": (train_steps, int), "BATCH_SIZE": (batch_size, int), "EVAL_PERIOD": (eval_period, int),
@@ -87,7 +88,8 @@ def train_config(
             num_microbatches=num_microbatches, eval_period=eval_period, eval_examples_per_task=eval_examples_per_task,
             eval_batch_size=eval_batch_size, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
             best_metric=best_metric, log_period=log_period, seed=seed, skip_nonfinite_updates=skip_nonfinite_updates,
-            async_checkpointing=async_checkpointing, init_checkpoint=init_checkpoint)
+            async_checkpointing=async_checkpointing, init_checkpoint=init_checkpoint,
+            restore_optimizer_state=restore_optimizer_state)
 
 
 @gin.configurable("feature_converter")
@@ -188,11 +190,7 @@ def train_main(argv: Sequence[str]) -> dict:
     _, cfg = _configured(argv)
     with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
         f.write(gin.config_str())
-    init_fn = None
-    if cfg.init_checkpoint:
-        from flan_jax.train.init_from import load_initial_params
-        init_fn = load_initial_params
-    results = loop.run(cfg, feature_converter=make_feature_converter(), init_params_fn=init_fn)
+    results = loop.run(cfg, feature_converter=make_feature_converter())
     with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
         f.write(gin.operative_config_str())
     return results

@@ -1,0 +1,85 @@
+"""Start finetuning from a public checkpoint (T5X legacy/orbax, or a Hugging Face `save_pretrained` directory).
+
+Default: load the parameters only and start a fresh Adafactor state at step 0. Restoring T5X's Adafactor slots and step
+(`restore_optimizer_state=True`, T5X checkpoints only) reproduces T5X's finetuning exactly: at step ~1.1M the decay
+rate 1 - t^-0.8 is ~1, so the pretraining second-moment estimates keep steering the first updates. A fresh state
+instead estimates them from the finetuning gradients from the first step (beta2 starts at 0). HF checkpoints carry no
+optimizer state, so the fresh state is the default that works for every source.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+import optax
+
+from flan_jax.models import t5
+
+
+def _flat(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, prefix + (k,))
+        else:
+            yield "/".join(prefix + (k,)), v
+
+
+def load_checkpoint_params(path: str, model_cfg: t5.T5Config, *, with_optimizer_state: bool = False):
+    """(params, slots or None, step or None), checked against model_cfg's parameter shapes by name."""
+    from flan_jax import checkpoints
+    if os.path.exists(os.path.join(path, "config.json")):
+        if with_optimizer_state:
+            raise ValueError(f"INIT_CHECKPOINT={path} is a Hugging Face checkpoint: it has no Adafactor state "
+                             "to restore (set train.restore_optimizer_state = False)")
+        _, params = checkpoints.load_hf(path)
+        slots = step = None
+    elif with_optimizer_state:
+        params, opt = checkpoints.load_t5x(path, with_optimizer_state=True)
+        slots, step = opt["slots"], opt["step"]
+    else:
+        params, slots, step = checkpoints.load_t5x(path), None, None
+    want = dict(_flat(jax.tree.map(lambda s: s.shape, t5.param_shapes(model_cfg),
+                                   is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))))
+    have = {k: tuple(np.shape(v)) for k, v in _flat(params)}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: checkpoint {have[k]} vs model config {tuple(want[k])}"
+                 for k in sorted(set(want) & set(have)) if tuple(want[k]) != have[k]]
+    if problems:
+        raise ValueError(f"INIT_CHECKPOINT={path} does not fit the gin model config: " + "; ".join(problems[:10]))
+    return params, slots, step
+
+
+def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
+    """Fills optax's factored Adafactor state with T5X slots (v_row drops the largest dim, v_col the second largest
+    in both) and sets its step count, so updates continue exactly as T5X would."""
+    from optax._src import factorized
+
+    def fill(state):
+        if not isinstance(state, factorized.FactoredState):
+            return state
+        def put(kind):
+            def one(path, template):
+                key = "/".join(str(getattr(p, "key", p)) for p in path)
+                value = slots.get(key, {}).get(kind)
+                if value is None:
+                    return template
+                if tuple(value.shape) != tuple(template.shape):
+                    raise ValueError(f"T5X slot {key}/{kind} has shape {value.shape}, optax expects {template.shape}")
+                return np.asarray(value, template.dtype)
+            return jax.tree_util.tree_map_with_path(one, getattr(state, kind))
+        return state._replace(count=np.asarray(step, np.int32), v_row=put("v_row"), v_col=put("v_col"), v=put("v"))
+
+    return jax.tree.map(fill, opt_state_template, is_leaf=lambda x: isinstance(x, factorized.FactoredState))
+
+
+def initial_params_and_opt_state(init_checkpoint: str, model_cfg: t5.T5Config, opt_state_template,
+                                 restore_optimizer_state: bool):
+    """(params, opt_state or None, step): what the loop puts into a fresh train state."""
+    params, slots, step = load_checkpoint_params(init_checkpoint, model_cfg,
+                                                 with_optimizer_state=restore_optimizer_state)
+    if not restore_optimizer_state:
+        return params, None, 0
+    return params, adafactor_state_from_slots(opt_state_template, slots, step), int(step)

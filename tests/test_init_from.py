@@ -1,0 +1,65 @@
+"""Finetuning starts from a T5X checkpoint: params by default; Adafactor slots and step when asked."""
+import jax
+import numpy as np
+import pytest
+
+from flan_jax import checkpoints
+from flan_jax.models import t5
+from flan_jax.train import init_from, optim
+
+CFG = t5.T5Config(vocab_size=256, emb_dim=128, num_heads=2, head_dim=64, mlp_dim=256,
+                  num_encoder_layers=1, num_decoder_layers=1)
+
+
+def _slots(params, rng):
+    """T5X-shaped slots: factored (v_row drops the largest dim, v_col the second largest) or full v."""
+    out = {}
+    for path, p in init_from._flat(params):
+        shape = p.shape
+        if len(shape) == 2 and min(shape) >= 128:
+            big = int(np.argmax(shape)) if shape[0] != shape[1] else 1
+            small = 1 - big
+            out[path] = {"v_row": rng.rand(*[shape[small]]).astype(np.float32),
+                         "v_col": rng.rand(*[shape[big]]).astype(np.float32)}
+        else:
+            out[path] = {"v": rng.rand(*shape).astype(np.float32)}
+    return out
+
+
+def test_restores_params_slots_and_step(tmp_path):
+    params = jax.device_get(t5.init_params(CFG, jax.random.PRNGKey(1)))
+    rng = np.random.RandomState(0)
+    slots = _slots(params, rng)
+    nested = {}
+    for path, s in slots.items():
+        node = nested
+        *head, last = path.split("/")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = s
+    ckpt = checkpoints.save_t5x_legacy(params, str(tmp_path), step=1_100_000, param_states=nested)
+    opt = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(optim.ScheduleConfig()))
+    template = jax.device_get(opt.init(params))
+
+    p0, state0, step0 = init_from.initial_params_and_opt_state(ckpt, CFG, template, False)
+    assert state0 is None and step0 == 0
+    np.testing.assert_array_equal(p0["decoder"]["logits_dense"]["kernel"], params["decoder"]["logits_dense"]["kernel"])
+
+    p1, state1, step1 = init_from.initial_params_and_opt_state(ckpt, CFG, template, True)
+    assert step1 == 1_100_000
+    factored = [s for s in jax.tree.leaves(state1, is_leaf=lambda x: hasattr(x, "v_row")) if hasattr(s, "v_row")][0]
+    assert int(factored.count) == 1_100_000
+    emb_slots = slots["token_embedder/embedding"]  # [256, 128]: factored
+    np.testing.assert_array_equal(factored.v_row["token_embedder"]["embedding"], emb_slots["v_row"])
+    np.testing.assert_array_equal(factored.v_col["token_embedder"]["embedding"], emb_slots["v_col"])
+    scale = slots["encoder/encoder_norm/scale"]["v"]
+    np.testing.assert_array_equal(factored.v["encoder"]["encoder_norm"]["scale"], scale)
+
+
+def test_mismatched_model_config_names_the_parameter(tmp_path):
+    params = jax.device_get(t5.init_params(CFG, jax.random.PRNGKey(1)))
+    ckpt = checkpoints.save_t5x_legacy(params, str(tmp_path), step=1)
+    other = t5.T5Config(vocab_size=256, emb_dim=128, num_heads=2, head_dim=64, mlp_dim=512,
+                        num_encoder_layers=1, num_decoder_layers=1)
+    with pytest.raises(ValueError, match=r"mlp/wi_0/kernel"):
+        init_from.load_checkpoint_params(ckpt, other)
