@@ -53,7 +53,7 @@ import tensorflow as tf
 
 from flan_jax import templates as tpl
 from flan_jax.evaluation import metrics
-from flan_jax.sources import RecordSource
+from flan_jax.sources import MalformedRecordError, RecordSource, check_record
 
 VARIANTS = ("zs_opt", "zs_noopt", "fs_opt", "fs_noopt", "cot", "inv")
 RECORD_POLICIES = ("skip_and_count", "fail_fast")
@@ -61,14 +61,6 @@ OPTIONS_STYLES = ("default", "random")
 COT_TARGET = "{%s} So the answer is %s."
 
 DEFAULT_VOCABULARY = seqio.ByteVocabulary()
-
-
-class MalformedRecordError(ValueError):
-    """A record cannot be rendered; `reason` is the counter key (e.g. "missing_field:premise")."""
-
-    def __init__(self, reason: str, detail: str = "", context: str = ""):
-        super().__init__(f"{context + ': ' if context else ''}{reason}{': ' + detail if detail else ''}")
-        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,43 +124,14 @@ _BUILD_COUNT = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Record validation and rendering (pure Python; unit-testable without TF)
+# Rendering (pure Python; unit-testable without TF)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _as_text(value: Any, field: str) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    if not isinstance(value, str):
-        raise MalformedRecordError(f"wrong_type:{field}", f"expected str, got {type(value).__name__}")
-    if not value.strip():
-        raise MalformedRecordError(f"empty_field:{field}")
-    return value
-
-
 def normalize_record(spec: TaskSpec, record: Any, need_rationale: bool = False) -> dict:
-    """Checks a source record and returns {field: str} (+ "_options": list[str]); raises MalformedRecordError."""
-    if record is None:
-        raise MalformedRecordError("record_is_none", "the source or its map_fn returned None")
-    if not isinstance(record, Mapping):
-        raise MalformedRecordError("record_not_a_mapping", type(record).__name__)
-    needed = spec.fields + ((spec.rationale_field,) if need_rationale else ())
-    values = {}
-    for field in needed:
-        if field not in record:
-            raise MalformedRecordError(f"missing_field:{field}")
-        values[field] = _as_text(record[field], field)
-    if spec.options_field is not None:
-        options = record.get(spec.options_field)
-        if options is None:
-            raise MalformedRecordError(f"missing_field:{spec.options_field}")
-        if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
-            raise MalformedRecordError(f"wrong_type:{spec.options_field}",
-                                       f"expected a list of str, got {type(options).__name__}")
-        options = [_as_text(o, spec.options_field) for o in options]
-        if len(options) < 2:
-            raise MalformedRecordError(f"too_few_options:{spec.options_field}")
-        values["_options"] = options
-    elif spec.fixed_options is not None:
+    """Checks a source record for `spec`; returns {field: str} (+ "_options"). Raises MalformedRecordError."""
+    values = check_record(record, spec.fields + ((spec.rationale_field,) if need_rationale else ()),
+                          spec.options_field)
+    if spec.fixed_options is not None:
         values["_options"] = list(spec.fixed_options)
     return values
 
@@ -301,10 +264,10 @@ def _chunks(examples: Iterator[dict], size: int = _CHUNK_SIZE) -> Iterator[dict]
         if not chunk:
             return
         width = max(len(e["options"]) for e in chunk)
-        yield {"inputs": [e["inputs"] for e in chunk], "targets": [e["targets"] for e in chunk],
-               "options": [e["options"] + [""] * (width - len(e["options"])) for e in chunk],
-               "num_options": [len(e["options"]) for e in chunk],
-               "template_index": [e["template_index"] for e in chunk]}
+        batch = {key: [e[key] for e in chunk] for key in ("inputs", "targets", "template_index")}
+        batch["options"] = [e["options"] + [""] * (width - len(e["options"])) for e in chunk]
+        batch["num_options"] = [len(e["options"]) for e in chunk]
+        yield batch
 
 
 @tf.autograph.experimental.do_not_convert
@@ -318,10 +281,7 @@ class RenderedSource(seqio.DataSource):
     """A seqio DataSource yielding rendered text examples of one task variant (any number of shards)."""
 
     def __init__(self, spec: TaskSpec, variant: str):
-        splits = spec.source.splits
-        counts = {s: spec.num_examples(s) for s in splits}
-        super().__init__(splits=splits, num_input_examples=None if None in counts.values() else counts,
-                         caching_permitted=True)
+        super().__init__(splits=spec.source.splits)  # counts come from num_input_examples below
         self.spec, self.variant = spec, variant
 
     @property
@@ -369,11 +329,7 @@ def reset_data_error_counts() -> None:
 
 def _available_variants(spec: TaskSpec) -> list[str]:
     variants = ["zs_opt", "zs_noopt", "fs_opt", "fs_noopt"] if spec.has_options else ["zs_noopt", "fs_noopt"]
-    if spec.cot_templates:
-        variants.append("cot")
-    if spec.inversion_templates:
-        variants.append("inv")
-    return variants
+    return variants + ["cot"] * bool(spec.cot_templates) + ["inv"] * bool(spec.inversion_templates)
 
 
 def _metric_fns(spec: TaskSpec, variant: str) -> tuple[list[Callable], Callable]:
@@ -439,19 +395,17 @@ def register_task(
       max_examples: cap on records read per split (int = train only; e.g. 30_000 for FLAN 2021).
       metric_fns: metric functions for generative variants (default exact_match); option variants use accuracy.
     """
-    if not name or not name.replace("_", "").isalnum():
-        raise ValueError(f"task name {name!r}: use letters, digits and underscores")
-    if record_policy not in RECORD_POLICIES:
-        raise ValueError(f"task {name!r}: record_policy {record_policy!r} not in {RECORD_POLICIES}")
-    if options_style not in OPTIONS_STYLES:
-        raise ValueError(f"task {name!r}: options_style {options_style!r} not in {OPTIONS_STYLES}")
-    if options_field is not None and fixed_options is not None:
-        raise ValueError(f"task {name!r}: give options_field or fixed_options, not both")
-    if fixed_options is not None and (len(fixed_options) < 2 or not all(isinstance(o, str) and o.strip()
-                                                                          for o in fixed_options)):
-        raise ValueError(f"task {name!r}: fixed_options must be >= 2 non-empty strings, got {fixed_options!r}")
-    if not isinstance(source, RecordSource):
-        raise TypeError(f"task {name!r}: source must be a flan_jax.sources.RecordSource, got {type(source).__name__}")
+    bad_fixed = fixed_options is not None and (len(fixed_options) < 2 or not all(
+        isinstance(o, str) and o.strip() for o in fixed_options))
+    for failed, problem in (
+            (not name or not name.replace("_", "").isalnum(), "use letters, digits and underscores in task names"),
+            (record_policy not in RECORD_POLICIES, f"record_policy {record_policy!r} not in {RECORD_POLICIES}"),
+            (options_style not in OPTIONS_STYLES, f"options_style {options_style!r} not in {OPTIONS_STYLES}"),
+            (options_field is not None and fixed_options is not None, "give options_field or fixed_options, not both"),
+            (bad_fixed, f"fixed_options must be >= 2 non-empty strings, got {fixed_options!r}"),
+            (not isinstance(source, RecordSource), f"source must be a RecordSource, got {type(source).__name__}")):
+        if failed:
+            raise ValueError(f"task {name!r}: {problem}")
     fields = tuple(fields)
     tpl.validate_templates(name, list(templates), fields)
     if inversion_templates:
@@ -460,11 +414,9 @@ def register_task(
         raise ValueError(f"task {name!r}: cot_templates need a rationale_field")
     cot = ()
     if rationale_field is not None:
-        if cot_templates is None:
-            cot = tuple(tpl.Template(f"{t.input}\n\n{tpl.COT_INSTRUCTIONS[i % len(tpl.COT_INSTRUCTIONS)]}",
-                                     COT_TARGET % (rationale_field, t.target)) for i, t in enumerate(templates))
-        else:
-            cot = tuple(cot_templates)
+        cot = tuple(cot_templates) if cot_templates is not None else tuple(
+            tpl.Template(f"{t.input}\n\n{tpl.COT_INSTRUCTIONS[i % len(tpl.COT_INSTRUCTIONS)]}",
+                         COT_TARGET % (rationale_field, t.target)) for i, t in enumerate(templates))
         tpl.validate_templates(name, list(cot), fields + (rationale_field,), kind="cot template")
 
     spec = TaskSpec(

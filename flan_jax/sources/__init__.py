@@ -4,6 +4,7 @@ A source knows nothing of templates. `flan_jax.registry.register_task` renders i
 Every source yields `(index, record)` pairs where `index` is the record's position in the split (stable across runs,
 used for deterministic template choice and to keep a record out of its own few-shot exemplars).
 
+- `check_record` / `MalformedRecordError`: record validation shared by every task (reasons are counter keys).
 - `RecordSource`: the base class (override `records`; `num_examples` declares split sizes so mixing rates work
   without building a dataset).
 - `FunctionSource`: wraps `fn(split) -> iterable of dicts`.
@@ -20,6 +21,51 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 Record = Mapping[str, Any]
+
+
+class MalformedRecordError(ValueError):
+    """A record cannot be rendered; `reason` is the counter key (e.g. "missing_field:premise")."""
+
+    def __init__(self, reason: str, detail: str = "", context: str = ""):
+        super().__init__(f"{context + ': ' if context else ''}{reason}{': ' + detail if detail else ''}")
+        self.reason, self.detail = reason, detail
+
+
+def _as_text(value: Any, field: str) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        raise MalformedRecordError(f"wrong_type:{field}", f"expected str, got {type(value).__name__}")
+    if not value.strip():
+        raise MalformedRecordError(f"empty_field:{field}")
+    return value
+
+
+def check_record(record: Any, text_fields: Sequence[str], options_field: str | None = None) -> dict:
+    """Validates a record: each text field a non-blank str (bytes are decoded), the options field (if any) a list
+    of >= 2 such strings. Returns {field: str} plus "_options": list[str]; raises MalformedRecordError whose
+    `reason` names the problem and field ("missing_field:x", "wrong_type:x", "empty_field:x", ...)."""
+    if record is None:
+        raise MalformedRecordError("record_is_none", "the source or its map_fn returned None")
+    if not isinstance(record, Mapping):
+        raise MalformedRecordError("record_not_a_mapping", type(record).__name__)
+    values = {}
+    for field in text_fields:
+        if field not in record:
+            raise MalformedRecordError(f"missing_field:{field}")
+        values[field] = _as_text(record[field], field)
+    if options_field is not None:
+        options = record.get(options_field)
+        if options is None:
+            raise MalformedRecordError(f"missing_field:{options_field}")
+        if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
+            raise MalformedRecordError(f"wrong_type:{options_field}",
+                                       f"expected a list of str, got {type(options).__name__}")
+        options = [_as_text(o, options_field) for o in options]
+        if len(options) < 2:
+            raise MalformedRecordError(f"too_few_options:{options_field}")
+        values["_options"] = options
+    return values
 
 
 class RecordSource:
