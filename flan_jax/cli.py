@@ -1,7 +1,12 @@
 """`flan-jax` command line: train | eval | data | convert."""
 from __future__ import annotations
 
+import os
 import sys
+
+# Quiet TensorFlow (input pipeline only) before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from typing import Optional, Sequence
 
 USAGE = """usage: flan-jax COMMAND [flags]
