@@ -27,10 +27,11 @@ setup(
         "safetensors",
         "pyyaml",
         "jinja2",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers"],
-        "bench": ["torch==2.13.0", "transformers", "matplotlib"],
+        "bench": ["torch==2.13.0", "transformers"],
     },
     entry_points={"console_scripts": ["flan-jax=flan_jax.cli:main"]},
 )

@@ -1,0 +1,31 @@
+"""Every shipped run config parses, binds every macro and passes the pre-training checks."""
+import glob
+import os
+
+import pytest
+
+from flan_jax.models import t5
+from flan_jax.train import main as train_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = sorted(glob.glob(os.path.join(REPO, "gin_configs", "runs", "*.gin")))
+PUBLISHED = {"small": (512, 6, 8, 1024), "base": (768, 12, 12, 2048), "large": (1024, 16, 24, 2816),
+             "xl": (2048, 32, 24, 5120), "xxl": (4096, 64, 24, 10240)}
+
+
+@pytest.mark.parametrize("path", [p for p in RUNS if not p.endswith("finetune.gin")], ids=os.path.basename)
+def test_run_config_is_valid(path, tmp_path):
+    _, cfg = train_main._configured([f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}", "--gin.NUM_PARTITIONS=1"])
+    assert cfg.train_steps > 0 and cfg.input.global_batch_size > 0
+    assert cfg.eval_mixture_or_task_name
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+def test_model_configs_have_published_sizes(size, tmp_path):
+    path = os.path.join(REPO, "gin_configs", "runs", f"flan_t5_{size}_finetune.gin")
+    _, cfg = train_main._configured([f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}", "--gin.NUM_PARTITIONS=1"])
+    m = cfg.model
+    assert (m.emb_dim, m.num_heads, m.num_encoder_layers, m.mlp_dim) == PUBLISHED[size]
+    assert m.num_decoder_layers == m.num_encoder_layers and m.vocab_size == 32128 and m.head_dim == 64
+    assert m.dtype == "bfloat16"
+    assert cfg.model == t5.T5Config.preset(size, dtype="bfloat16", dropout_rate=m.dropout_rate, remat=m.remat)
