@@ -36,7 +36,7 @@ def test_metrics_contract_and_outputs(full_run):
     assert all(set(r) == {"step", "split", "task", "metric", "value"} for r in rows)
     train = [r for r in rows if r["split"] == "train"]
     assert {"loss", "steps_per_sec", "tokens_per_sec", "encoder_nonpadding_fraction",
-            "decoder_nonpadding_fraction", "segments_per_row"} <= {r["metric"] for r in train}
+            "decoder_nonpadding_fraction", "segments_per_row", "mfu", "learning_rate"} <= {r["metric"] for r in train}
     assert sorted({r["step"] for r in train}) == list(range(1, 13))
     evals = [r for r in rows if r["split"] == "eval"]
     assert {r["step"] for r in evals} == {6, 12}

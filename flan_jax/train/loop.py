@@ -41,6 +41,7 @@ class TrainConfig:
     async_checkpointing: bool = True
     init_checkpoint: Optional[str] = None  # a T5X or HF checkpoint to finetune from (see train/init_from.py)
     restore_optimizer_state: bool = False  # T5X only: also restore Adafactor slots and step
+    peak_tflops: Optional[float] = None    # all devices together; None: measured with a matmul at start-up
 
 
 class NonFiniteLossError(RuntimeError):
@@ -167,6 +168,8 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
 
     flops_per_row = 3 * t5.count_flops_per_example(cfg.model, cfg.input.task_feature_lengths["inputs"],
                                                                                                     cfg.input.task_feature_lengths["targets"])
+    from flan_jax.train.flops import measure_matmul_peak_tflops
+    peak_tflops = cfg.peak_tflops or measure_matmul_peak_tflops(cfg.model.dtype) * jax.device_count()
     progress = ProgressPrinter(cfg.train_steps)
     last_eval: dict = {}
 
@@ -212,6 +215,8 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                 values.update({"steps_per_sec": sps, "tokens_per_sec": n_proc_tokens / elapsed,
                                               "learning_rate": float(schedule(step - 1)),
                                               "tflops_per_sec": flops_per_row * cfg.input.global_batch_size * sps / 1e12})
+                # MFU counts the FLOPs of every token slot of the packed rows against the measured peak.
+                values["mfu"] = values["tflops_per_sec"] / peak_tflops
                 values.update({k: float(np.mean([s[k] for s in window_stats])) for k in window_stats[0]})
                 values.update(data_lib.pipeline_counters(converter))
                 writer.write(step, "train", "all", values)

@@ -66,6 +66,7 @@ def train_config(
         init_checkpoint: Optional[str] = None,
     input_sharding: str = "per_process_shard",
     restore_optimizer_state: bool = False,
+    peak_tflops: Optional[float] = None,
 ) -> loop.TrainConfig:
     """Collects the gin bindings into a TrainConfig (no work is done here)."""
     checks = {"TRAIN_STEPS": (train_steps, int), "BATCH_SIZE": (batch_size, int), "EVAL_PERIOD": (eval_period, int),
@@ -89,7 +90,7 @@ def train_config(
             eval_batch_size=eval_batch_size, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
             best_metric=best_metric, log_period=log_period, seed=seed, skip_nonfinite_updates=skip_nonfinite_updates,
             async_checkpointing=async_checkpointing, init_checkpoint=init_checkpoint,
-            restore_optimizer_state=restore_optimizer_state)
+            restore_optimizer_state=restore_optimizer_state, peak_tflops=peak_tflops)
 
 
 @gin.configurable("feature_converter")
