@@ -6,7 +6,7 @@ Clusters (seen = in the training mixture, held out = evaluated zero-shot only):
   list_ops (seen)            list_contains (options), list_sort, list_max             generative
   arithmetic (seen)          addition (+cot), subtraction                             generative
   string_editing (seen)      uppercase (+inv), acronym                                generative
-  word_analysis (HELD OUT)   vowel_start, longer_word (options), reverse_word         mixed
+  word_analysis (HELD OUT)   vowel_start, contains_letter (options), reverse_word     mixed
 
 Mixtures:
   flan_default_train  zs_opt + zs_noopt variants of the seen clusters' tasks, example-proportional
@@ -107,10 +107,12 @@ TASKS = {
         T("Word: {word}\nIs its first letter a vowel?", "{answer}"),
         T("Is the first letter of {word} one of a, e, i, o, u?", "{answer}"),
     ], {"options_field": "options"}),
-    "longer_word": ("word_analysis", gen.gen_longer_word, ("word_a", "word_b", "answer"), [
-        T("Which word is longer, \"{word_a}\" or \"{word_b}\"?", "{answer}"),
-        T("Words: {word_a}, {word_b}\nWhich has more letters?", "{answer}"),
-        T("Pick the longer word: {word_a} or {word_b}", "{answer}"),
+    # Short yes/no options: summed-log-prob rank classification barely favours either (comparing words of
+    # different lengths would always favour the shorter option).
+    "contains_letter": ("word_analysis", gen.gen_contains_letter, ("word", "letter", "answer"), [
+        T("Does the word \"{word}\" contain the letter {letter}?", "{answer}"),
+        T("Word: {word}\nIs there a {letter} in it?", "{answer}"),
+        T("Is the letter {letter} in {word}?", "{answer}"),
     ], {"options_field": "options"}),
     "reverse_word": ("word_analysis", gen.gen_reverse_word, ("word", "answer"), [
         T("Spell \"{word}\" backwards.", "{answer}"),

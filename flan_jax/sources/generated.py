@@ -191,12 +191,11 @@ def gen_vowel_start(rng: random.Random) -> dict:
     return {"word": word, "answer": _yes_no(starts_with_vowel), "options": ["yes", "no"]}
 
 
-def gen_longer_word(rng: random.Random) -> dict:
-    while True:
-        a, b = rng.sample(WORDS, 2)
-        if len(a) != len(b):
-            break
-    return {"word_a": a, "word_b": b, "answer": a if len(a) > len(b) else b, "options": [a, b]}
+def gen_contains_letter(rng: random.Random) -> dict:
+    word = rng.choice(WORDS)
+    present = rng.random() < 0.5
+    letters = sorted(set(word)) if present else [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in word]
+    return {"word": word, "letter": rng.choice(letters), "answer": _yes_no(present), "options": ["yes", "no"]}
 
 
 def gen_reverse_word(rng: random.Random) -> dict:
