@@ -77,9 +77,15 @@ def train_argv(model_dir: str, steps: int, checkpoint_period: int, keep_all: boo
     return argv
 
 
+_COMPILATION_CACHE: Optional[str] = None  # set by run_chaos: shared JAX persistent cache (start-up cost only)
+
+
 def _start(model_dir: str, argv: list[str], log_path: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0", PYTHONUNBUFFERED="1")
+    if _COMPILATION_CACHE:
+        env.update(JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     log = open(log_path, "ab")
     log.write(f"\n=== start {time.strftime('%H:%M:%S')} {model_dir}\n".encode())
     log.flush()
@@ -200,6 +206,8 @@ def chaos_run(name: str, model_dir: str, steps: int, checkpoint_period: int, max
     outcome = RunOutcome(name, model_dir)
     argv = train_argv(model_dir, steps, checkpoint_period)
     planned = [rng.choice(modes) for _ in range(rng.randint(1, max_kills))]
+    if "during_checkpoint" in modes and "during_checkpoint" not in planned:  # every run is hit mid-write once
+        planned[rng.randrange(len(planned))] = "during_checkpoint"
     for mode in planned + [None]:
         if outcome.kills:
             outcome.resumes += 1
@@ -239,6 +247,7 @@ def checkpoint_steps(model_dir: str) -> list[int]:
 def verify_checkpoints(reference_dir: str, outcomes: list, steps: int, checkpoint_period: int) -> tuple[int, list]:
     """Restores every checkpoint_<step> of every run; returns (number unreadable, messages)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     sys.path.insert(0, REPO)
     import jax
     import numpy as np
@@ -284,10 +293,16 @@ def verify_checkpoints(reference_dir: str, outcomes: list, steps: int, checkpoin
 # --- driver ----------------------------------------------------------------------------------------------------------
 def run_chaos(runs: int, steps: int = 36, checkpoint_period: int = 4, max_kills: int = 3, seed: int = 0,
               work_dir: Optional[str] = None, reference_dir: Optional[str] = None,
-              modes: tuple = KILL_MODES) -> ChaosSummary:
-    """The whole experiment; `reference_dir` reuses an uninterrupted run made with train_argv(..., keep_all=True)."""
+              modes: tuple = KILL_MODES, compilation_cache: bool = True) -> ChaosSummary:
+    """The whole experiment; `reference_dir` reuses an uninterrupted run made with train_argv(..., keep_all=True).
+
+    compilation_cache: share a JAX persistent compilation cache between the processes (saves start-up time; the
+    reference run compiles and fills it, so resumed processes run the very same executables).
+    """
+    global _COMPILATION_CACHE
     work_dir = work_dir or tempfile.mkdtemp(prefix="flan_jax_chaos_")
     os.makedirs(work_dir, exist_ok=True)
+    _COMPILATION_CACHE = os.path.join(work_dir, "jax_cache") if compilation_cache else None
     t_start = time.time()
     if reference_dir is None:
         reference_dir = os.path.join(work_dir, "reference")
@@ -339,13 +354,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work_dir", default=None, help="default: a new temporary folder (kept for inspection)")
     parser.add_argument("--reference_dir", default=None, help="reuse an uninterrupted run (see run_chaos)")
+    parser.add_argument("--no_compilation_cache", action="store_true", help="compile afresh in every process")
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(KILL_MODES) or args.runs < 1 or args.max_kills < 1:
         parser.error(f"--runs and --max_kills must be >= 1 and --modes a subset of {KILL_MODES}")
     t0 = time.time()
     summary = run_chaos(args.runs, args.steps, args.checkpoint_period, args.max_kills, args.seed, args.work_dir,
-                        args.reference_dir, modes)
+                        args.reference_dir, modes,
+                        not args.no_compilation_cache)
     for line in summary.details:
         print(line)
     print(f"elapsed {time.time() - t0:.0f} s")
