@@ -207,7 +207,8 @@ def test_label_orders_match_tfds_class_names():
 
 def test_seqio_pipeline_tokenizes_mock_data():
     lengths = {"inputs": 256, "targets": 64}
-    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE), \
+            _common.serialized_tfds_load():
         for task_name in ("rte_zs_opt", "squad_v1_fs_noopt", "wmt16_ende_inv"):
             ds = seqio.get_mixture_or_task(task_name).get_dataset(lengths, split="validation", shuffle=False)
             examples = list(ds.as_numpy_iterator())

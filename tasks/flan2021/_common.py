@@ -7,9 +7,11 @@ registry counts as a data error of that task instead of dropping it silently.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import re
 import string
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -140,3 +142,28 @@ def f1(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str, float]:
 QA_METRICS = (metrics.exact_match, f1)
 SUMMARY_METRICS = (metrics.rouge_l,)
 TRANSLATION_METRICS = (metrics.bleu,)
+
+
+@contextlib.contextmanager
+def serialized_tfds_load():
+    """Serializes `tfds.load` calls while active (for TFDS mock data in multi-task seqio pipelines).
+
+    `tfds.testing.mock_data` swaps in a process-wide fake filesystem while it builds each dataset, which is not
+    thread-safe: a seqio Mixture starts several task generators on tf.data threads at once and the fake filesystem
+    of one build can vanish under another ("could not find data in /tmp/non-existing/..."). Holding a lock around
+    the build (iteration stays parallel) avoids that. Real TFDS data does not need this.
+    """
+    import tensorflow_datasets as tfds
+
+    original = tfds.load
+    lock = threading.Lock()
+
+    def locked_load(*args, **kwargs):
+        with lock:
+            return original(*args, **kwargs)
+
+    tfds.load = locked_load
+    try:
+        yield
+    finally:
+        tfds.load = original
