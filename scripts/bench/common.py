@@ -131,12 +131,14 @@ def lognormal_lengths(n: int, mean: float, sigma: float, cap: int, rng: np.rando
   return np.clip(np.ceil(rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, n)), 1, cap).astype(np.int64)
 
 
-def flan_like_examples(n: int, lengths: tuple[int, int], vocab_size: int, seed: int = 0,
-                       eos_id: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
-  """n (inputs, targets) int32 token arrays on the Flan-like length stream, each ending in EOS, trimmed to lengths."""
+def flan_like_examples(n: int, lengths: tuple[int, int], vocab_size: int, seed: int = 0, eos_id: int = 1,
+                       means: tuple[float, float] = (FLAN_LIKE_MEAN_INPUTS, FLAN_LIKE_MEAN_TARGETS),
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """n (inputs, targets) int32 token arrays, lognormal lengths with the given means (sigma 0.5), each ending in EOS,
+  trimmed to lengths."""
   rng = np.random.default_rng(seed)
-  lens_in = lognormal_lengths(n, FLAN_LIKE_MEAN_INPUTS, FLAN_LIKE_SIGMA, lengths[0], rng)
-  lens_tg = lognormal_lengths(n, FLAN_LIKE_MEAN_TARGETS, FLAN_LIKE_SIGMA, lengths[1], rng)
+  lens_in = lognormal_lengths(n, means[0], FLAN_LIKE_SIGMA, lengths[0], rng)
+  lens_tg = lognormal_lengths(n, means[1], FLAN_LIKE_SIGMA, lengths[1], rng)
   examples = []
   for li, lt in zip(lens_in, lens_tg):
     inputs = rng.integers(3, vocab_size, li, dtype=np.int32)
