@@ -65,11 +65,15 @@ class T5Config:
                 raise ValueError(f'T5Config.{key}={value!r}: expected float32, bfloat16 or float16')
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(f'T5Config.remat={self.remat!r}: expected one of {_REMAT_POLICIES}')
-        if not 0.0 <= self.dropout_rate < 1.0:
+        if (not isinstance(self.dropout_rate, (int, float)) or isinstance(self.dropout_rate, bool)
+                or not 0.0 <= self.dropout_rate < 1.0):
             raise ValueError(f'T5Config.dropout_rate={self.dropout_rate}: expected 0 <= rate < 1')
         for key in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim', 'num_encoder_layers',
-                    'num_decoder_layers', 'relative_attention_num_buckets'):
-            if getattr(self, key) <= 0:
+                    'num_decoder_layers', 'relative_attention_num_buckets', 'relative_attention_max_distance'):
+            value = getattr(self, key)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f'T5Config.{key}={value!r}: expected a positive int')
+            if value <= 0:
                 raise ValueError(f'T5Config.{key}={getattr(self, key)}: must be positive')
 
     @classmethod

@@ -28,13 +28,15 @@ class InputConfig:
     input_sharding: str = "per_process_shard"
 
 
-def resolve_mixture_or_task(name: str):
+def resolve_mixture_or_task(name: str, key: str = "MIXTURE_OR_TASK_NAME"):
     """The seqio Task or Mixture, or a clear error naming it (checked before any training work)."""
+    if not isinstance(name, str):
+        raise ValueError(f"{key}={name!r}: expected a task or mixture name")
     try:
         return seqio.get_mixture_or_task(name)
-    except ValueError as e:
-        raise ValueError(f"MIXTURE_OR_TASK_NAME={name!r} is not a registered seqio Task or Mixture "
-                                          f"(did you `import tasks`?)") from e
+    except ValueError:
+        raise ValueError(f"{key}={name!r} is not a registered seqio Task or Mixture "
+                         f"(did you `import tasks`?)") from None
 
 
 def local_batch_size(global_batch_size: int) -> int:

@@ -49,34 +49,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def validate_config(cfg: TrainConfig, num_devices: int) -> None:
-    """Every check that can fail before any work, each naming its config key."""
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-    need(cfg.train_steps > 0, f"TRAIN_STEPS={cfg.train_steps} must be positive")
-    need(cfg.input.global_batch_size > 0, f"BATCH_SIZE={cfg.input.global_batch_size} must be positive")
-    for key, period in (("EVAL_PERIOD", cfg.eval_period), ("CHECKPOINT_PERIOD", cfg.checkpoint_period),
-                                            ("LOG_PERIOD", cfg.log_period)):
-        need(period >= 0, f"{key}={period} must be >= 0")
-    need(cfg.log_period > 0, f"LOG_PERIOD={cfg.log_period} must be positive")
-    need(cfg.schedule.learning_rate > 0, f"LEARNING_RATE={cfg.schedule.learning_rate} must be positive")
-    need(0.0 <= cfg.model.dropout_rate < 1.0, f"DROPOUT_RATE={cfg.model.dropout_rate} must be in [0, 1)")
-    dp, _ = partitioning.validate_mesh(cfg.mesh, num_devices)
-    need(cfg.input.global_batch_size % dp == 0,
-              f"BATCH_SIZE={cfg.input.global_batch_size} is not divisible by the data-parallel size {dp}")
-    need(cfg.num_microbatches >= 1 and cfg.input.global_batch_size % cfg.num_microbatches == 0,
-              f"NUM_MICROBATCHES={cfg.num_microbatches} does not divide BATCH_SIZE={cfg.input.global_batch_size}")
-    for key in ("inputs", "targets"):
-        need(cfg.input.task_feature_lengths.get(key, 0) > 0, f"TASK_FEATURE_LENGTHS[{key!r}] must be a positive int")
-    need(cfg.input.input_sharding in data_lib.INPUT_SHARDINGS,
-         f"INPUT_SHARDING={cfg.input.input_sharding!r}: expected one of {data_lib.INPUT_SHARDINGS}")
-    need(cfg.best_metric is None or "/" in cfg.best_metric,
-              f"BEST_METRIC={cfg.best_metric!r} must look like '<task>/<metric>', e.g. 'mean_seen/accuracy'")
-    data_lib.resolve_mixture_or_task(cfg.input.mixture_or_task_name)
-    if cfg.eval_mixture_or_task_name:
-        data_lib.resolve_mixture_or_task(cfg.eval_mixture_or_task_name)
-    os.makedirs(cfg.model_dir, exist_ok=True)
-    need(os.access(cfg.model_dir, os.W_OK), f"MODEL_DIR={cfg.model_dir!r} is not writable")
+    """Every check that can fail before any work, each naming its config key (see train/validation.py)."""
+    from flan_jax.train import validation
+    validation.validate_config(cfg, num_devices)
 
 
 def seen_base_tasks(mixture_or_task_name: str) -> set:

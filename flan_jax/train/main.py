@@ -68,29 +68,29 @@ def train_config(
     restore_optimizer_state: bool = False,
     peak_tflops: Optional[float] = None,
 ) -> loop.TrainConfig:
-    """Collects the gin bindings into a TrainConfig (no work is done here)."""
-    checks = {"TRAIN_STEPS": (train_steps, int), "BATCH_SIZE": (batch_size, int), "EVAL_PERIOD": (eval_period, int),
-                        "CHECKPOINT_PERIOD": (checkpoint_period, int), "LOG_PERIOD": (log_period, int),
-                        "NUM_PARTITIONS": (num_partitions, int), "LEARNING_RATE": (learning_rate, (int, float)),
-                        "MODEL_DIR": (model_dir, str), "MIXTURE_OR_TASK_NAME": (mixture_or_task_name, str),
-                        "TASK_FEATURE_LENGTHS": (task_feature_lengths, dict)}
-    for key, (value, typ) in checks.items():
-        if isinstance(value, bool) or not isinstance(value, typ):
-            raise TypeError(f"{key}={value!r}: expected {getattr(typ, '__name__', typ)}")
+    """Collects the gin bindings into a TrainConfig (no work is done here; validation.py checks the values)."""
     return loop.TrainConfig(
             model_dir=model_dir, model=model,
-            input=data_lib.InputConfig(mixture_or_task_name, dict(task_feature_lengths), batch_size, seed=seed,
+            input=data_lib.InputConfig(mixture_or_task_name, task_feature_lengths, batch_size, seed=seed,
                                      input_sharding=input_sharding),
             train_steps=train_steps, eval_mixture_or_task_name=eval_mixture_or_task_name,
-            schedule=optim.ScheduleConfig(schedule, float(learning_rate), warmup_steps),
+            schedule=optim.ScheduleConfig(schedule, learning_rate, warmup_steps),
             loss=step_lib.LossConfig(z_loss, label_smoothing,
                                                               "num_real_target_tokens" if loss_normalizing_factor is None else loss_normalizing_factor),
-            mesh=partitioning.MeshConfig(num_partitions, tuple(mesh_shape) if mesh_shape else None, fsdp),
+            mesh=partitioning.MeshConfig(num_partitions, _mesh_shape(mesh_shape), fsdp),
             num_microbatches=num_microbatches, eval_period=eval_period, eval_examples_per_task=eval_examples_per_task,
             eval_batch_size=eval_batch_size, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
             best_metric=best_metric, log_period=log_period, seed=seed, skip_nonfinite_updates=skip_nonfinite_updates,
             async_checkpointing=async_checkpointing, init_checkpoint=init_checkpoint,
             restore_optimizer_state=restore_optimizer_state, peak_tflops=peak_tflops)
+
+
+def _mesh_shape(mesh_shape):
+    if mesh_shape is None:
+        return None
+    if not isinstance(mesh_shape, (list, tuple)) or not all(isinstance(x, int) and x > 0 for x in mesh_shape):
+        raise ValueError(f"MESH_SHAPE (train.mesh_shape)={mesh_shape!r}: expected (data, model) positive ints")
+    return tuple(mesh_shape)
 
 
 @gin.configurable("feature_converter")
@@ -184,7 +184,14 @@ def _configured(argv):
         loop.validate_config(cfg, __import__("jax").device_count())
         return args, cfg
     except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as e:
-        raise ConfigError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from e
+        raise ConfigError(_one_line(e)) from e
+
+
+def _one_line(e: Exception) -> str:
+    """First line of the error plus gin's note of which configurable it came from (it names the key's owner)."""
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()] or [repr(e)]
+    where = next((l for l in lines[1:] if l.startswith("In call to configurable")), "")
+    return lines[0] + (f" ({where.rstrip(':')})" if where else "")
 
 
 def train_main(argv: Sequence[str]) -> dict:

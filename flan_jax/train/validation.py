@@ -1,0 +1,143 @@
+"""Pre-flight checks of a TrainConfig: everything that can be wrong is found before any work, each error naming its
+config key (the gin macro where there is one, else the binding) in one line."""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from flan_jax.models import t5
+from flan_jax.train import data as data_lib, loss as loss_lib, optim, partitioning
+
+SCHEDULES = ("constant", "warmup_constant", "rsqrt")
+AGGREGATES = ("mean_seen", "mean_heldout")
+
+
+class ConfigValueError(ValueError):
+    pass
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigValueError(msg)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_int(key: str, value: Any, minimum: int) -> None:
+    _need(_is_int(value) and value >= minimum, f"{key}={value!r}: expected an int >= {minimum}")
+
+
+def check_real(key: str, value: Any, low: float, high: float = math.inf, *, high_open: bool = False) -> None:
+    ok = _is_real(value) and low <= value and (value < high if high_open else value <= high)
+    bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+    _need(ok, f"{key}={value!r}: expected a finite number in {bound}")
+
+
+def metric_names(eval_mixture_or_task_name: str) -> set:
+    """Metric names the evaluator will report: 'loss' plus what each task's metric functions return."""
+    import seqio
+    names = {"loss"}
+    for task in seqio.get_subtasks(seqio.get_mixture_or_task(eval_mixture_or_task_name)):
+        for fn in task.predict_metric_fns or task.metric_fns:
+            try:
+                names.update(fn(["x"], ["x"]).keys())
+            except Exception:  # a metric that cannot score a toy pair still exists; accept any name for it
+                names.add("*")
+    return names
+
+
+def check_model(model: t5.T5Config) -> None:
+    for field in ("vocab_size", "emb_dim", "num_heads", "num_encoder_layers", "num_decoder_layers", "head_dim",
+                  "mlp_dim", "relative_attention_num_buckets", "relative_attention_max_distance"):
+        check_int(f"T5Config.{field}", getattr(model, field), 1)
+    check_real("DROPOUT_RATE (T5Config.dropout_rate)", model.dropout_rate, 0.0, 1.0, high_open=True)
+
+
+def validate_config(cfg, num_devices: int) -> None:
+    """Raises ConfigValueError naming the first bad key. `cfg` is a loop.TrainConfig."""
+    check_int("TRAIN_STEPS", cfg.train_steps, 1)
+    check_int("BATCH_SIZE", cfg.input.global_batch_size, 1)
+    check_int("SEED", cfg.seed, 0)
+    _need(cfg.seed < 2 ** 32, f"SEED={cfg.seed}: expected < 2**32")
+    for key, value in (("EVAL_PERIOD", cfg.eval_period), ("CHECKPOINT_PERIOD", cfg.checkpoint_period),
+                       ("train.warmup_steps", cfg.schedule.warmup_steps)):
+        check_int(key, value, 0)
+    for key, value in (("LOG_PERIOD", cfg.log_period), ("NUM_MICROBATCHES", cfg.num_microbatches),
+                       ("EVAL_EXAMPLES_PER_TASK", cfg.eval_examples_per_task),
+                       ("train.eval_batch_size", cfg.eval_batch_size), ("train.keep_checkpoints", cfg.keep_checkpoints)):
+        check_int(key, value, 1)
+    check_real("LEARNING_RATE", cfg.schedule.learning_rate, 0.0)
+    _need(cfg.schedule.learning_rate > 0, f"LEARNING_RATE={cfg.schedule.learning_rate}: must be positive")
+    _need(cfg.schedule.kind in SCHEDULES, f"train.schedule={cfg.schedule.kind!r}: expected one of {SCHEDULES}")
+    optim.make_schedule(cfg.schedule)
+    check_real("train.z_loss", cfg.loss.z_loss, 0.0)
+    check_real("train.label_smoothing", cfg.loss.label_smoothing, 0.0, 1.0, high_open=True)
+    norm = cfg.loss.normalizer
+    _need(norm is None or norm in loss_lib.NORMALIZER_NAMES or (_is_real(norm) and norm > 0),
+          f"train.loss_normalizing_factor={norm!r}: expected None, a positive number or one of "
+          f"{loss_lib.NORMALIZER_NAMES}")
+    _need(isinstance(cfg.mesh.fsdp, bool), f"train.fsdp={cfg.mesh.fsdp!r}: expected True or False")
+    for flag in ("skip_nonfinite_updates", "async_checkpointing", "restore_optimizer_state"):
+        _need(isinstance(getattr(cfg, flag), bool), f"train.{flag}={getattr(cfg, flag)!r}: expected True or False")
+    check_model(cfg.model)
+
+    lengths = cfg.input.task_feature_lengths
+    _need(isinstance(lengths, dict) and {"inputs", "targets"} <= set(lengths),
+          f"TASK_FEATURE_LENGTHS={lengths!r}: expected {{'inputs': int, 'targets': int}}")
+    for key in ("inputs", "targets"):
+        check_int(f"TASK_FEATURE_LENGTHS[{key!r}]", lengths[key], 1)
+
+    check_int("NUM_PARTITIONS", cfg.mesh.num_partitions, 1)
+    try:
+        dp, _ = partitioning.validate_mesh(cfg.mesh, num_devices)
+    except (TypeError, ValueError) as e:
+        raise ConfigValueError(str(e)) from None
+    _need(cfg.input.global_batch_size % dp == 0,
+          f"BATCH_SIZE={cfg.input.global_batch_size} is not divisible by the data-parallel size {dp}")
+    _need(cfg.input.global_batch_size % cfg.num_microbatches == 0,
+          f"NUM_MICROBATCHES={cfg.num_microbatches} does not divide BATCH_SIZE={cfg.input.global_batch_size}")
+    _need(cfg.input.input_sharding in data_lib.INPUT_SHARDINGS,
+          f"train.input_sharding={cfg.input.input_sharding!r}: expected one of {data_lib.INPUT_SHARDINGS}")
+
+    data_lib.resolve_mixture_or_task(cfg.input.mixture_or_task_name, key="MIXTURE_OR_TASK_NAME")
+    if cfg.eval_mixture_or_task_name:
+        data_lib.resolve_mixture_or_task(cfg.eval_mixture_or_task_name, key="EVAL_MIXTURE_OR_TASK_NAME")
+    if cfg.best_metric is not None:
+        _need(isinstance(cfg.best_metric, str) and "/" in cfg.best_metric,
+              f"BEST_METRIC={cfg.best_metric!r}: expected '<task>/<metric>', e.g. 'mean_seen/accuracy'")
+    if cfg.best_metric is not None and cfg.eval_mixture_or_task_name:  # without evaluation there is no best
+        metric = cfg.best_metric.rsplit("/", 1)[1]
+        names = metric_names(cfg.eval_mixture_or_task_name)
+        _need(metric in names or "*" in names,
+              f"BEST_METRIC={cfg.best_metric!r}: the eval tasks report {sorted(names)}")
+
+    _check_model_dir(cfg)
+
+
+def checkpoint_bytes(model: t5.T5Config) -> int:
+    """Upper bound of one checkpoint: params plus Adafactor state (factored slots are smaller than the params)."""
+    return int(2 * t5.count_params(model) * np.dtype(model.param_dtype).itemsize)
+
+
+def _check_model_dir(cfg) -> None:
+    _need(isinstance(cfg.model_dir, str) and cfg.model_dir != "", f"MODEL_DIR={cfg.model_dir!r}: expected a path")
+    try:
+        os.makedirs(cfg.model_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigValueError(f"MODEL_DIR={cfg.model_dir!r} cannot be created: {e.strerror or e}") from None
+    _need(os.access(cfg.model_dir, os.W_OK), f"MODEL_DIR={cfg.model_dir!r} is not writable")
+    free = shutil.disk_usage(cfg.model_dir).free
+    need = checkpoint_bytes(cfg.model)
+    _need(free >= need, f"MODEL_DIR={cfg.model_dir!r}: {free / 2**30:.2f} GiB free, a checkpoint needs about "
+                        f"{need / 2**30:.2f} GiB")
