@@ -60,7 +60,16 @@ RECORD_POLICIES = ("skip_and_count", "fail_fast")
 OPTIONS_STYLES = ("default", "random")
 COT_TARGET = "{%s} So the answer is %s."
 
-DEFAULT_VOCABULARY = seqio.ByteVocabulary()
+def _default_vocabulary() -> seqio.Vocabulary:
+    """ByteVocabulary, or the SentencePiece model named by FLAN_JAX_VOCAB (e.g. the T5 vocabulary
+    gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model, 100 extra ids) for real runs. seqio loads the
+    model lazily, so registration stays cheap."""
+    import os
+    path = os.environ.get("FLAN_JAX_VOCAB")
+    return seqio.SentencePieceVocabulary(path, extra_ids=100) if path else seqio.ByteVocabulary()
+
+
+DEFAULT_VOCABULARY = _default_vocabulary()
 
 
 @dataclasses.dataclass(frozen=True)

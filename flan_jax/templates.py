@@ -249,7 +249,9 @@ def assemble_few_shot(query_input: str, exemplars: Sequence[tuple[str, str]], rn
 
 COT_INSTRUCTIONS = ("Let's think step by step.", "Think it through, then give the answer.",
                     "Explain your reasoning before answering.")
-_COT_SPLIT_RE = re.compile(r"answer is|final answer|answer:", re.IGNORECASE)
+# Longest phrases first so "the final answer is 42" splits after "answer is", not after "final answer"; "answer to the
+# question is" and friends count as "answer ... is".
+_COT_SPLIT_RE = re.compile(r"final answer is|answer(?: to [^.?!]{0,40}?)? is|final answer:?|answer:", re.IGNORECASE)
 _WRAPPED_RE = re.compile(r"^\(([^()\s]{1,8})\)$")
 _EDGE_PUNCTUATION = " \t\n\r.,;:!?\"'`*"
 

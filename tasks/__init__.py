@@ -1,5 +1,10 @@
-"""Task registrations. `import tasks` registers the embedded default collection (cheap: builds no dataset).
+"""Task registrations. `import tasks` registers the embedded default collection and the Flan 2021 TFDS collection
+(cheap: no dataset is built and TFDS is not imported until data is read).
 
-Other collections register themselves on import of their module (e.g. `import tasks.flan2021`).
+Collections that need local files register when their directory is configured, through environment variables
+(FLAN_JAX_PROMPTSOURCE_DIR, FLAN_JAX_T0_DATA_DIR, FLAN_JAX_NIV2_DIR, FLAN_JAX_COT_DIR) or `flan-jax data` options;
+with none set these imports register nothing.
 """
 from tasks import default  # noqa: F401
+from tasks import flan2021  # noqa: F401
+from tasks import cot, niv2, t0  # noqa: F401  (no-ops unless their directories are configured)

@@ -115,3 +115,11 @@ def test_few_shot_token_length_unit():
 def test_extract_cot_answer(text, answer):
     assert tpl.extract_cot_answer(text) == answer
     assert tpl.cot_postprocessor(text.encode()) == answer
+
+
+def test_cot_answer_extraction_prefers_the_longest_phrase():
+    from flan_jax.templates import extract_cot_answer
+    assert extract_cot_answer("Step by step... the final answer is 42.") == "42"
+    assert extract_cot_answer("So the answer to the question is 17.") == "17"
+    assert extract_cot_answer("The final answer: seven") == "seven"
+    assert extract_cot_answer("Thus the answer is (C).") == "C"

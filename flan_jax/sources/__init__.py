@@ -36,6 +36,9 @@ def _as_text(value: Any, field: str) -> str:
         value = value.decode("utf-8", errors="replace")
     if not isinstance(value, str):
         raise MalformedRecordError(f"wrong_type:{field}", f"expected str, got {type(value).__name__}")
+    # Lone UTF-16 surrogates (e.g. from json.loads('"\\ud800"')) cannot be encoded for tf.data: replace them with
+    # U+FFFD, as undecodable bytes are.
+    value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     if not value.strip():
         raise MalformedRecordError(f"empty_field:{field}")
     return value
