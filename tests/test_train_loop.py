@@ -111,3 +111,18 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
     bad = min(s for s, v in losses.items() if isinstance(v, str) or not math.isfinite(v))
     kept = sorted(int(n.split("_")[1]) for n in os.listdir(d) if n.startswith("checkpoint_"))
     assert kept and max(kept) < bad
+
+
+def test_eval_alone_from_a_checkpoint_writes_metrics_and_predictions(full_run, tmp_path):
+    d, results = full_run
+    out = tmp_path / "preds"
+    evaluated = train_main_lib.eval_main([f"--gin_file={TINY}", f"--gin.MODEL_DIR={d}",
+                                          f"--checkpoint={d}/checkpoint_12", f"--predictions_dir={out}"])
+    # the same params give the same figures as the in-training evaluation at step 12
+    for task in ("mean_seen", "mean_heldout"):
+        for metric, value in results[task].items():
+            assert evaluated[task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+    files = sorted(p.name for p in out.iterdir())
+    assert "parity_zs_opt.jsonl" in files
+    first = json.loads(open(out / "parity_zs_opt.jsonl").readline())
+    assert set(first) == {"index", "input", "target", "prediction"} and first["prediction"] in ("even", "odd")

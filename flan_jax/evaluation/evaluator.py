@@ -138,9 +138,11 @@ class Evaluator:
     def evaluate(self, params) -> dict:
         """{task: {metric: value}} including the `mean_seen` / `mean_heldout` aggregates."""
         results = {}
+        self.last_predictions = {}
         for d in self.data:
             values = {"loss": self._teacher_forced_loss(params, d)}
             preds = self._rank_classify(params, d) if d.has_options else self._generate(params, d)
+            self.last_predictions[d.name] = preds
             for fn in d.task.predict_metric_fns or d.task.metric_fns:
                 values.update({k: float(v) for k, v in fn(d.target_strings, preds).items()})
             results[d.name] = values

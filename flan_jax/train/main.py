@@ -124,6 +124,8 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--gin_bindings", action="append", default=[], help="a gin binding, e.g. 'train.seed = 1'")
     parser.add_argument("--gin_search_paths", default="", help="comma-separated folders to find gin files in")
     parser.add_argument("--checkpoint", default=None, help="(eval) checkpoint_<step> dir, or MODEL_DIR for its latest")
+    parser.add_argument("--predictions_dir", default=None,
+                        help="(eval) write per-task predictions (and NIv2's official prediction file) here")
     args, rest = parser.parse_known_args(argv)
     args.overrides = []
     for item in rest:
@@ -207,7 +209,7 @@ def train_main(argv: Sequence[str]) -> dict:
 def eval_main(argv: Sequence[str]) -> dict:
     args, cfg = _configured(argv)
     from flan_jax.train.evaluate import run_eval
-    return run_eval(cfg, args.checkpoint or cfg.model_dir)
+    return run_eval(cfg, args.checkpoint or cfg.model_dir, predictions_dir=args.predictions_dir)
 
 
 def _cli(fn, name: str, argv) -> int:
