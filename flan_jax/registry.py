@@ -146,8 +146,11 @@ def normalize_record(spec: TaskSpec, record: Any, need_rationale: bool = False) 
 
 
 def example_rng(spec: TaskSpec, split: str, index: int) -> random.Random:
-    """The per-example random stream: template, options style and exemplars all come from it."""
-    return random.Random(f"{spec.seed}/{spec.name}/{split}/{index}")
+    """The per-example random stream: template, options style and exemplars all come from it.
+
+    Its seed string has its own namespace: a source that seeds records from (seed, name, split, index) too would
+    otherwise draw the same numbers, and the template choice would leak the label."""
+    return random.Random(f"prompt/{spec.seed}/{spec.name}/{split}/{index}")
 
 
 def variant_templates(spec: TaskSpec, variant: str) -> tuple[tpl.Template, ...]:

@@ -97,3 +97,18 @@ def test_import_tasks_is_cheap_and_builds_nothing():
     assert result.returncode == 0, result.stderr[-2000:]
     elapsed, built, generated, num_tasks = result.stdout.split()
     assert float(elapsed) < 2.0 and built == "0" and generated == "0" and int(num_tasks) >= 40
+
+
+def test_template_choice_is_independent_of_the_label():
+    """Regression: record generation and template choice once shared a seed, so the template revealed the label."""
+    import collections
+    from flan_jax import registry
+    spec = registry.task_spec("keyword_sentiment")
+    counts = collections.Counter()
+    for index, example in zip(range(2000), registry.iter_examples(spec, "zs_noopt", "train")):
+        counts[(int(example["template_index"]), example["targets"])] += 1
+    templates = {t for t, _ in counts}
+    assert len(templates) >= 3
+    for t in templates:
+        pos, neg = counts[(t, "positive")], counts[(t, "negative")]
+        assert min(pos, neg) / (pos + neg) > 0.35, (t, pos, neg)
