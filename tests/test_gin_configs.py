@@ -21,7 +21,9 @@ def test_run_config_is_valid(path, tmp_path):
 
 
 @pytest.mark.parametrize("size", sorted(PUBLISHED))
-def test_model_configs_have_published_sizes(size, tmp_path):
+def test_model_configs_have_published_sizes(size, tmp_path, monkeypatch):
+    from flan_jax.train import validation
+    monkeypatch.setattr(validation, "checkpoint_bytes", lambda model: 0)  # an xxl checkpoint may not fit this disk
     path = os.path.join(REPO, "gin_configs", "runs", f"flan_t5_{size}_finetune.gin")
     _, cfg = train_main._configured([f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}", "--gin.NUM_PARTITIONS=1"])
     m = cfg.model
@@ -29,3 +31,15 @@ def test_model_configs_have_published_sizes(size, tmp_path):
     assert m.num_decoder_layers == m.num_encoder_layers and m.vocab_size == 32128 and m.head_dim == 64
     assert m.dtype == "bfloat16"
     assert cfg.model == t5.T5Config.preset(size, dtype="bfloat16", dropout_rate=m.dropout_rate, remat=m.remat)
+
+
+def test_too_little_disk_for_a_checkpoint_names_model_dir(tmp_path, monkeypatch):
+    import collections
+    from flan_jax.train import validation
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(validation.shutil, "disk_usage", lambda path: usage(10, 10, 1000))
+    with pytest.raises(train_main.ConfigError, match="MODEL_DIR=.*GiB free, a checkpoint needs"):
+        train_main._configured([f"--gin_file={RUNS[0]}", f"--gin.MODEL_DIR={tmp_path}"])
+    small = t5.T5Config.preset("small")
+    # T5 1.1 small: ~77M float32 params (308 MB) plus factored slots (a few MB)
+    assert 300e6 < validation.checkpoint_bytes(small) < 330e6

@@ -125,9 +125,19 @@ def validate_config(cfg, num_devices: int) -> None:
     _check_model_dir(cfg)
 
 
-def checkpoint_bytes(model: t5.T5Config) -> int:
-    """Upper bound of one checkpoint: params plus Adafactor state (factored slots are smaller than the params)."""
-    return int(2 * t5.count_params(model) * np.dtype(model.param_dtype).itemsize)
+def checkpoint_bytes(model: t5.T5Config, min_dim_size_to_factor: int = 128) -> int:
+    """Size of one checkpoint: params, plus Adafactor's float32 slots (row + column vectors for factored matrices,
+    a full second moment for the rest)."""
+    import jax
+    total = 0
+    for shape in jax.tree.leaves(jax.tree.map(lambda s: s.shape, t5.param_shapes(model),
+                                              is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)),
+                                 is_leaf=lambda x: isinstance(x, tuple)):
+        size = int(np.prod(shape))
+        total += size * np.dtype(model.param_dtype).itemsize
+        factored = len(shape) >= 2 and sorted(shape)[-2] >= min_dim_size_to_factor
+        total += 4 * (sum(shape) if factored else size)
+    return total
 
 
 def _check_model_dir(cfg) -> None:
