@@ -67,6 +67,7 @@ def train_config(
     input_sharding: str = "per_process_shard",
     restore_optimizer_state: bool = False,
     peak_tflops: Optional[float] = None,
+    adafactor_multiply_by_parameter_scale: bool = True,
 ) -> loop.TrainConfig:
     """Collects the gin bindings into a TrainConfig (no work is done here; validation.py checks the values)."""
     return loop.TrainConfig(
@@ -82,7 +83,8 @@ def train_config(
             eval_batch_size=eval_batch_size, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
             best_metric=best_metric, log_period=log_period, seed=seed, skip_nonfinite_updates=skip_nonfinite_updates,
             async_checkpointing=async_checkpointing, init_checkpoint=init_checkpoint,
-            restore_optimizer_state=restore_optimizer_state, peak_tflops=peak_tflops)
+            restore_optimizer_state=restore_optimizer_state, peak_tflops=peak_tflops,
+            adafactor=optim.AdafactorConfig(multiply_by_parameter_scale=adafactor_multiply_by_parameter_scale))
 
 
 def _mesh_shape(mesh_shape):
