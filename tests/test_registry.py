@@ -50,7 +50,9 @@ def test_variants_per_task_kind():
     assert not registry.task_info("t_colors_inv").has_options
     assert registry.task_info("t_gen_zs_noopt").metric == "exact_match"
     assert "t_gen_fs_noopt" in registry.list_tasks("test") and "t_gen_fs_noopt" not in registry.list_tasks("other")
-    assert registry.list_tasks("test", variant="cot") == ["t_colors_cot"]
+    # other test modules register tasks in the "test" collection too: look only at this test's base tasks
+    assert [t for t in registry.list_tasks("test", variant="cot") if t.startswith(("t_colors", "t_gen"))] == [
+        "t_colors_cot"]
     with pytest.raises(ValueError, match="variant 'zs_opt' not available"):
         register_colors("t_bad", options_field=None, variants=["zs_opt"])
     with pytest.raises(KeyError, match="t_nope"):
