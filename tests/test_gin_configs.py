@@ -43,3 +43,15 @@ def test_too_little_disk_for_a_checkpoint_names_model_dir(tmp_path, monkeypatch)
     small = t5.T5Config.preset("small")
     # T5 1.1 small: ~77M float32 params (308 MB) plus factored slots (a few MB)
     assert 300e6 < validation.checkpoint_bytes(small) < 330e6
+
+
+def test_configs_parse_with_a_runs_folder_in_the_working_directory(tmp_path, monkeypatch):
+    """Regression: after the main job wrote runs/default, gin took the folder `runs` for a Python package and crashed
+    on `include 'runs/finetune.gin'`."""
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, cfg = train_main._configured([f"--gin_file={os.path.join(REPO, 'gin_configs', 'runs', 'default_cpu.gin')}",
+                                     f"--gin.MODEL_DIR={tmp_path / 'runs' / 'default'}"])
+    assert cfg.model_dir.endswith("runs/default")

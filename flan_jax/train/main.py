@@ -25,6 +25,23 @@ gin.external_configurable(t5.T5Config, name="T5Config")
 
 
 @functools.lru_cache(maxsize=None)
+def _tolerate_namespace_packages_in_gin() -> None:
+    """gin first looks up an include such as 'runs/finetune.gin' as a file inside a Python package named 'runs'. A
+    plain folder of that name in the working directory (MODEL_DIR runs/default, say) is a namespace package with no
+    file location, and gin then crashes with a TypeError instead of trying its search paths. Treat it as not found."""
+    from gin import resource_reader
+    original = resource_reader._parse_config_path
+
+    def parse_config_path(config_path):
+        try:
+            return original(config_path)
+        except TypeError:
+            raise ValueError("not a file inside a package", config_path) from None
+
+    resource_reader._parse_config_path = parse_config_path
+
+
+@functools.lru_cache(maxsize=None)
 def _register_converters() -> None:
     """Feature converters selectable from gin (registered once per process)."""
     import seqio
@@ -141,6 +158,7 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
 def configure_gin(args: argparse.Namespace) -> None:
     """Parses files then overrides; an unknown binding, macro or configurable fails here, naming it."""
     gin.clear_config()
+    _tolerate_namespace_packages_in_gin()
     _register_converters()
     paths = [p for p in args.gin_search_paths.split(",") if p] + [os.getcwd(), REPO_GIN_DIR]
     for path in paths:
