@@ -18,12 +18,10 @@ import optax
 from flan_jax.models import t5
 
 
-def _flat(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, prefix + (k,))
-        else:
-            yield "/".join(prefix + (k,)), v
+def _flat(tree):
+    """(path 'a/b/c', leaf) pairs, the checkpoints' own flattening."""
+    from flan_jax.checkpoints.t5x import flatten
+    return flatten(tree).items()
 
 
 def load_checkpoint_params(path: str, model_cfg: t5.T5Config, *, with_optimizer_state: bool = False):
