@@ -16,7 +16,9 @@ Few-shot variants are registered (inputs fit 256 bytes) but left out of the defa
 """
 from __future__ import annotations
 
-from flan_jax import mixing, registry
+import os
+
+from flan_jax import mixing, registry, vocabularies
 from flan_jax.sources.generated import GeneratedSource
 from flan_jax.sources import generated as gen
 from flan_jax.templates import FewShotConfig, Template as T
@@ -32,6 +34,8 @@ TRAIN_VARIANTS = ("zs_opt", "zs_noopt")
 OPTION_TASK_EXAMPLES = {"train": 20_000, "validation": 200}
 GENERATIVE_TASK_EXAMPLES = {"train": 10_000, "validation": 200}
 FEW_SHOT = FewShotConfig(num_exemplars=2, max_input_length=256, exemplar_pool_size=200)
+VOCAB_SIZE = 2048                 # BPE pieces: whole words for the templates and word lists, digits split
+VOCAB_CORPUS_RECORDS = 300        # train records rendered per task and variant to train the vocabulary on
 
 # name -> (cluster, generator, fields, templates, extra register_task kwargs)
 TASKS = {
@@ -122,12 +126,39 @@ TASKS = {
 }
 
 
+def vocabulary_corpus() -> list[str]:
+    """Rendered inputs, targets and options of every default task and variant (what the vocabulary is trained on)."""
+    texts = []
+    for name in TASKS:
+        spec = registry.task_spec(name)
+        for task in registry.list_tasks(COLLECTION):
+            if registry.task_info(task).base_task != name:
+                continue
+            variant = registry.task_info(task).variant
+            for i, example in enumerate(registry.iter_examples(spec, variant, "train")):
+                if i >= VOCAB_CORPUS_RECORDS:
+                    break
+                texts += [example["inputs"], example["targets"], *example["options"]]
+    return texts
+
+
+def vocabulary(seed: int = SEED):
+    """The T5 SentencePiece model named by FLAN_JAX_VOCAB if set, else a BPE model trained on this collection's own
+    prompts (on first use, then cached; see flan_jax.vocabularies)."""
+    if os.environ.get("FLAN_JAX_VOCAB"):
+        return registry.DEFAULT_VOCABULARY
+    sources = [open(path, "rb").read() for path in (__file__, gen.__file__, registry.__file__)]
+    return vocabularies.CorpusSentencePieceVocabulary(
+        "flan_default", vocabulary_corpus, VOCAB_SIZE, vocabularies.fingerprint(str(seed), *sources))
+
+
 def register(seed: int = SEED) -> None:
     """Registers every default task and the two default mixtures (cheap: no data is generated)."""
+    vocab = vocabulary(seed)
     for name, (cluster, generate, fields, templates, extra) in TASKS.items():
         counts = OPTION_TASK_EXAMPLES if "options_field" in extra else GENERATIVE_TASK_EXAMPLES
         registry.register_task(name, GeneratedSource(name, generate, seed=seed, num_examples=counts), templates,
-                               fields=fields,
+                               fields=fields, vocabulary=vocab,
                                cluster=cluster, collection=COLLECTION, few_shot=FEW_SHOT, seed=seed, **extra)
     seen = [name for name, spec in TASKS.items() if spec[0] not in HELD_OUT_CLUSTERS]
     train_tasks = [t for base in seen for t in (f"{base}_{v}" for v in TRAIN_VARIANTS)

@@ -83,7 +83,7 @@ def test_seqio_dataset_of_a_default_task():
         assert row["inputs"][-1] == 1 and row["targets"][-1] == 1
 
 
-def test_import_tasks_is_cheap_and_builds_nothing():
+def test_import_tasks_is_cheap_and_builds_nothing(tmp_path):
     code = ("import time, tensorflow, seqio\n"
             "t = time.time()\n"
             "import tasks\n"
@@ -91,12 +91,14 @@ def test_import_tasks_is_cheap_and_builds_nothing():
             "from flan_jax import registry\n"
             "from flan_jax.sources.generated import GeneratedSource\n"
             "print(elapsed, registry.datasets_built(), GeneratedSource.records_generated, len(registry.list_tasks()))\n")
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", FLAN_JAX_CACHE=str(cache))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     elapsed, built, generated, num_tasks = result.stdout.split()
     assert float(elapsed) < 2.0 and built == "0" and generated == "0" and int(num_tasks) >= 40
+    assert not cache.exists() or not list(cache.iterdir())  # the vocabulary is trained on first use, not at import
 
 
 def test_template_choice_is_independent_of_the_label():

@@ -46,6 +46,10 @@ def test_metrics_contract_and_outputs(full_run):
     assert results["mean_seen"]["accuracy"] >= 0.0
     assert os.path.isdir(os.path.join(d, "checkpoint_12")) and os.path.isdir(os.path.join(d, "checkpoint_6"))
     assert os.path.exists(os.path.join(d, "config.gin")) and os.path.isdir(os.path.join(d, "tb"))
+    # The run directory carries its vocabulary: the default collection's BPE model, copied from the cache.
+    import seqio
+    vocab = seqio.SentencePieceVocabulary(os.path.join(d, "vocabulary.model"))
+    assert vocab.decode(vocab.encode("Is 905 even or odd?")) == "Is 905 even or odd?"
     best = json.load(open(os.path.join(d, "best.json")))
     assert best["metric"] == "mean_seen/accuracy" and best["step"] in (6, 12)
 
@@ -91,6 +95,7 @@ def test_resume_after_sigkill_right_after_checkpoint(full_run, tmp_path):
     ("--gin.MIXTURE_OR_TASK_NAME=no_such_mixture", "no_such_mixture"),
     ("--gin.BATCH_SIZE='eight'", "BATCH_SIZE"),
     ("--gin.NUM_PARTITIONS=3", "NUM_PARTITIONS"),
+    ("--gin.T5Config.vocab_size=384", "T5Config.vocab_size=384 is smaller"),
 ])
 def test_config_errors_name_the_key_before_training(tmp_path, flag, needle):
     d = str(tmp_path / "bad")

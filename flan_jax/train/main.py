@@ -14,6 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 import gin
+import seqio
 
 from flan_jax.models import t5
 from flan_jax.train import data as data_lib, loop, optim, partitioning, step as step_lib
@@ -216,10 +217,23 @@ def _one_line(e: Exception) -> str:
     return lines[0] + (f" ({where.rstrip(':')})" if where else "")
 
 
+def save_vocabulary(cfg) -> Optional[str]:
+    """Copies a SentencePiece training vocabulary to MODEL_DIR/vocabulary.model: the run directory alone is then
+    enough to decode, evaluate or export the model, whatever cache the vocabulary was built in."""
+    vocab = seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
+    if not isinstance(vocab, seqio.SentencePieceVocabulary):
+        return None
+    path = os.path.join(cfg.model_dir, "vocabulary.model")
+    with open(path, "wb") as f:
+        f.write(vocab.sp_model)
+    return path
+
+
 def train_main(argv: Sequence[str]) -> dict:
     _, cfg = _configured(argv)
     with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
         f.write(gin.config_str())
+    save_vocabulary(cfg)
     results = loop.run(cfg, feature_converter=make_feature_converter())
     with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
         f.write(gin.operative_config_str())

@@ -64,6 +64,15 @@ def check_model(model: t5.T5Config) -> None:
     check_real("DROPOUT_RATE (T5Config.dropout_rate)", model.dropout_rate, 0.0, 1.0, high_open=True)
 
 
+def check_vocabulary(model: t5.T5Config, task_or_mixture, key: str) -> None:
+    """Every token id the data can produce must have an embedding row (else XLA silently clamps the gather)."""
+    for feature in ("inputs", "targets"):
+        vocab = task_or_mixture.output_features[feature].vocabulary
+        _need(vocab.vocab_size <= model.vocab_size,
+              f"T5Config.vocab_size={model.vocab_size} is smaller than the {feature!r} vocabulary of {key}="
+              f"{task_or_mixture.name!r} ({vocab.vocab_size} ids)")
+
+
 def validate_config(cfg, num_devices: int) -> None:
     """Raises ConfigValueError naming the first bad key. `cfg` is a loop.TrainConfig."""
     check_int("TRAIN_STEPS", cfg.train_steps, 1)
@@ -110,9 +119,10 @@ def validate_config(cfg, num_devices: int) -> None:
     _need(cfg.input.input_sharding in data_lib.INPUT_SHARDINGS,
           f"train.input_sharding={cfg.input.input_sharding!r}: expected one of {data_lib.INPUT_SHARDINGS}")
 
-    data_lib.resolve_mixture_or_task(cfg.input.mixture_or_task_name, key="MIXTURE_OR_TASK_NAME")
-    if cfg.eval_mixture_or_task_name:
-        data_lib.resolve_mixture_or_task(cfg.eval_mixture_or_task_name, key="EVAL_MIXTURE_OR_TASK_NAME")
+    for key, name in (("MIXTURE_OR_TASK_NAME", cfg.input.mixture_or_task_name),
+                      ("EVAL_MIXTURE_OR_TASK_NAME", cfg.eval_mixture_or_task_name)):
+        if key == "MIXTURE_OR_TASK_NAME" or name:
+            check_vocabulary(cfg.model, data_lib.resolve_mixture_or_task(name, key=key), key)
     if cfg.best_metric is not None:
         _need(isinstance(cfg.best_metric, str) and "/" in cfg.best_metric,
               f"BEST_METRIC={cfg.best_metric!r}: expected '<task>/<metric>', e.g. 'mean_seen/accuracy'")
