@@ -67,7 +67,21 @@ def load_task_eval_data(task: seqio.Task, feature_lengths: Mapping[str, int], ma
         options.append([o.decode("utf-8") for o in opts] if opts is not None else [])
     if not inputs:
         raise ValueError(f"eval task {task.name!r} has no examples in split {split!r}")
-    return TaskEvalData(task.name, np.stack(inputs), np.stack(targets), target_strings, options, seen, task)
+    # Run the model on the lengths this task needs, not the training feature lengths (prompts are often a fraction of
+    # them); bucketed so tasks share compiled shapes. Padding is masked, so scores do not depend on it.
+    inputs, targets = np.stack(inputs), np.stack(targets)
+    inputs = inputs[:, :_bucket(_longest(inputs), feature_lengths["inputs"], 32)]
+    targets = targets[:, :_bucket(_longest(targets), feature_lengths["targets"], 8)]
+    return TaskEvalData(task.name, inputs, targets, target_strings, options, seen, task)
+
+
+def _longest(tokens: np.ndarray) -> int:
+    nonpad = tokens > 0
+    return int(np.max(np.where(nonpad.any(1), tokens.shape[1] - np.argmax(nonpad[:, ::-1], axis=1), 0)))
+
+
+def _bucket(length: int, limit: int, multiple: int) -> int:
+    return max(1, min(limit, -(-length // multiple) * multiple))
 
 
 class Evaluator:
@@ -108,13 +122,15 @@ class Evaluator:
 
     def _rank_classify(self, params, d: TaskEvalData) -> list:
         k = max(len(o) for o in d.options)
-        lt = self.feature_lengths["targets"]
+        encoded = [[list(self.vocab.encode(opt))[:self.feature_lengths["targets"] - 1] + [1] for opt in opts]
+                   for opts in d.options]
+        lt = _bucket(max(len(o) for opts in encoded for o in opts), self.feature_lengths["targets"], 8)
         preds = []
         for real, padded in self._batches(len(d.inputs)):
             opt_tokens = np.zeros((len(padded), k, lt), np.int32)
             for row, i in enumerate(padded):
-                for j, opt in enumerate(d.options[i]):
-                    opt_tokens[row, j] = _pad_to(list(self.vocab.encode(opt))[:lt - 1] + [1], lt)
+                for j, opt in enumerate(encoded[i]):
+                    opt_tokens[row, j] = _pad_to(opt, lt)
             scores = np.asarray(self._rank(params, d.inputs[padded], opt_tokens))
             for row, i in enumerate(real):
                 n_opt = len(d.options[i])
@@ -122,9 +138,12 @@ class Evaluator:
         return preds
 
     def _generate(self, params, d: TaskEvalData) -> list:
+        # An exact match ends with EOS by the longest reference's length; 8 spare steps keep near misses readable in
+        # the prediction files without decoding the whole training target length.
+        max_len = _bucket(d.targets.shape[1] + 8, self.feature_lengths["targets"], 8)
         preds = []
         for real, padded in self._batches(len(d.inputs)):
-            out = np.asarray(self._greedy(params, d.inputs[padded], max_decode_len=self.feature_lengths["targets"]))
+            out = np.asarray(self._greedy(params, d.inputs[padded], max_decode_len=max_len))
             for row, i in enumerate(real):
                 toks = [int(t) for t in out[row]]
                 toks = toks[:toks.index(1)] if 1 in toks else toks
