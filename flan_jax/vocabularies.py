@@ -35,14 +35,21 @@ def fingerprint(*parts: str | bytes) -> str:
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> bytes:
     """Returns a serialized SentencePiece model with T5's special ids (pad 0, eos 1, unk 2, no bos).
 
-    Identity normalization keeps the text exactly (newlines, repeated spaces); digits are split so numbers stay
+    No normalization keeps the text exactly (newlines, repeated spaces); digits are split so numbers stay
     compositional; `hard_vocab_limit=False` lets a small corpus end with fewer pieces than asked for."""
     model = tempfile.SpooledTemporaryFile()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-        character_coverage=1.0, byte_fallback=True, split_digits=True, hard_vocab_limit=False,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, max_sentence_length=1 << 20, minloglevel=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        # A one-rule normalizer that rewrites only the noncharacter U+FDD0: all other text stays as it is, like the
+        # "identity" rule, but the model has a non-empty charsmap (with an empty one SentencePiece logs a line every
+        # time TensorFlow loads the model, dozens per run).
+        rule = os.path.join(tmp, "rule.tsv")
+        with open(rule, "w") as f:
+            f.write("FDD0\tFDD1\n")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            character_coverage=1.0, byte_fallback=True, split_digits=True, hard_vocab_limit=False,
+            normalization_rule_tsv=rule, remove_extra_whitespaces=False, user_defined_symbols=["\n"],
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, max_sentence_length=1 << 20, minloglevel=2)
     model.seek(0)
     return model.read()
 
