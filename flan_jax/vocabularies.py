@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import seqio
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 CACHE_ENV = "FLAN_JAX_CACHE"
 
@@ -51,7 +52,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
             normalization_rule_tsv=rule, remove_extra_whitespaces=False, user_defined_symbols=["\n"],
             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, max_sentence_length=1 << 20, minloglevel=2)
     model.seek(0)
-    return model.read()
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model.read())
+    for spec in (proto.normalizer_spec, proto.denormalizer_spec):  # a temporary path: the bytes must not depend on it
+        spec.ClearField("normalization_rule_tsv")
+    return proto.SerializeToString(deterministic=True)
 
 
 class CorpusSentencePieceVocabulary(seqio.SentencePieceVocabulary):

@@ -26,12 +26,12 @@ def test_show_prints_rendered_pairs():
 
 
 def test_stats_reports_rates_lengths_and_truncation():
-    text = run("stats", "flan_default_eval", "-n", "20", "--feature_lengths", "inputs=40,targets=8")
+    text = run("stats", "flan_default_eval", "-n", "20", "--feature_lengths", "inputs=16,targets=8")
     lines = text.strip().split("\n")
     rows = [line.split("\t") for line in lines if line.startswith("parity_zs_opt")]
     (row,) = rows
     assert row[1] == "1" and float(row[2]) == pytest.approx(1 / 15, abs=1e-3) and row[3] == "20"
-    assert "trunc=" in row[4] and int(row[4].split("trunc=")[1]) > 0  # parity prompts exceed 40 bytes
+    assert "trunc=" in row[4] and int(row[4].split("trunc=")[1]) > 0  # parity prompts exceed 16 tokens
     assert "truncated inputs" in lines[-2] and "skipped malformed records: none" in lines[-1]
 
 
