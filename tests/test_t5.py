@@ -216,3 +216,22 @@ def test_presets_and_flops_anchor():
     # REFERENCE "Speed anchors": batch 8, 512/128 train step (3x forward) is ~0.88 TFLOP.
     step = 3 * 8 * t5.count_flops_per_example(small, 512, 128)
     assert abs(step / 0.88e12 - 1) < 0.01
+
+
+@pytest.mark.parametrize('length', [1, 2, 7, 64, 300])
+@pytest.mark.parametrize('bidirectional', [True, False])
+def test_toeplitz_relative_bias_equals_the_gathered_bias_and_its_gradient(length, bidirectional):
+    """Training builds the [heads, L, L] bias from its 2L-1 offsets (no L x L gather); it must equal the gather."""
+    config = t5.T5Config.preset('tiny')
+    table = jax.random.normal(jax.random.PRNGKey(0), (4, 32))
+    pos = np.arange(length)
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), (4, length, length))
+
+    def total(t, positions):
+        return (t5.relative_position_bias(t, positions, positions, bidirectional, config) * cotangent).sum()
+
+    fast = t5.relative_position_bias(table, pos, pos, bidirectional, config)
+    gathered = t5.relative_position_bias(table, jnp.asarray(pos), jnp.asarray(pos), bidirectional, config)
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(gathered))
+    np.testing.assert_allclose(jax.grad(total)(table, pos), jax.grad(total)(table, jnp.asarray(pos)),
+                               rtol=1e-4, atol=1e-4)  # float32 sums over up to 45k terms, in another order

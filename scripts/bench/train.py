@@ -13,8 +13,9 @@ CPU (the default): T5 1.1 tiny and small-shaped models, batch 8, feature lengths
   - MFU = 3 x forward FLOPs (t5.count_flops_per_example) / step time / matmul peak, where the peak is the better of
     JAX's and torch's square-matmul rate in that dtype, measured in the same run. "mfu" counts the FLOPs of the shapes
     computed (padding included); "useful_mfu" counts each real example at its own lengths.
-  - The three timings (ours, HF fixed shape, HF dynamic padding) alternate step by step; s/step is the median round
-    (the machine may be shared), useful tokens/s is total real tokens / total time over the rounds. The matmul peak
+  - The three timings (ours, HF fixed shape, HF dynamic padding) alternate round by round, each side timing the
+    second of two steps on its batch (the first absorbs the other framework's thread pool winding down); s/step is
+    the median round (the machine may be shared), useful tokens/s is total real tokens / total time over the rounds. The matmul peak
     is measured before and after every model and the best figure is kept.
 --quick: the tiny model and a small-shaped model with 1 encoder + 1 decoder layer ("t5_small_1l"), 2 rounds.
 
@@ -210,18 +211,23 @@ def compare_cpu(label, config, rounds, seed=0) -> tuple[list[dict], dict]:
   print(f"[train] {label}: first-step loss ours {ours_loss:.4f} (incl. z-loss) vs HF {hf_loss:.4f} (other batch); "
         f"ours compile+step {compile_s:.1f} s", flush=True)
 
+  # Alternate the three, round by round. Each side runs its round's batch twice and only the second step is timed:
+  # the first absorbs the hand-over (torch's OpenMP workers spin for a while after a step and slow whatever runs next
+  # on the same cores; XLA's pool does the same to torch). Timing single alternating steps made both sides ~30%
+  # slower than run alone, and by different amounts.
   times = {"ours": [], "hf_fixed": [], "hf_dynamic": []}
-  for r in range(1, rounds + 1):  # alternate the three, one step each per round
-    t0 = time.perf_counter()
-    state, _ = ours_step(state, ours_batches[r])
-    t1 = time.perf_counter()
-    hf_step(hf_fixed[r])
-    t2 = time.perf_counter()
-    hf_step(hf_dynamic[r])
-    t3 = time.perf_counter()
-    times["ours"].append(t1 - t0)
-    times["hf_fixed"].append(t2 - t1)
-    times["hf_dynamic"].append(t3 - t2)
+  holder = {"state": state}
+
+  def ours(batch):
+    holder["state"], _ = ours_step(holder["state"], batch)
+
+  for r in range(1, rounds + 1):
+    for side, fn, batches in (("ours", ours, ours_batches), ("hf_fixed", hf_step, hf_fixed),
+                              ("hf_dynamic", hf_step, hf_dynamic)):
+      fn(batches[r])
+      start = time.perf_counter()
+      fn(batches[r])
+      times[side].append(time.perf_counter() - start)
   print(f"[train] {label}: s/step min/median/max ours {common.spread(times['ours'])}, HF fixed "
         f"{common.spread(times['hf_fixed'])}, HF dynamic {common.spread(times['hf_dynamic'])}; load {common.load_average()}",
         flush=True)
