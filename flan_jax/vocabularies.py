@@ -11,6 +11,7 @@ corpus, and built on first use only: registering tasks with it costs nothing. Th
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from typing import Callable, Iterable
@@ -58,6 +59,15 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     return proto.SerializeToString(deterministic=True)
 
 
+def _write_atomically(path: str, data: bytes) -> None:
+    """Writes under a unique name, then renames: concurrent builders (test workers, hosts) never see a torn file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 class CorpusSentencePieceVocabulary(seqio.SentencePieceVocabulary):
     """A seqio SentencePieceVocabulary whose model file is trained from `corpus_fn()` the first time it is needed.
 
@@ -74,14 +84,17 @@ class CorpusSentencePieceVocabulary(seqio.SentencePieceVocabulary):
     def build(self) -> str:
         """Trains and writes the model if it is not cached yet; returns its path."""
         path = self._sentencepiece_model_file
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            model = train_sentencepiece(self._corpus_fn(), self._requested_size)
-            # Written under a unique name and renamed: concurrent builders (test workers, hosts) never see a torn file.
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(model)
-            os.replace(tmp, path)
+        if os.path.exists(path):
+            return path
+        model = train_sentencepiece(self._corpus_fn(), self._requested_size)
+        try:
+            _write_atomically(path, model)
+        except OSError as e:  # e.g. a read-only home directory: use the temp dir, and say so
+            fallback = os.path.join(tempfile.gettempdir(), "flan_jax", os.path.basename(path))
+            logging.warning("cannot write the vocabulary to %s (%s); using %s instead (set %s to choose)",
+                            path, e, fallback, CACHE_ENV)
+            _write_atomically(fallback, model)
+            self._sentencepiece_model_file = path = fallback
         return path
 
     @property

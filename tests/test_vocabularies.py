@@ -50,3 +50,13 @@ def test_default_collection_vocabulary_has_word_pieces():
     num_bytes = sum(len(t.encode()) for t in texts)
     num_tokens = sum(len(vocab.encode(t)) for t in texts)
     assert num_bytes / num_tokens > 2.5
+
+
+def test_unwritable_cache_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache directory should be")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(vocabularies.tempfile, "tempdir", str(tmp_path / "tmp"))
+    vocab = vocabularies.CorpusSentencePieceVocabulary("t", corpus, 400, "k3", directory=str(blocker / "cache"))
+    assert vocab.decode(vocab.encode("Is 3 even?")) == "Is 3 even?"
+    assert vocab.sentencepiece_model_file.startswith(str(tmp_path / "tmp"))
