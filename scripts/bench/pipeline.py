@@ -14,8 +14,8 @@ tf.data (chunked vs one element per record), and the packer.
 Both read the mixture unshuffled with the same seed, so they sample the same task sequence; the suite checks that the
 first examples are identical before timing (which also warms both up). Lengths 256/64 (the default CPU run). Timed:
 iterating N mixture examples (quick 4k, full 30k) through the converter, batched by 64, including the start-up of
-the 18 task sources (reported separately as the time to the first batch); the two alternate twice and each keeps its
-fastest pass. The full run also times rendering + tokenizing alone (no packing).
+the 18 task sources (reported separately as the time to the first batch); the two alternate twice (--quick: once) and each
+keeps its fastest pass. The full run also times rendering + tokenizing alone (no packing).
 """
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def run(quick: bool) -> list[dict]:
   num_examples = 4_000 if quick else 30_000
   name = f"{MIXTURE}_{LENGTHS['inputs']}_{LENGTHS['targets']}_{num_examples // 1000}k"
   rates, firsts = compare("render+tokenize+pack", ours, plain, PackedEncDecFeatureConverter,
-                          lambda: seqio.EncDecFeatureConverter(pack=True), num_examples)
+                          lambda: seqio.EncDecFeatureConverter(pack=True), num_examples, rounds=1 if quick else 2)
   results = [row(SUITE, f"{name}_render_tokenize_pack_examples_per_s", rates["ours"], rates["plain"], "examples/s"),
              row(SUITE, f"{name}_render_tokenize_pack_first_batch_s (lower is better)", firsts["ours"],
                  firsts["plain"], "s")]
