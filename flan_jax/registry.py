@@ -246,12 +246,14 @@ def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0
             break
         try:
             values = normalize_record(spec, record, need_rationale=(variant == "cot"))
-            yield render_example(spec, variant, split, index, values, pool)
+            example = render_example(spec, variant, split, index, values, pool)
         except MalformedRecordError as e:
             if spec.record_policy == "fail_fast":
                 raise MalformedRecordError(e.reason, e.detail, f"task {task_name!r}, split {split!r}, "
                                                                f"record {index}") from None
             _count_error(task_name, e.reason)
+            continue
+        yield example  # outside the try: closing a suspended stream (e.g. at exit) must not run the except clause
 
 
 # ----------------------------------------------------------------------------------------------------------------

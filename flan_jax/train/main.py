@@ -83,6 +83,7 @@ def train_config(
         async_checkpointing: bool = True,
         init_checkpoint: Optional[str] = None,
     input_sharding: str = "per_process_shard",
+    input_pipeline: str = "seqio",
     restore_optimizer_state: bool = False,
     peak_tflops: Optional[float] = None,
     adafactor_multiply_by_parameter_scale: bool = True,
@@ -91,7 +92,7 @@ def train_config(
     return loop.TrainConfig(
             model_dir=model_dir, model=model,
             input=data_lib.InputConfig(mixture_or_task_name, task_feature_lengths, batch_size, seed=seed,
-                                     input_sharding=input_sharding),
+                                     input_sharding=input_sharding, pipeline=input_pipeline),
             train_steps=train_steps, eval_mixture_or_task_name=eval_mixture_or_task_name,
             schedule=optim.ScheduleConfig(schedule, learning_rate, warmup_steps),
             loss=step_lib.LossConfig(z_loss, label_smoothing,

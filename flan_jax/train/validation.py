@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from flan_jax import native_pipeline
 from flan_jax.models import t5
 from flan_jax.train import data as data_lib, loss as loss_lib, optim, partitioning
 
@@ -116,6 +117,8 @@ def validate_config(cfg, num_devices: int) -> None:
           f"BATCH_SIZE={cfg.input.global_batch_size} is not divisible by the data-parallel size {dp}")
     _need(cfg.input.global_batch_size % cfg.num_microbatches == 0,
           f"NUM_MICROBATCHES={cfg.num_microbatches} does not divide BATCH_SIZE={cfg.input.global_batch_size}")
+    _need(cfg.input.pipeline in native_pipeline.PIPELINES,
+          f"train.input_pipeline={cfg.input.pipeline!r}: expected one of {native_pipeline.PIPELINES}")
     _need(cfg.input.input_sharding in data_lib.INPUT_SHARDINGS,
           f"train.input_sharding={cfg.input.input_sharding!r}: expected one of {data_lib.INPUT_SHARDINGS}")
 
@@ -123,6 +126,11 @@ def validate_config(cfg, num_devices: int) -> None:
                       ("EVAL_MIXTURE_OR_TASK_NAME", cfg.eval_mixture_or_task_name)):
         if key == "MIXTURE_OR_TASK_NAME" or name:
             check_vocabulary(cfg.model, data_lib.resolve_mixture_or_task(name, key=key), key)
+    if cfg.input.pipeline == "native":
+        try:
+            native_pipeline.registry_components(cfg.input.mixture_or_task_name)
+        except ValueError as e:
+            raise ConfigValueError(str(e)) from None
     if cfg.best_metric is not None:
         _need(isinstance(cfg.best_metric, str) and "/" in cfg.best_metric,
               f"BEST_METRIC={cfg.best_metric!r}: expected '<task>/<metric>', e.g. 'mean_seen/accuracy'")

@@ -7,6 +7,8 @@
               that renders each example with tf.py_function (the same template choice and options formatting, so
               both sides produce identical examples), seqio tokenize/append EOS, a seqio.Mixture with the same rates,
               and seqio.EncDecFeatureConverter(pack=True).
+  native      train.input_pipeline='native' (flan_jax.native_pipeline): the same examples, rendered, tokenized,
+              mixed and packed in Python without tf.data (reported as its own rows, against the same plain seqio).
 Rendering is Python on both sides (templates pick a random template per example and format option lists, which tf
 string ops alone cannot express without re-implementing the templates); the differences are how records reach
 tf.data (chunked vs one element per record), and the packer.
@@ -125,6 +127,22 @@ def timed_pass(mixture, converter, num_examples: int) -> tuple[float, float, int
   return time.perf_counter() - start, first, rows
 
 
+def timed_native(num_examples: int) -> tuple[float, float, int]:
+  """(seconds, seconds to the first batch, examples read) for flan_jax.native_pipeline: the same tasks rendered,
+  tokenized, mixed and packed in Python (train.input_pipeline='native'), until the packer has read N examples."""
+  from flan_jax import native_pipeline
+  from flan_jax.packing import PackedEncDecFeatureConverter
+
+  converter = PackedEncDecFeatureConverter()
+  first = None
+  start = time.perf_counter()
+  for _ in native_pipeline.packed_batches(MIXTURE, LENGTHS, 64, converter, shuffle=False, seed=0):
+    first = first or time.perf_counter() - start
+    if converter.stats.examples_in >= num_examples:
+      break
+  return time.perf_counter() - start, first, converter.stats.examples_in
+
+
 def check_same_examples(ours, plain, count: int = 64) -> None:
   a = list(mixture_examples(ours, count).as_numpy_iterator())
   b = list(mixture_examples(plain, count).as_numpy_iterator())
@@ -170,6 +188,14 @@ def run(quick: bool) -> list[dict]:
   results = [row(SUITE, f"{name}_render_tokenize_pack_examples_per_s", rates["ours"], rates["plain"], "examples/s"),
              row(SUITE, f"{name}_render_tokenize_pack_first_batch_s (lower is better)", firsts["ours"],
                  firsts["plain"], "s")]
+  native = [timed_native(num_examples) for _ in range(1 if quick else 2)]
+  seconds, first, count = min(native)
+  print(f"[pipeline] native: {count} examples in {seconds:.2f} s (first batch after {first:.2f} s); "
+        f"load {common.load_average()}", flush=True)
+  results += [row(SUITE, f"{name}_native_render_tokenize_pack_examples_per_s", count / seconds, rates["plain"],
+                  "examples/s"),
+              row(SUITE, f"{name}_native_render_tokenize_pack_first_batch_s (lower is better)", first,
+                  firsts["plain"], "s")]
   if not quick:
     rates, _ = compare("render+tokenize", ours, plain, lambda: None, lambda: None, num_examples)
     results.append(row(SUITE, f"{name}_render_tokenize_examples_per_s", rates["ours"], rates["plain"],
