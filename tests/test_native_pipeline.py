@@ -82,17 +82,31 @@ def test_non_registry_task_is_refused_with_its_name():
         native_pipeline.registry_components(name)
 
 
-def test_trainer_runs_on_the_native_pipeline(tmp_path):
-    from flan_jax.train import main as train_main_lib
+def test_trainer_on_the_native_pipeline_resumes_bitwise(tmp_path):
+    """Train 8 steps; separately train 4, stop, and resume to 8: the losses of steps 5-8 must be identical."""
+    from flan_jax.train import loop, main as train_main_lib
     from flan_jax.train.metrics_log import read_metrics
     tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs", "runs",
                         "tiny_test.gin")
-    d = str(tmp_path / "native")
-    train_main_lib.train_main([f"--gin_file={tiny}", f"--gin.MODEL_DIR={d}", "--gin.train.input_pipeline='native'",
-                               "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=0", "--gin.LOG_PERIOD=2"])
-    rows = read_metrics(d)
-    losses = [r["value"] for r in rows if r["metric"] == "loss" and r["split"] == "train"]
-    assert len(losses) == 2 and all(np.isfinite(losses))
-    assert any(r["metric"] == "packing_examples_in" and r["value"] > 0 for r in rows)
+    flags = ["--gin.train.input_pipeline='native'", "--gin.TRAIN_STEPS=8", "--gin.EVAL_PERIOD=0",
+             "--gin.LOG_PERIOD=1", "--gin.CHECKPOINT_PERIOD=4"]
+
+    def losses(d):
+        rows = read_metrics(d)
+        assert any(r["metric"] == "packing_examples_in" and r["value"] > 0 for r in rows)
+        return {r["step"]: r["value"] for r in rows if r["metric"] == "loss" and r["split"] == "train"}
+
+    full = str(tmp_path / "full")
+    train_main_lib.train_main([f"--gin_file={tiny}", f"--gin.MODEL_DIR={full}", *flags])
+    resumed = str(tmp_path / "resumed")
+    cfg = train_main_lib._configured([f"--gin_file={tiny}", f"--gin.MODEL_DIR={resumed}", *flags])[1]
+    loop.run(cfg, feature_converter=train_main_lib.make_feature_converter(), stop_after_steps=4)
+    train_main_lib.train_main([f"--gin_file={tiny}", f"--gin.MODEL_DIR={resumed}", *flags])
+    a, b = losses(full), losses(resumed)
+    assert sorted(a) == list(range(1, 9)) and all(np.isfinite(list(a.values())))
+    for step in range(5, 9):
+        assert a[step] == b[step], (step, a[step], b[step])
+    assert a[1] != a[8]
     with pytest.raises(train_main_lib.ConfigError, match="input_pipeline"):
-        train_main_lib.train_main([f"--gin_file={tiny}", f"--gin.MODEL_DIR={d}x", "--gin.train.input_pipeline='tfx'"])
+        train_main_lib.train_main([f"--gin_file={tiny}", f"--gin.MODEL_DIR={full}x",
+                                   "--gin.train.input_pipeline='tfx'"])
