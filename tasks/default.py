@@ -133,16 +133,11 @@ TASKS = {
 def vocabulary_corpus() -> list[str]:
     """Rendered inputs, targets and options of every default task and variant (what the vocabulary is trained on)."""
     texts = []
-    for name in TASKS:
-        spec = registry.task_spec(name)
-        for task in registry.list_tasks(COLLECTION):
-            if registry.task_info(task).base_task != name:
-                continue
-            variant = registry.task_info(task).variant
-            for i, example in enumerate(registry.iter_examples(spec, variant, "train")):
-                if i >= VOCAB_CORPUS_RECORDS:
-                    break
-                texts += [example["inputs"], example["targets"], *example["options"]]
+    for task in registry.list_tasks(COLLECTION):
+        info = registry.task_info(task)
+        examples = registry.iter_examples(registry.task_spec(info.base_task), info.variant, "train")
+        for _, example in zip(range(VOCAB_CORPUS_RECORDS), examples):
+            texts += [example["inputs"], example["targets"], *example["options"]]
     return texts
 
 

@@ -74,7 +74,7 @@ class T5Config:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ValueError(f'T5Config.{key}={value!r}: expected a positive int')
             if value <= 0:
-                raise ValueError(f'T5Config.{key}={getattr(self, key)}: must be positive')
+                raise ValueError(f'T5Config.{key}={value}: must be positive')
 
     @classmethod
     def preset(cls, name: str, **overrides) -> 'T5Config':

@@ -7,6 +7,7 @@ iterator past the s * batches already consumed and sees exactly the batches an u
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Iterator, Mapping, Optional
 
 import jax
@@ -63,28 +64,21 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter,
     local = local_batch_size(cfg.global_batch_size)
     # Our packer truncates (or drops) over-length examples itself and counts them; seqio's trimming is silent.
     counts_truncation = hasattr(feature_converter, "stats")
+    batch_size = local if per_process else cfg.global_batch_size
     if cfg.pipeline == "native":
         from flan_jax import native_pipeline
-        batches = native_pipeline.packed_batches(
-                cfg.mixture_or_task_name, cfg.task_feature_lengths,
-                local if per_process else cfg.global_batch_size, feature_converter, split=cfg.split, seed=cfg.seed,
-                shuffle=cfg.shuffle, shard_index=index if per_process else 0, num_shards=n_proc if per_process else 1)
-        for step, batch in enumerate(batches):
-            if step < skip_batches:
-                continue
-            if not per_process and n_proc > 1:
-                batch = {k: v[index * local:(index + 1) * local] for k, v in batch.items()}
-            yield batch
-        return
-    ds = seqio.get_dataset(
-            cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
-            feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
-            shard_info=seqio.ShardInfo(index=index, num_shards=n_proc) if per_process else None, seed=cfg.seed,
-            batch_size=local if per_process else cfg.global_batch_size, verbose=False,
-            trim_output_features=not counts_truncation)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
-    for batch in ds.as_numpy_iterator():
+        batches = itertools.islice(native_pipeline.packed_batches(
+                cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter, split=cfg.split,
+                seed=cfg.seed, shuffle=cfg.shuffle, shard_index=index if per_process else 0,
+                num_shards=n_proc if per_process else 1), skip_batches, None)
+    else:
+        ds = seqio.get_dataset(
+                cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
+                feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
+                shard_info=seqio.ShardInfo(index=index, num_shards=n_proc) if per_process else None, seed=cfg.seed,
+                batch_size=batch_size, verbose=False, trim_output_features=not counts_truncation)
+        batches = ds.skip(skip_batches).as_numpy_iterator() if skip_batches else ds.as_numpy_iterator()
+    for batch in batches:
         if not per_process and n_proc > 1:
             batch = {k: v[index * local:(index + 1) * local] for k, v in batch.items()}
         yield batch
