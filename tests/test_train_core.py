@@ -43,6 +43,31 @@ def test_cross_entropy_matches_log_softmax_and_z_loss():
     np.testing.assert_allclose(z, 1e-2 * lse ** 2, rtol=1e-6)
 
 
+def test_cross_entropy_hand_written_gradient_matches_autodiff():
+    logits = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 13)) * 4
+    targets = jax.random.randint(jax.random.PRNGKey(2), (2, 5), 0, 13)
+    weights = jax.random.uniform(jax.random.PRNGKey(3), (2, 5))
+
+    def reference(lg):
+        lse = jax.nn.logsumexp(lg, -1)
+        ce = lse - jnp.take_along_axis(lg, targets[..., None], -1)[..., 0]
+        return jnp.sum((ce + 1e-2 * lse ** 2) * weights) + jnp.sum(jnp.sin(lse))
+
+    def ours(lg):
+        tok, z = loss_lib.token_cross_entropy(lg, targets, z_loss=1e-2)
+        lse = jnp.sqrt(z / 1e-2) * jnp.sign(jax.nn.logsumexp(lg, -1))  # the z-loss output carries a gradient too
+        return jnp.sum(tok * weights) + jnp.sum(jnp.sin(lse))
+
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), rtol=1e-4, atol=1e-5)
+
+
+def test_predicted_correctly_agrees_with_argmax_without_ties():
+    logits = jax.random.normal(jax.random.PRNGKey(4), (3, 7, 50))
+    targets = jnp.argmax(logits, -1).at[:, ::2].set(5)
+    np.testing.assert_array_equal(loss_lib.predicted_correctly(logits, targets),
+                                  jnp.argmax(logits, -1) == targets)
+
+
 def test_label_smoothing_perfect_prediction_has_near_zero_loss():
     vocab, ls = 7, 0.1
     soft = np.full(vocab, ls / (vocab - 1))

@@ -1,6 +1,7 @@
 """Token cross-entropy with z-loss and label smoothing, and T5X's loss normalizers (packing-aware)."""
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import jax
@@ -14,20 +15,54 @@ NORMALIZER_NAMES = ("none", "num_real_target_tokens", "average_per_sequence")
 def token_cross_entropy(logits, targets, *, z_loss: float = 0.0, label_smoothing: float = 0.0):
     """Per-token loss [B, L] (cross-entropy + z_loss * logsumexp^2) and the z-loss part alone, both float32."""
     logits = logits.astype(jnp.float32)
+    if label_smoothing == 0:
+        token_loss, log_z = _hard_target_loss(logits, targets, float(z_loss))
+        return token_loss, z_loss * jnp.square(log_z)
     vocab = logits.shape[-1]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     log_probs = logits - log_z[..., None]
     confidence = 1.0 - label_smoothing
-    if label_smoothing > 0:
-        low = label_smoothing / (vocab - 1)
-        soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
-        # Subtract the entropy of the soft targets so a perfect prediction has zero loss (as T5X does).
-        floor = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-        ce = -jnp.sum(soft * log_probs, axis=-1) - floor
-    else:
-        ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    low = label_smoothing / (vocab - 1)
+    soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+    # Subtract the entropy of the soft targets so a perfect prediction has zero loss (as T5X does).
+    floor = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
     zl = z_loss * jnp.square(log_z)
-    return ce + zl, zl
+    return -jnp.sum(soft * log_probs, axis=-1) - floor + zl, zl
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _hard_target_loss(logits, targets, z_loss: float):
+    """(log_z - logit[target] + z_loss * log_z^2, log_z), with a hand-written gradient.
+
+    Autodiff of take_along_axis scatters into a zeroed [B, L, vocab] buffer and adds it to the softmax term; here the
+    gradient is one elementwise pass, softmax * (1 + 2 z log_z) - onehot, with the one-hot made by an iota compare.
+    """
+    return _hard_target_loss_fwd(logits, targets, z_loss)[0]
+
+
+def _hard_target_loss_fwd(logits, targets, z_loss):
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return (log_z - target_logit + z_loss * jnp.square(log_z), log_z), (logits, targets, log_z)
+
+
+def _hard_target_loss_bwd(z_loss, residuals, cotangents):
+    logits, targets, log_z = residuals
+    g_loss, g_log_z = cotangents
+    probs = jnp.exp(logits - log_z[..., None])
+    scale = (g_loss * (1.0 + 2.0 * z_loss * log_z) + g_log_z)[..., None]
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+    return probs * scale - jnp.where(onehot, g_loss[..., None], 0.0), None
+
+
+_hard_target_loss.defvjp(_hard_target_loss_fwd, _hard_target_loss_bwd)
+
+
+def predicted_correctly(logits, targets):
+    """[B, L] bool: the target has the highest logit. A max-compare instead of argmax, which XLA:CPU runs as a slow
+    two-output reduction; the two differ only on exact ties, which argmax breaks towards the lower id."""
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return target_logit >= jnp.max(logits, axis=-1)
 
 
 def loss_weights_and_denominator(batch, normalizer: Normalizer):
@@ -66,7 +101,7 @@ def summed_loss(logits, batch, *, z_loss=0.0, label_smoothing=0.0, normalizer: N
     token_loss, token_z = token_cross_entropy(
             logits, batch["decoder_target_tokens"], z_loss=z_loss, label_smoothing=label_smoothing)
     weights, denom = loss_weights_and_denominator(batch, normalizer)
-    correct = (jnp.argmax(logits, -1) == batch["decoder_target_tokens"]).astype(jnp.float32)
+    correct = predicted_correctly(logits, batch["decoder_target_tokens"]).astype(jnp.float32)
     real = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
     aux = {
             "z_loss_sum": jnp.sum(token_z * weights),
