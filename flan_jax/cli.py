@@ -20,6 +20,9 @@ commands:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:  # a real command line (not a call from Python): restart once with the tuned malloc
+        from flan_jax.runtime_env import reexec_with_tuned_malloc
+        reexec_with_tuned_malloc(["-m", "flan_jax.cli", *sys.argv[1:]])
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -1,0 +1,38 @@
+"""The malloc tunables the command-line entry points restart with (flan_jax/runtime_env.py)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flan_jax import runtime_env
+
+
+def test_tuned_environ_adds_the_tunables_and_keeps_the_users_own():
+    env = runtime_env.tuned_environ({"PATH": "/bin"})
+    assert env["GLIBC_TUNABLES"].split(":") == list(runtime_env.MALLOC_TUNABLES)
+    assert env["PATH"] == "/bin"
+
+    mine = runtime_env.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.cpu.x86_ibt=off"})
+    parts = mine["GLIBC_TUNABLES"].split(":")
+    assert parts[:2] == ["glibc.malloc.hugetlb=0", "glibc.cpu.x86_ibt=off"]  # the user's values win
+    assert "glibc.malloc.hugetlb=1" not in parts
+    assert "glibc.malloc.mmap_max=0" in parts
+
+    assert runtime_env.tuned_environ(mine) == mine  # idempotent: a restarted process does not restart again
+    off = {runtime_env.OPT_OUT_VARIABLE: "0"}
+    assert runtime_env.tuned_environ(off) == off
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are Linux-only")
+def test_entry_point_restarts_once_with_the_tunables():
+    child = ("from flan_jax.runtime_env import reexec_with_tuned_malloc as r; import os, sys; "
+             "print('run', os.environ.get('GLIBC_TUNABLES', '-')); "
+             "r(['-c', 'import os; print(\"child\", os.environ[\"GLIBC_TUNABLES\"])'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime_env.OPT_OUT_VARIABLE)}
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["run -", "child " + ":".join(runtime_env.MALLOC_TUNABLES)]
+
+    env[runtime_env.OPT_OUT_VARIABLE] = "0"
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["run -"]  # opted out: no restart
