@@ -85,6 +85,37 @@ def test_packed_loss_equals_sum_of_unpacked_losses(params, from_features):
     np.testing.assert_allclose(float(packed_loss), float(unpacked_loss), rtol=1e-5)
 
 
+def _loss_and_grads(config, params, batch):
+    def loss(p):
+        return _cross_entropy(t5.forward(config, p, batch), batch['decoder_target_tokens'],
+                              batch['decoder_loss_weights'])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_packed_gradient_equals_sum_of_unpacked_gradients(params):
+    rng = np.random.default_rng(4)
+    examples = [_example(rng, a, b) for a, b in LENGTHS]
+    _, packed = _loss_and_grads(CONFIG, params, _pack(examples, 20, 20))
+    unpacked = [_loss_and_grads(CONFIG, params, _unpacked(i, t, 12, 8))[1] for i, t in examples]
+    total = jax.tree.map(lambda *g: sum(g), *unpacked)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(packed), jax.tree.leaves(total)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_hand_written_attention_logits_gradient_matches_autodiff(params, monkeypatch):
+    """The masked, shared-bias logits skip autodiff's select and sum the bias over rows with a dot; same gradient."""
+    rng = np.random.default_rng(5)
+    batch = _pack([_example(rng, a, b) for a, b in LENGTHS], 20, 20)   # padding rows: fully masked queries
+    loss, grads = _loss_and_grads(CONFIG, params, batch)
+    monkeypatch.setattr(t5, '_masked_shared_bias_logits',
+                        lambda logits, bias, mask: jnp.where(mask, logits + bias, t5.MASK_VALUE))
+    ref_loss, ref_grads = _loss_and_grads(CONFIG, params, batch)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    assert np.abs(np.asarray(grads['encoder']['relpos_bias']['rel_embedding'])).max() > 1e-3
+
+
 def test_changing_one_packed_example_leaves_neighbours_unchanged(params):
     rng = np.random.default_rng(2)
     examples = [_example(rng, a, b) for a, b in LENGTHS]
