@@ -141,7 +141,7 @@ def packed_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str,
     examples = mixture_token_stream(mixture_or_task_name, split, seed=seed, shuffle=shuffle,
                                     shard_index=shard_index, num_shards=num_shards)
     rows = []
-    for row in packing.pack_examples(examples, lengths, stats=stats, **converter._packing_options):
+    for row in packing.pack_examples(examples, lengths, stats=stats, **converter.packing_options):
         rows.append(row)
         if len(rows) == batch_size:
             yield packing.encdec_feature_batch(rows, lengths, converter.bos_id)

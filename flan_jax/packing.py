@@ -368,9 +368,10 @@ class _BestFitPackingMixin:
     if overlength not in OVERLENGTH_POLICIES:
       raise ValueError(f"{type(self).__name__}: overlength must be one of {OVERLENGTH_POLICIES}, got {overlength!r}")
     BestFitPacker((1,), buffer_size=buffer_size, max_segments_per_row=max_segments_per_row, lookahead=lookahead)
-    self._packing_options = dict(buffer_size=buffer_size, max_segments_per_row=max_segments_per_row,
-                                 overlength=overlength, lookahead=lookahead, secondary_weight=secondary_weight,
-                                 seed=seed)
+    # The keyword arguments of pack_examples; the native input pipeline packs with them too.
+    self.packing_options = dict(buffer_size=buffer_size, max_segments_per_row=max_segments_per_row,
+                                overlength=overlength, lookahead=lookahead, secondary_weight=secondary_weight,
+                                seed=seed)
     self._read_batch_size = read_batch_size
     self._rows_per_yield = rows_per_yield
     self.stats = PackingStats()  # replaced by a fresh object per converted dataset
@@ -383,7 +384,7 @@ class _BestFitPackingMixin:
   def _best_fit_pack(self, ds, keys, lengths, concatenate, rows_to_features, model_lengths):
     stats = PackingStats()
     self.stats = stats
-    options = dict(self._packing_options)
+    options = dict(self.packing_options)
     source = ds.map(lambda ex: {k: ex[k] for k in keys}, num_parallel_calls=tf.data.AUTOTUNE)
     source = source.ragged_batch(self._read_batch_size).map(
         lambda b: {k: (b[k].flat_values, b[k].row_lengths()) for k in keys}).prefetch(2)

@@ -77,7 +77,7 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter,
                 feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
                 shard_info=seqio.ShardInfo(index=index, num_shards=n_proc) if per_process else None, seed=cfg.seed,
                 batch_size=batch_size, verbose=False, trim_output_features=not counts_truncation)
-        batches = ds.skip(skip_batches).as_numpy_iterator() if skip_batches else ds.as_numpy_iterator()
+        batches = ds.skip(skip_batches).as_numpy_iterator()
     for batch in batches:
         if not per_process and n_proc > 1:
             batch = {k: v[index * local:(index + 1) * local] for k, v in batch.items()}
