@@ -14,13 +14,17 @@ Mixtures:
   flan_default_eval   one zero-shot task per base task on "validation": zs_opt for option tasks, zs_noopt otherwise.
 Few-shot variants are registered (inputs fit 256 bytes) but left out of the default train mixture.
 
-Vocabulary: a 2048-piece BPE model trained on the collection's own rendered prompts on first use (see
+Validation records never equal train records: each generator's value space is partitioned between the splits (see
+flan_jax.sources.generated), so seen-task accuracy measures the rule, not recall.
+
+Vocabulary: a 2048-piece BPE model trained on first use on the train records of the train mixture's tasks only (see
 flan_jax.vocabularies), so words and labels are single pieces and prompts are ~2.8x shorter than in bytes; the tiny
 default model then learns the seen classification tasks within minutes. FLAN_JAX_VOCAB overrides it.
 """
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 from flan_jax import mixing, registry, vocabularies
 from flan_jax.sources.generated import GeneratedSource
@@ -130,14 +134,28 @@ TASKS = {
 }
 
 
-def vocabulary_corpus() -> list[str]:
-    """Rendered inputs, targets and options of every default task and variant (what the vocabulary is trained on)."""
-    texts = []
-    for task in registry.list_tasks(COLLECTION):
+def train_mixture_tasks() -> list[str]:
+    """The seqio tasks the train mixture reads (zs_opt and zs_noopt variants of the seen clusters' tasks)."""
+    seen = [name for name, spec in TASKS.items() if spec[0] not in HELD_OUT_CLUSTERS]
+    return [t for base in seen for t in (f"{base}_{v}" for v in TRAIN_VARIANTS) if t in registry.list_tasks(COLLECTION)]
+
+
+def vocabulary_corpus_examples() -> Iterator[tuple[str, int, dict]]:
+    """(task, train record index, rendered example) for the first VOCAB_CORPUS_RECORDS train records of each task
+    the train mixture reads: no validation record and nothing of the held-out clusters (not even their templates)
+    shapes the vocabulary, so held-out prompts are tokenized as unseen text is."""
+    for task in train_mixture_tasks():
         info = registry.task_info(task)
         examples = registry.iter_examples(registry.task_spec(info.base_task), info.variant, "train")
-        for _, example in zip(range(VOCAB_CORPUS_RECORDS), examples):
-            texts += [example["inputs"], example["targets"], *example["options"]]
+        for index, example in zip(range(VOCAB_CORPUS_RECORDS), examples):
+            yield task, index, example
+
+
+def vocabulary_corpus() -> list[str]:
+    """Rendered inputs, targets and options of `vocabulary_corpus_examples` (what the vocabulary is trained on)."""
+    texts = []
+    for _, _, example in vocabulary_corpus_examples():
+        texts += [example["inputs"], example["targets"], *example["options"]]
     return texts
 
 
@@ -160,9 +178,7 @@ def register(seed: int = SEED) -> None:
         registry.register_task(name, GeneratedSource(name, generate, seed=seed, num_examples=counts), templates,
                                fields=fields, vocabulary=vocab,
                                cluster=cluster, collection=COLLECTION, few_shot=FEW_SHOT, seed=seed, **extra)
-    seen = [name for name, spec in TASKS.items() if spec[0] not in HELD_OUT_CLUSTERS]
-    train_tasks = [t for base in seen for t in (f"{base}_{v}" for v in TRAIN_VARIANTS)
-                   if t in registry.list_tasks(COLLECTION)]
+    train_tasks = train_mixture_tasks()
     mixing.register_mixture(TRAIN_MIXTURE, mixing.example_proportional_rates(mixing.num_train_examples(train_tasks)))
     eval_tasks = [f"{name}_zs_opt" if registry.task_spec(name).has_options else f"{name}_zs_noopt" for name in TASKS]
     mixing.register_mixture(EVAL_MIXTURE, {t: 1.0 for t in eval_tasks})
