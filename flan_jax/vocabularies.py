@@ -98,6 +98,11 @@ class CorpusSentencePieceVocabulary(seqio.SentencePieceVocabulary):
         return path
 
     @property
+    def corpus_fn(self) -> Callable[[], Iterable[str]]:
+        """The function whose texts the model is (or will be) trained on."""
+        return self._corpus_fn
+
+    @property
     def is_built(self) -> bool:
         return os.path.exists(self._sentencepiece_model_file)
 
