@@ -100,14 +100,25 @@ def test_collection_errors_name_the_file(tmp_path):
 
 @pytest.mark.slow
 def test_cli_end_to_end_trains_on_generated_data(tmp_path, capsys):
+    """A tiny model trained a few steps on the seed tasks themselves (as a selfinstruct collection, BPE vocabulary
+    of the default collection) generates data with the CLI; the data is registered and trained on."""
+    import shutil
+
     from flan_jax.generation import cli
     from flan_jax.train import main as train_main
+    from tasks import default
 
-    model_dir, out = str(tmp_path / "model"), str(tmp_path / "si")
-    train_main.train_main([f"--gin_file={TINY}", f"--gin.MODEL_DIR={model_dir}", "--gin.TRAIN_STEPS=4",
-                           "--gin.EVAL_PERIOD=0", "--gin.CHECKPOINT_PERIOD=4"])
-    assert cli.main([f"--gin_file={TINY}", f"--checkpoint={model_dir}", f"--seed_tasks={SEEDS}", f"--out={out}",
-                     "--num_instructions=4", "--batch_size=4", "--max_instruction_tokens=48",
+    seed_dir, model_dir, out = tmp_path / "seeds", str(tmp_path / "model"), str(tmp_path / "si")
+    seed_dir.mkdir()
+    shutil.copy(SEEDS, seed_dir / "self_instruct.jsonl")
+    (seed_dir / "vocabulary.model").write_bytes(default.vocabulary().sp_model)
+    selfinstruct.register(str(seed_dir))
+    on_seeds = ["--gin.MIXTURE_OR_TASK_NAME='selfinstruct_train'", "--gin.EVAL_MIXTURE_OR_TASK_NAME=None",
+                "--gin.BEST_METRIC=None", "--gin.EVAL_PERIOD=0"]
+    train_main.train_main([f"--gin_file={TINY}", f"--gin.MODEL_DIR={model_dir}", *on_seeds, "--gin.TRAIN_STEPS=10",
+                           "--gin.LEARNING_RATE=1e-2", "--gin.CHECKPOINT_PERIOD=10"])
+    assert cli.main([f"--gin_file={TINY}", f"--checkpoint={model_dir}", *on_seeds, f"--seed_tasks={SEEDS}",
+                     f"--out={out}", "--num_instructions=4", "--batch_size=4", "--max_instruction_tokens=48",
                      "--max_instance_tokens=48", "--max_rounds=6", "--temperature=1.0", "--top_p=0.9"]) == 0
     assert "instructions/s" in capsys.readouterr().out
     report = json.loads(open(os.path.join(out, "report.json")).read())
@@ -116,9 +127,7 @@ def test_cli_end_to_end_trains_on_generated_data(tmp_path, capsys):
     assert rows, report   # a dataset, whatever its quality
     assert os.path.isfile(os.path.join(out, "vocabulary.model"))
     selfinstruct.register(out)
-    results = train_main.train_main([f"--gin_file={TINY}", f"--gin.MODEL_DIR={tmp_path / 'ft'}",
-                                     "--gin.MIXTURE_OR_TASK_NAME='selfinstruct_train'",
-                                     "--gin.EVAL_MIXTURE_OR_TASK_NAME=None", "--gin.BEST_METRIC=None",
-                                     "--gin.TRAIN_STEPS=2", "--gin.EVAL_PERIOD=0", "--gin.CHECKPOINT_PERIOD=0"])
+    train_main.train_main([f"--gin_file={TINY}", f"--gin.MODEL_DIR={tmp_path / 'ft'}", *on_seeds,
+                           "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=0"])
     losses = [r for r in map(json.loads, open(tmp_path / "ft" / "metrics.jsonl")) if r["metric"] == "loss"]
     assert losses and all(np.isfinite(r["value"]) for r in losses)
