@@ -10,7 +10,7 @@ from flan_jax.generation import filters, prompts, rouge
 
 
 @pytest.mark.parametrize("text, reason", [
-    ("Sort these numbers", None),                       # 3 words... plus one below
+    ("Sort these numbers quickly", None),
     ("Sort the numbers below.", None),
     ("Sort three numbers", "too_short"),
     ("", "too_short"),
@@ -33,8 +33,6 @@ from flan_jax.generation import filters, prompts, rouge
     ("3 ways to say hello in different languages.", None),
 ])
 def test_rule_filter(text, reason):
-    if text == "Sort these numbers":
-        text += " quickly"
     assert filters.rule_filter(text) == reason
 
 
