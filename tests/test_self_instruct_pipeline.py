@@ -53,7 +53,7 @@ def test_pipeline_accounting_with_a_random_model(tmp_path):
     seeds = prompts.load_seed_tasks(SEEDS)
     model = TextModel(config, params, vocab, max_input_length=96, batch_size=4)
     cfg = self_instruct.SelfInstructConfig(num_instructions=3, max_instruction_tokens=32, max_instance_tokens=32,
-                                           max_rounds=3, temperature=1.0, top_p=0.9)
+                                           max_rounds=3, temperature=1.0, top_p=0.9, instance_temperature=1.0)
     report = self_instruct.run(model, seeds, cfg, str(tmp_path))
     with open(tmp_path / "self_instruct.jsonl") as f:
         rows = [json.loads(line) for line in f]

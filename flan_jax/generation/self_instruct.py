@@ -6,7 +6,7 @@ Stages (every count goes into report.json):
      and an item cut off by the length limit dropped;
   2. filters: the rules in `filters` then ROUGE-L F1 > 0.7 against every instruction already in the pool;
   3. classification identification: few-shot "Yes"/"No", decided by which the model scores higher;
-  4. instances: output-first for classification tasks, input-first for the others (greedy decoding);
+  4. instances: output-first for classification tasks, input-first for the others (greedy by default);
   5. instance filters (`filters.filter_instances`), at most 5 instances per instruction.
 Output: OUT/self_instruct.jsonl in the seed file's format, OUT/report.json.
 """
@@ -37,6 +37,7 @@ class SelfInstructConfig:
     top_p: float = 0.5
     max_instruction_tokens: int = 128
     max_instance_tokens: int = 128
+    instance_temperature: float = 0.0   # greedy, as in the paper; instance sampling (if > 0) uses top_p too
     rouge_threshold: float = filters.ROUGE_THRESHOLD
     max_instances: int = filters.MAX_INSTANCES
     classification_shots: int = 6
@@ -118,7 +119,8 @@ def generate_instances(model: TextModel, instructions: Sequence[str], is_classif
     by_kind = {kind: [s for s in seeds if s.is_classification == kind] or list(seeds) for kind in (True, False)}
     batch = [prompts.instance_prompt(i, c, rng.sample(by_kind[c], min(cfg.instance_shots, len(by_kind[c]))))
              for i, c in zip(instructions, is_classification)]
-    responses = model.generate(batch, cfg.max_instance_tokens, jax.random.PRNGKey(cfg.seed + 1))
+    responses = model.generate(batch, cfg.max_instance_tokens, jax.random.PRNGKey(cfg.seed + 1),
+                               cfg.instance_temperature, cfg.top_p if cfg.instance_temperature > 0 else 1.0)
     stage, counts = report["instance_generation"], report["instance_filters"]
     rows = []
     for instruction, cls, (text, cut_off) in zip(instructions, is_classification, responses):
