@@ -7,7 +7,7 @@ setup(
     description="Flan-style instruction tuning in JAX: templated seqio tasks, packing, T5, Adafactor, eval.",
     python_requires=">=3.10",
     packages=find_packages(include=["flan_jax", "flan_jax.*", "tasks", "tasks.*"]),
-    package_data={"": ["*.gin", "*.json", "*.yaml"]},
+    package_data={"": ["*.gin", "*.json", "*.jsonl", "*.yaml"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

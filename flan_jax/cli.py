@@ -16,6 +16,7 @@ commands:
     eval      evaluate a checkpoint          (flan-jax eval --gin_file=... --checkpoint=runs/default)
     data      list / show / stats of tasks   (flan-jax data list --collection default)
     convert   checkpoint conversion          (flan-jax convert --from t5x|hf --to hf|orbax IN OUT)
+    self-instruct  generate instruction data (flan-jax self-instruct --gin_file=... --checkpoint=... --out=DIR)
 """
 
 
@@ -40,6 +41,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command == "convert":
         from flan_jax.checkpoints.convert import main as convert
         return convert(rest)
+    if command == "self-instruct":
+        from flan_jax.generation.cli import main as self_instruct
+        return self_instruct(rest)
     print(f"flan-jax: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -100,6 +100,24 @@ def test_sampling_limits_equal_greedy(params, inputs):
     assert (free[0] != free[1]).any()
 
 
+def test_self_instruct_sampling_draws_only_from_the_nucleus(params, inputs):
+    """temperature 0.7 / top-p 0.5 (Self-Instruct's instruction sampling): every first token lies in the smallest set
+    of tokens whose tempered probability reaches 0.5 (computed here in float64), and draws vary within it."""
+    logits = np.asarray(t5.forward(CONFIG, params, {'encoder_input_tokens': inputs,
+                                                    'decoder_input_tokens': np.zeros((len(inputs), 1), np.int32)}))
+    logits = logits[:, 0].astype(np.float64) / 0.7
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1)
+    mass_before = np.cumsum(np.take_along_axis(probs, order, -1), -1) - np.take_along_axis(probs, order, -1)
+    nucleus = [set(order[r][mass_before[r] < 0.5].tolist()) for r in range(len(inputs))]
+    firsts = np.stack([np.asarray(decoding.sample_decode(CONFIG, params, inputs, MAX_LEN, jax.random.PRNGKey(s),
+                                                         temperature=0.7, top_p=0.5))[:, 0] for s in range(16)])
+    for row in range(len(inputs)):
+        assert set(firsts[:, row].tolist()) <= nucleus[row]
+    assert any(len(set(firsts[:, r].tolist())) > 1 for r in range(len(inputs)) if len(nucleus[r]) > 1)
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = jnp.log(jnp.array([[0.5, 0.2, 0.2, 0.1]]))
     kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()

@@ -247,6 +247,16 @@ def eval_main(argv: Sequence[str]) -> dict:
     return run_eval(cfg, args.checkpoint or cfg.model_dir, predictions_dir=args.predictions_dir)
 
 
+def load_trained_model(argv: Sequence[str]):
+    """(TrainConfig, params, step, vocabulary) from eval-style flags (--gin_file ... --checkpoint PATH): the public
+    way for inference tools (flan_jax.generation) to load a checkpoint exactly as `flan-jax eval` does."""
+    args, cfg = _configured(argv)
+    from flan_jax.train.evaluate import restore_params
+    params, step = restore_params(cfg, args.checkpoint or cfg.model_dir)
+    vocab = seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
+    return cfg, params, step, vocab
+
+
 def _cli(fn, name: str, argv) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
