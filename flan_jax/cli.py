@@ -16,6 +16,9 @@ commands:
     eval      evaluate a checkpoint          (flan-jax eval --gin_file=... --checkpoint=runs/default)
     data      list / show / stats of tasks   (flan-jax data list --collection default)
     convert   checkpoint conversion          (flan-jax convert --from t5x|hf --to hf|orbax IN OUT)
+
+train, eval and data take --module NAME (repeatable): import your task-registration module first
+    (flan-jax train --module mymodule --gin_file=... --gin.MIXTURE_OR_TASK_NAME=my_task_zs_opt)
 """
 
 

@@ -59,8 +59,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _import_registrations(modules: Sequence[str]) -> None:
-    for module in ["tasks", *modules]:
-        importlib.import_module(module)
+    from flan_jax.user_modules import import_modules
+
+    importlib.import_module("tasks")
+    try:
+        import_modules(modules)
+    except ValueError as e:
+        raise SystemExit(f"flan-jax data: {e}") from None
 
 
 def _tasks_and_rates(name: str) -> list[tuple[str, float]]:
@@ -70,8 +75,19 @@ def _tasks_and_rates(name: str) -> list[tuple[str, float]]:
     try:
         seqio.get_mixture_or_task(name)
     except ValueError:
+        variants = _variants_of_base_task(name)  # `data list` prints base names for t0, niv2 and cot
+        if variants:
+            return [(variant, 1.0) for variant in variants]
         raise SystemExit(f"flan-jax data: no task or mixture named {name!r} (see `flan-jax data list`)") from None
     return sorted(mixing.mixture_rates(name).items())
+
+
+def _variants_of_base_task(name: str) -> list[str]:
+    from flan_jax import registry
+
+    if name not in registry.list_base_tasks():
+        return []
+    return [task for task in registry.list_tasks() if registry.task_info(task).base_task == name]
 
 
 def _default_split(name: str, task: str) -> str:
@@ -113,11 +129,14 @@ def cmd_list(args, out: TextIO) -> int:
 def cmd_show(args, out: TextIO) -> int:
     import seqio
 
+    empty = []
     with _mock_context(args.mock, args.num_examples):
         for task_name, _ in _tasks_and_rates(args.name):
             split = args.split or _default_split(args.name, task_name)
+            before = _skip_snapshot(task_name)
             ds = seqio.get_mixture_or_task(task_name).get_dataset(
                 sequence_length=None, split=split, shuffle=False, use_cached=False)
+            shown = 0
             for i, ex in enumerate(ds.take(args.num_examples).as_numpy_iterator()):
                 template = ex.get("template_index", -1)
                 print(f"=== {task_name} [{split} #{i}, template {template}] ===", file=out)
@@ -127,7 +146,87 @@ def cmd_show(args, out: TextIO) -> int:
                 if options:
                     print(f"SCORED OPTIONS: {options}", file=out)
                 print(file=out)
-    return 0
+                shown += 1
+            skipped = _skips_since(task_name, before)
+            print(f"# {task_name} [{split}]: shown {shown}; {_describe_skips(skipped)}", file=out)
+            if not shown:
+                empty.append(f"{task_name} [{split}]: no record rendered; {_describe_skips(skipped)}")
+    for line in empty:
+        print(f"flan-jax data show: {line}", file=sys.stderr)
+    return 1 if empty else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Skipped records: the registry counts them per seqio task (`record_is_none` when the source gave None); sources
+# that know why (a JSONL line that is not JSON, a promptsource template the sandbox refused) count their reasons.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _source_chain(task_name: str) -> list:
+    from flan_jax import registry
+
+    try:
+        source = registry.task_spec(registry.task_info(task_name).base_task).source
+    except KeyError:
+        return []  # a plain seqio task: nothing counted
+    chain = []
+    while source is not None and len(chain) < 8:
+        chain.append(source)
+        source = getattr(source, "base", None)
+    return chain
+
+
+def _source_counts(task_name: str) -> tuple[dict, dict]:
+    counts, where = {}, {}
+    for source in _source_chain(task_name):
+        for method in ("render_error_counts", "read_error_counts"):
+            for reason, n in (getattr(source, method, None) or dict)().items():
+                counts[reason] = counts.get(reason, 0) + n
+        where.update((getattr(source, "first_read_errors", None) or dict)())
+    return counts, where
+
+
+def _skip_snapshot(task_name: str) -> tuple[dict, dict]:
+    """Counters before reading a task (few-shot exemplar pools are built first so their reads are not counted)."""
+    from flan_jax import registry
+
+    try:
+        info = registry.task_info(task_name)
+        if info.variant.startswith("fs_"):
+            registry.exemplar_pool(registry.task_spec(info.base_task))
+    except KeyError:
+        pass
+    return registry.data_error_counts(task_name), _source_counts(task_name)[0]
+
+
+def _skips_since(task_name: str, before: tuple[dict, dict]) -> dict:
+    """{"dropped": n, "reasons": {reason: n}, "where": {reason: "path:line"}} of the records skipped since `before`.
+
+    A source's own reasons replace the registry's `record_is_none` when they account for exactly those records
+    (a source read for another split, as a held-out split reads the whole train file, may count more)."""
+    from flan_jax import registry
+
+    registry_before, source_before = before
+    reasons = {r: n - registry_before.get(r, 0) for r, n in registry.data_error_counts(task_name).items()}
+    reasons = {r: n for r, n in reasons.items() if n > 0}
+    source_now, where = _source_counts(task_name)
+    source = {r: n - source_before.get(r, 0) for r, n in source_now.items() if n > source_before.get(r, 0)}
+    dropped = sum(reasons.values())
+    if source and sum(source.values()) == reasons.get("record_is_none", 0):
+        reasons.pop("record_is_none")
+        reasons.update(source)
+    elif source:
+        reasons.update({f"source:{r}": n for r, n in source.items()})
+    return {"dropped": dropped, "reasons": reasons, "where": {r: w for r, w in where.items() if r in source}}
+
+
+def _describe_skips(skipped: dict) -> str:
+    if not skipped["dropped"] and not skipped["reasons"]:
+        return "skipped none"
+    parts = []
+    for reason, n in sorted(skipped["reasons"].items(), key=lambda item: (-item[1], item[0])):
+        where = skipped["where"].get(reason.removeprefix("source:"))
+        parts.append(f"{reason} {n}" + (f" (first at {where})" if where else ""))
+    return f"skipped {skipped['dropped']} record(s) of those read: " + ", ".join(parts)
 
 
 def _length_stats(lengths: np.ndarray, limit: int) -> str:
