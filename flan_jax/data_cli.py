@@ -150,7 +150,9 @@ def cmd_show(args, out: TextIO) -> int:
             skipped = _skips_since(task_name, before)
             print(f"# {task_name} [{split}]: shown {shown}; {_describe_skips(skipped)}", file=out)
             if not shown:
-                empty.append(f"{task_name} [{split}]: no record rendered; {_describe_skips(skipped)}")
+                empty.append(f"{task_name} [{split}]: no record rendered: " + (
+                    f"all {skipped['dropped']} record(s) read were dropped "
+                    f"({_describe_skips(skipped).split(': ', 1)[-1]})" if skipped["dropped"] else "the split is empty"))
     for line in empty:
         print(f"flan-jax data show: {line}", file=sys.stderr)
     return 1 if empty else 0
@@ -225,8 +227,8 @@ def _describe_skips(skipped: dict) -> str:
     parts = []
     for reason, n in sorted(skipped["reasons"].items(), key=lambda item: (-item[1], item[0])):
         where = skipped["where"].get(reason.removeprefix("source:"))
-        parts.append(f"{reason} {n}" + (f" (first at {where})" if where else ""))
-    return f"skipped {skipped['dropped']} record(s) of those read: " + ", ".join(parts)
+        parts.append(f"{n} {reason}" + (f" (first at {where})" if where else ""))
+    return f"skipped {skipped['dropped']} record(s) of those read: " + "; ".join(parts)
 
 
 def _length_stats(lengths: np.ndarray, limit: int) -> str:
@@ -314,6 +316,8 @@ def _register_collections(args) -> None:
     """Registers the collection a command names (and any whose folder is given); cheap when none applies."""
     wanted = _wanted_collection(args)
     ps_dir, niv2_dir, cot_dir = args.promptsource_dir, args.niv2_dir, args.cot_dir
+    if not (ps_dir or niv2_dir or cot_dir) and _already_registered(getattr(args, "name", None)):
+        return  # registered by --module or an environment variable on import
     if wanted == "t0" and not ps_dir:
         raise SystemExit("flan-jax data: the t0 collection needs --promptsource-dir DIR (a promptsource templates "
                          "folder) or $FLAN_JAX_PROMPTSOURCE_DIR")
@@ -332,6 +336,14 @@ def _register_collections(args) -> None:
     if wanted == "flan2022":
         from tasks import flan2022
         flan2022.register()
+
+
+def _already_registered(name: str | None) -> bool:
+    import seqio
+    from flan_jax import registry
+
+    return bool(name) and (name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
+                           or name in registry.list_base_tasks())
 
 
 def _t0_render_check(num_records: int, mock: bool, out: TextIO) -> None:
