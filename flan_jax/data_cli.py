@@ -381,8 +381,8 @@ def _list_collection(args, out: TextIO) -> int:
         for dataset, names in diagnostics.registered.items():
             for name in names:
                 print(f"{name}\t{dataset}\t1", file=out)
-        for line in diagnostics.lines():
-            print(f"# {line}", file=out)
+        for line in diagnostics.lines():  # one line each: a YAML error message spans several
+            print("# " + " ".join(part.strip() for part in line.splitlines() if part.strip()), file=out)
         print(f"# t0: {sum(map(len, diagnostics.registered.values()))} template task(s) from "
               f"{len(diagnostics.registered)} dataset(s); {len(diagnostics.skipped)} template(s) or dataset(s) "
               f"skipped", file=out)

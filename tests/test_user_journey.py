@@ -37,24 +37,29 @@ def _write_user_files(folder):
             '''))
 
 
-def test_own_jsonl_task_show_train_eval(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
     _write_user_files(tmp_path)
     monkeypatch.chdir(tmp_path)            # the module is found in the working directory, as `python -m` does
+    return tmp_path
 
+
+def test_own_jsonl_task_data_show(user_dir, capsys):
     assert data_cli.main(["show", "my_reviews_zs_opt", "--module", MODULE, "-n", "2"]) == 0
     shown = capsys.readouterr().out
     assert shown.count("=== my_reviews_zs_opt [train #") == 2
-    assert f"skipped 1 record(s) of those read: 1 invalid_json (first at {tmp_path}/reviews_train.jsonl:49)" in shown
+    assert f"skipped 1 record(s) of those read: 1 invalid_json (first at {user_dir}/reviews_train.jsonl:49)" in shown
 
+
+@pytest.mark.slow  # ~35 s of CPU (two compiles of the tiny model), more on a loaded machine
+def test_own_jsonl_task_train_then_eval(user_dir, capsys):
+    tmp_path = user_dir
     flags = ["--module", MODULE, "--gin_file=runs/tiny_test.gin", "--gin.MODEL_DIR=run",
              "--gin.MIXTURE_OR_TASK_NAME=my_reviews_zs_opt", "--gin.EVAL_MIXTURE_OR_TASK_NAME=my_reviews_zs_opt",
-             "--gin.TRAIN_STEPS=6", "--gin.EVAL_PERIOD=6", "--gin.CHECKPOINT_PERIOD=6",
+             "--gin.TRAIN_STEPS=2", "--gin.EVAL_PERIOD=0", "--gin.CHECKPOINT_PERIOD=2", "--gin.BATCH_SIZE=4",
              "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}"]
     assert cli.main(["train", *flags]) == 0
-    assert os.path.isdir(tmp_path / "run" / "checkpoint_6")
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    evals = {(r["task"], r["metric"]) for r in rows if r["split"] == "eval"}
-    assert ("my_reviews_zs_opt", "accuracy") in evals and ("mean_seen", "accuracy") in evals
+    assert os.path.isdir(tmp_path / "run" / "checkpoint_2")
     capsys.readouterr()
 
     assert cli.main(["eval", *flags, "--checkpoint=run", "--predictions_dir=preds"]) == 0
@@ -64,6 +69,10 @@ def test_own_jsonl_task_show_train_eval(tmp_path, monkeypatch, capsys):
     predictions = [json.loads(l) for l in open(tmp_path / "preds" / "my_reviews_zs_opt.jsonl")]
     assert len(predictions) == 8 and {p["target"] for p in predictions} == set(LABELS)  # the malformed line is out
     assert accuracy == pytest.approx(sum(p["prediction"] == p["target"] for p in predictions) / 8)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    evals = {(r["task"], r["metric"]): r["value"] for r in rows if r["split"] == "eval"}
+    assert evals[("my_reviews_zs_opt", "accuracy")] == pytest.approx(accuracy)
+    assert ("mean_seen", "accuracy") in evals     # the task is in the training mixture: a seen task
 
 
 def test_unknown_module_is_a_config_error(tmp_path, monkeypatch, capsys):
