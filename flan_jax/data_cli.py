@@ -216,7 +216,7 @@ def _skips_since(task_name: str, before: tuple[dict, dict]) -> dict:
     if source and sum(source.values()) == reasons.get("record_is_none", 0):
         reasons.pop("record_is_none")
         reasons.update(source)
-    elif source:
+    elif source and reasons.get("record_is_none"):  # no registry drop: the source counted another split's lines
         reasons.update({f"source:{r}": n for r, n in source.items()})
     return {"dropped": dropped, "reasons": reasons, "where": {r: w for r, w in where.items() if r in source}}
 

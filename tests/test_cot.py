@@ -113,5 +113,13 @@ def test_cot_dir_flag_and_env_register_flan_files(monkeypatch):
     assert data_cli.main(["list", "--collection", "cot", "--cot-dir", FLAN_COT_DIR], out=out) == 0
     assert "cot_marbles\tHeldOut(TsvSource(marbles): validation = 0.1 of train by hash of question)\t8" in \
         out.getvalue().splitlines()
+    # The held-out split reads the whole train file; the malformed train row is not reported as a validation skip.
+    for split, summary in (("validation", "shown 1; skipped none"),
+                           ("train", "shown 1; skipped 1 record(s) of those read: 1 wrong_cell_count (first at "
+                                     f"{FLAN_COT_DIR}/marbles_train.tsv:21)")):
+        out = io.StringIO()
+        assert data_cli.main(["show", "cot_marbles_cot", "-n", "1", "--split", split, "--cot-dir", FLAN_COT_DIR],
+                             out=out) == 0
+        assert f"# cot_marbles_cot [{split}]: {summary}" in out.getvalue()
     monkeypatch.setenv(cot.ENV_COT_DIR, FLAN_COT_DIR)
     assert "cot_yes_no" in cot.register_from_env()
