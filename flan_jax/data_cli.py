@@ -5,11 +5,15 @@
   flan-jax data stats NAME [-n N] [--split S] [--mock] [--feature_lengths inputs=256,targets=64]
                                                               per-task rate and share, token-length percentiles,
                                                               examples that would be truncated, skipped records
-`--module M` (repeatable) imports more registration modules besides `tasks`. Collections t0 / niv2 / cot / flan2022
-register on demand: `--collection NAME` (list) or a task/mixture name with that prefix (show, stats), with
-`--promptsource-dir DIR` [--t0-data-dir DIR], `--niv2-dir DIR`, `--cot-dir DIR`; `data list --collection t0` also
-prints the templates it left out ("# SKIPPED" lines), and with `--check N [--mock]` the tasks that render none of N
-records. `--mock` wraps the run in
+`show` and `stats` take a seqio task or mixture name, or a base task name (`my_task`, `t0_<dataset>_<template>`,
+`cot_<name>`: all its variants). `show` ends each task with what it skipped and why ("# TASK [split]: shown 3; skipped
+2 record(s) of those read: 1 invalid_json (first at FILE:LINE); 1 missing_field:label") and exits with status 1 when
+a task renders no record at all.
+`--module M` (repeatable; a module name or a .py path) imports more registration modules besides `tasks`.
+Collections t0 / niv2 / cot / flan2022 register on demand: `--collection NAME` (list) or a task/mixture name with
+that prefix (show, stats), with `--promptsource-dir DIR` [--t0-data-dir DIR], `--niv2-dir DIR`, `--cot-dir DIR`
+(either CoT layout, see tasks/cot.py); `data list --collection t0` also prints the templates it left out
+("# SKIPPED" lines), and with `--check N [--mock]` the tasks that render none of N records. `--mock` wraps the run in
 `tfds.testing.mock_data` so TFDS-backed tasks render random schema-correct records offline.
 """
 from __future__ import annotations
@@ -301,7 +305,8 @@ def _add_collection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--promptsource-dir", default=None, help="promptsource templates folder (T0 / P3)")
     parser.add_argument("--t0-data-dir", default=None, help="folder of <dataset>/<split>.jsonl HF exports for T0")
     parser.add_argument("--niv2-dir", default=None, help="local clone of Super-NaturalInstructions")
-    parser.add_argument("--cot-dir", default=None, help="folder of <dataset>/<split>.{tsv,jsonl} CoT files")
+    parser.add_argument("--cot-dir", default=None,
+                        help="folder of CoT files: <dataset>/<split>.{tsv,jsonl}, or FLAN's <name>_train.tsv")
 
 
 def _wanted_collection(args) -> str | None:

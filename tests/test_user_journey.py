@@ -30,7 +30,8 @@ def _write_user_files(folder):
             HERE = os.path.dirname(os.path.abspath(__file__))
             registry.register_task(
                 "my_reviews",
-                JsonlSource({{split: os.path.join(HERE, f"reviews_{{split}}.jsonl") for split in ("train", "validation")}}),
+                JsonlSource({{split: os.path.join(HERE, f"reviews_{{split}}.jsonl")
+                             for split in ("train", "validation")}}),
                 templates=[Template("{{text}}\\nIs this review positive or negative?", "{{label}}"),
                            Template("Review: {{text}}\\nSentiment:", "{{label}}")],
                 fields=["text", "label"], fixed_options={list(LABELS)!r}, cluster="sentiment", collection="mine")
