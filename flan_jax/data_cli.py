@@ -245,7 +245,6 @@ def _length_stats(lengths: np.ndarray, limit: int) -> str:
 def cmd_stats(args, out: TextIO) -> int:
     import seqio
     import tensorflow as tf
-    from flan_jax import registry
 
     task_rates = _tasks_and_rates(args.name)
     total_rate = sum(rate for _, rate in task_rates) or 1.0
@@ -256,8 +255,10 @@ def cmd_stats(args, out: TextIO) -> int:
     print("task\trate\tshare\tn\tinputs\ttargets", file=out)
     totals = {"n": 0, "inputs": 0, "targets": 0}
     with _mock_context(args.mock, args.num_examples):
+        skipped = {}
         for task_name, rate in task_rates:
             split = args.split or _default_split(args.name, task_name)
+            before = _skip_snapshot(task_name)
             ds = seqio.get_mixture_or_task(task_name).get_dataset(
                 sequence_length=None, split=split, shuffle=False, use_cached=False)
             ds = ds.take(args.num_examples).map(
@@ -273,9 +274,11 @@ def cmd_stats(args, out: TextIO) -> int:
             print(f"{task_name}\t{rate:g}\t{rate / total_rate:.4f}\t{arrays['inputs'].size}\t"
                   f"{_length_stats(arrays['inputs'], limits['inputs'])}\t"
                   f"{_length_stats(arrays['targets'], limits['targets'])}", file=out)
+            skips = _skips_since(task_name, before)
+            if skips["dropped"]:
+                skipped[task_name] = skips["reasons"]
     print(f"# total scanned {totals['n']}: truncated inputs {totals['inputs']}, targets {totals['targets']}", file=out)
-    errors = {t: c for t, c in registry.data_error_counts().items() if t in dict(task_rates)}
-    print(f"# skipped malformed records: {errors or 'none'}", file=out)
+    print(f"# skipped malformed records: {skipped or 'none'}", file=out)
     if args.name.startswith("flan2022"):
         import tasks.flan2022
         print(f"# flan2022 missing collections: {tasks.flan2022.describe_missing()}", file=out)

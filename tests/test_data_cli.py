@@ -84,6 +84,9 @@ def test_show_reports_skipped_records_with_reason_and_line(tmp_path):
     assert (f"# t_skips_zs_noopt [train]: shown 2; skipped 3 record(s) of those read: 1 invalid_json (first at "
             f"{path}:2); 1 missing_field:a; 1 not_a_json_object (first at {path}:3)") in text
     assert "# t_skips_zs_noopt [train]: shown 2; skipped 3 record(s)" in run("show", "t_skips_zs_noopt")  # per pass
+    last = run("stats", "t_skips_zs_noopt").strip().splitlines()[-1]
+    assert last.startswith("# skipped malformed records: {'t_skips_zs_noopt': {") and all(
+        f"'{reason}': 1" in last for reason in ("invalid_json", "not_a_json_object", "missing_field:a"))
 
 
 def test_show_accepts_every_name_data_list_prints():
