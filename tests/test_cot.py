@@ -93,9 +93,15 @@ def test_flan_cot_files_as_they_are_with_held_out_validation(tmp_path):
     assert 0 < len(held_out) < len(train) and not set(held_out) & set(train)
     assert sorted(held_out + train) == sorted(questions)     # a partition of the file (the repeated question too)
     assert spec.num_examples("validation") == len(held_out) and spec.num_examples("train") == len(train) + 1
-    # Deterministic: a fresh source holds out the same questions, whatever the file order.
+    shards = [list(spec.source.records("validation", i, 2)) for i in range(2)]
+    assert sorted(shards[0] + shards[1], key=lambda p: p[0]) == list(spec.source.records("validation"))
+    # Deterministic: a fresh source holds out the same questions, also from the file in reverse order.
     again = cot.flan_file_source(FLAN_COT_DIR, "marbles")
     assert [r["question"] for _, r in again.records("validation")] == held_out
+    (tmp_path / "rev").mkdir()
+    (tmp_path / "rev" / "marbles_train.tsv").write_text("\n".join(["\t".join(r) for r in reversed(rows)]) + "\n")
+    reversed_source = cot.flan_file_source(str(tmp_path / "rev"), "marbles")
+    assert [r["question"] for _, r in reversed_source.records("validation")] == held_out[::-1]
     registry.reset_data_error_counts()
     examples = list(seqio.get_mixture_or_task("cot_marbles_cot").get_dataset(
         None, split="train", shuffle=False).as_numpy_iterator())
