@@ -82,3 +82,22 @@ def test_unknown_module_is_a_config_error(tmp_path, monkeypatch, capsys):
     assert "--module no_such_user_module: no module named 'no_such_user_module'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no module named 'no_such_user_module'"):
         data_cli.main(["list", "--module", "no_such_user_module"])
+
+
+def test_gin_file_imports_the_user_module_as_in_t5x(user_dir):
+    """No --module: `import <module>` in the user's gin file registers the task before its name is validated."""
+    gin_module = "journey_gin_tasks"
+    (user_dir / f"{gin_module}.py").write_text((user_dir / f"{MODULE}.py").read_text().replace('"my_reviews"',
+                                                                                                  '"my_gin_reviews"'))
+    (user_dir / "my_run.gin").write_text(textwrap.dedent(f"""\
+        include 'runs/tiny_test.gin'
+        import {gin_module}
+        MODEL_DIR = 'run_gin'
+        MIXTURE_OR_TASK_NAME = 'my_gin_reviews_zs_opt'
+        EVAL_MIXTURE_OR_TASK_NAME = 'my_gin_reviews_zs_opt'
+        """))
+    # Config, gin import and task validation pass; only the checkpoint is missing (nothing was trained here).
+    with pytest.raises(FileNotFoundError, match="no checkpoint_<step> found"):
+        cli.main(["eval", "--gin_file=my_run.gin", "--checkpoint=run_gin"])
+    from flan_jax import registry
+    assert registry.task_info("my_gin_reviews_zs_opt").collection == "mine"
