@@ -10,6 +10,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from typing import Optional, Sequence
 
 USAGE = """usage: flan-jax COMMAND [flags]
+train, eval and data take --module NAME (repeatable): import your task-registration module first
+    (flan-jax train --module mymodule --gin_file=... --gin.MIXTURE_OR_TASK_NAME=my_task_zs_opt)
 
 commands:
     train     train from gin configs        (flan-jax train --gin_file=gin_configs/runs/default_cpu.gin)

@@ -5,11 +5,15 @@
   flan-jax data stats NAME [-n N] [--split S] [--mock] [--feature_lengths inputs=256,targets=64]
                                                               per-task rate and share, token-length percentiles,
                                                               examples that would be truncated, skipped records
-`--module M` (repeatable) imports more registration modules besides `tasks`. Collections t0 / niv2 / cot / flan2022
-register on demand: `--collection NAME` (list) or a task/mixture name with that prefix (show, stats), with
-`--promptsource-dir DIR` [--t0-data-dir DIR], `--niv2-dir DIR`, `--cot-dir DIR`; `data list --collection t0` also
-prints the templates it left out ("# SKIPPED" lines), and with `--check N [--mock]` the tasks that render none of N
-records. `--mock` wraps the run in
+`show` and `stats` take a seqio task or mixture name, or a base task name (`my_task`, `t0_<dataset>_<template>`,
+`cot_<name>`: all its variants). `show` ends each task with what it skipped and why ("# TASK [split]: shown 3; skipped
+2 record(s) of those read: 1 invalid_json (first at FILE:LINE); 1 missing_field:label") and exits with status 1 when
+a task renders no record at all.
+`--module M` (repeatable; a module name or a .py path) imports more registration modules besides `tasks`.
+Collections t0 / niv2 / cot / flan2022 register on demand: `--collection NAME` (list) or a task/mixture name with
+that prefix (show, stats), with `--promptsource-dir DIR` [--t0-data-dir DIR], `--niv2-dir DIR`, `--cot-dir DIR`
+(either CoT layout, see tasks/cot.py); `data list --collection t0` also prints the templates it left out
+("# SKIPPED" lines), and with `--check N [--mock]` the tasks that render none of N records. `--mock` wraps the run in
 `tfds.testing.mock_data` so TFDS-backed tasks render random schema-correct records offline.
 """
 from __future__ import annotations
@@ -59,8 +63,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _import_registrations(modules: Sequence[str]) -> None:
-    for module in ["tasks", *modules]:
-        importlib.import_module(module)
+    from flan_jax.user_modules import import_modules
+
+    importlib.import_module("tasks")
+    try:
+        import_modules(modules)
+    except ValueError as e:
+        raise SystemExit(f"flan-jax data: {e}") from None
 
 
 def _tasks_and_rates(name: str) -> list[tuple[str, float]]:
@@ -70,8 +79,19 @@ def _tasks_and_rates(name: str) -> list[tuple[str, float]]:
     try:
         seqio.get_mixture_or_task(name)
     except ValueError:
+        variants = _variants_of_base_task(name)  # `data list` prints base names for t0, niv2 and cot
+        if variants:
+            return [(variant, 1.0) for variant in variants]
         raise SystemExit(f"flan-jax data: no task or mixture named {name!r} (see `flan-jax data list`)") from None
     return sorted(mixing.mixture_rates(name).items())
+
+
+def _variants_of_base_task(name: str) -> list[str]:
+    from flan_jax import registry
+
+    if name not in registry.list_base_tasks():
+        return []
+    return [task for task in registry.list_tasks() if registry.task_info(task).base_task == name]
 
 
 def _default_split(name: str, task: str) -> str:
@@ -113,11 +133,14 @@ def cmd_list(args, out: TextIO) -> int:
 def cmd_show(args, out: TextIO) -> int:
     import seqio
 
+    empty = []
     with _mock_context(args.mock, args.num_examples):
         for task_name, _ in _tasks_and_rates(args.name):
             split = args.split or _default_split(args.name, task_name)
+            before = _skip_snapshot(task_name)
             ds = seqio.get_mixture_or_task(task_name).get_dataset(
                 sequence_length=None, split=split, shuffle=False, use_cached=False)
+            shown = 0
             for i, ex in enumerate(ds.take(args.num_examples).as_numpy_iterator()):
                 template = ex.get("template_index", -1)
                 print(f"=== {task_name} [{split} #{i}, template {template}] ===", file=out)
@@ -127,7 +150,89 @@ def cmd_show(args, out: TextIO) -> int:
                 if options:
                     print(f"SCORED OPTIONS: {options}", file=out)
                 print(file=out)
-    return 0
+                shown += 1
+            skipped = _skips_since(task_name, before)
+            print(f"# {task_name} [{split}]: shown {shown}; {_describe_skips(skipped)}", file=out)
+            if not shown:
+                empty.append(f"{task_name} [{split}]: no record rendered: " + (
+                    f"all {skipped['dropped']} record(s) read were dropped "
+                    f"({_describe_skips(skipped).split(': ', 1)[-1]})" if skipped["dropped"] else "the split is empty"))
+    for line in empty:
+        print(f"flan-jax data show: {line}", file=sys.stderr)
+    return 1 if empty else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Skipped records: the registry counts them per seqio task (`record_is_none` when the source gave None); sources
+# that know why (a JSONL line that is not JSON, a promptsource template the sandbox refused) count their reasons.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _source_chain(task_name: str) -> list:
+    from flan_jax import registry
+
+    try:
+        source = registry.task_spec(registry.task_info(task_name).base_task).source
+    except KeyError:
+        return []  # a plain seqio task: nothing counted
+    chain = []
+    while source is not None and len(chain) < 8:
+        chain.append(source)
+        source = getattr(source, "base", None)
+    return chain
+
+
+def _source_counts(task_name: str) -> tuple[dict, dict]:
+    counts, where = {}, {}
+    for source in _source_chain(task_name):
+        for method in ("render_error_counts", "read_error_counts"):
+            for reason, n in (getattr(source, method, None) or dict)().items():
+                counts[reason] = counts.get(reason, 0) + n
+        where.update((getattr(source, "first_read_errors", None) or dict)())
+    return counts, where
+
+
+def _skip_snapshot(task_name: str) -> tuple[dict, dict]:
+    """Counters before reading a task (few-shot exemplar pools are built first so their reads are not counted)."""
+    from flan_jax import registry
+
+    try:
+        info = registry.task_info(task_name)
+        if info.variant.startswith("fs_"):
+            registry.exemplar_pool(registry.task_spec(info.base_task))
+    except KeyError:
+        pass
+    return registry.data_error_counts(task_name), _source_counts(task_name)[0]
+
+
+def _skips_since(task_name: str, before: tuple[dict, dict]) -> dict:
+    """{"dropped": n, "reasons": {reason: n}, "where": {reason: "path:line"}} of the records skipped since `before`.
+
+    A source's own reasons replace the registry's `record_is_none` when they account for exactly those records
+    (a source read for another split, as a held-out split reads the whole train file, may count more)."""
+    from flan_jax import registry
+
+    registry_before, source_before = before
+    reasons = {r: n - registry_before.get(r, 0) for r, n in registry.data_error_counts(task_name).items()}
+    reasons = {r: n for r, n in reasons.items() if n > 0}
+    source_now, where = _source_counts(task_name)
+    source = {r: n - source_before.get(r, 0) for r, n in source_now.items() if n > source_before.get(r, 0)}
+    dropped = sum(reasons.values())
+    if source and sum(source.values()) == reasons.get("record_is_none", 0):
+        reasons.pop("record_is_none")
+        reasons.update(source)
+    elif source and reasons.get("record_is_none"):  # no registry drop: the source counted another split's lines
+        reasons.update({f"source:{r}": n for r, n in source.items()})
+    return {"dropped": dropped, "reasons": reasons, "where": {r: w for r, w in where.items() if r in source}}
+
+
+def _describe_skips(skipped: dict) -> str:
+    if not skipped["dropped"] and not skipped["reasons"]:
+        return "skipped none"
+    parts = []
+    for reason, n in sorted(skipped["reasons"].items(), key=lambda item: (-item[1], item[0])):
+        where = skipped["where"].get(reason.removeprefix("source:"))
+        parts.append(f"{n} {reason}" + (f" (first at {where})" if where else ""))
+    return f"skipped {skipped['dropped']} record(s) of those read: " + "; ".join(parts)
 
 
 def _length_stats(lengths: np.ndarray, limit: int) -> str:
@@ -140,7 +245,6 @@ def _length_stats(lengths: np.ndarray, limit: int) -> str:
 def cmd_stats(args, out: TextIO) -> int:
     import seqio
     import tensorflow as tf
-    from flan_jax import registry
 
     task_rates = _tasks_and_rates(args.name)
     total_rate = sum(rate for _, rate in task_rates) or 1.0
@@ -151,8 +255,10 @@ def cmd_stats(args, out: TextIO) -> int:
     print("task\trate\tshare\tn\tinputs\ttargets", file=out)
     totals = {"n": 0, "inputs": 0, "targets": 0}
     with _mock_context(args.mock, args.num_examples):
+        skipped = {}
         for task_name, rate in task_rates:
             split = args.split or _default_split(args.name, task_name)
+            before = _skip_snapshot(task_name)
             ds = seqio.get_mixture_or_task(task_name).get_dataset(
                 sequence_length=None, split=split, shuffle=False, use_cached=False)
             ds = ds.take(args.num_examples).map(
@@ -168,9 +274,11 @@ def cmd_stats(args, out: TextIO) -> int:
             print(f"{task_name}\t{rate:g}\t{rate / total_rate:.4f}\t{arrays['inputs'].size}\t"
                   f"{_length_stats(arrays['inputs'], limits['inputs'])}\t"
                   f"{_length_stats(arrays['targets'], limits['targets'])}", file=out)
+            skips = _skips_since(task_name, before)
+            if skips["dropped"]:
+                skipped[task_name] = skips["reasons"]
     print(f"# total scanned {totals['n']}: truncated inputs {totals['inputs']}, targets {totals['targets']}", file=out)
-    errors = {t: c for t, c in registry.data_error_counts().items() if t in dict(task_rates)}
-    print(f"# skipped malformed records: {errors or 'none'}", file=out)
+    print(f"# skipped malformed records: {skipped or 'none'}", file=out)
     if args.name.startswith("flan2022"):
         import tasks.flan2022
         print(f"# flan2022 missing collections: {tasks.flan2022.describe_missing()}", file=out)
@@ -200,7 +308,8 @@ def _add_collection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--promptsource-dir", default=None, help="promptsource templates folder (T0 / P3)")
     parser.add_argument("--t0-data-dir", default=None, help="folder of <dataset>/<split>.jsonl HF exports for T0")
     parser.add_argument("--niv2-dir", default=None, help="local clone of Super-NaturalInstructions")
-    parser.add_argument("--cot-dir", default=None, help="folder of <dataset>/<split>.{tsv,jsonl} CoT files")
+    parser.add_argument("--cot-dir", default=None,
+                        help="folder of CoT files: <dataset>/<split>.{tsv,jsonl}, or FLAN's <name>_train.tsv")
 
 
 def _wanted_collection(args) -> str | None:
@@ -215,6 +324,8 @@ def _register_collections(args) -> None:
     """Registers the collection a command names (and any whose folder is given); cheap when none applies."""
     wanted = _wanted_collection(args)
     ps_dir, niv2_dir, cot_dir = args.promptsource_dir, args.niv2_dir, args.cot_dir
+    if not (ps_dir or niv2_dir or cot_dir) and _already_registered(getattr(args, "name", None)):
+        return  # registered by --module or an environment variable on import
     if wanted == "t0" and not ps_dir:
         raise SystemExit("flan-jax data: the t0 collection needs --promptsource-dir DIR (a promptsource templates "
                          "folder) or $FLAN_JAX_PROMPTSOURCE_DIR")
@@ -233,6 +344,14 @@ def _register_collections(args) -> None:
     if wanted == "flan2022":
         from tasks import flan2022
         flan2022.register()
+
+
+def _already_registered(name: str | None) -> bool:
+    import seqio
+    from flan_jax import registry
+
+    return bool(name) and (name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
+                           or name in registry.list_base_tasks())
 
 
 def _t0_render_check(num_records: int, mock: bool, out: TextIO) -> None:
@@ -270,8 +389,8 @@ def _list_collection(args, out: TextIO) -> int:
         for dataset, names in diagnostics.registered.items():
             for name in names:
                 print(f"{name}\t{dataset}\t1", file=out)
-        for line in diagnostics.lines():
-            print(f"# {line}", file=out)
+        for line in diagnostics.lines():  # one line each: a YAML error message spans several
+            print("# " + " ".join(part.strip() for part in line.splitlines() if part.strip()), file=out)
         print(f"# t0: {sum(map(len, diagnostics.registered.values()))} template task(s) from "
               f"{len(diagnostics.registered)} dataset(s); {len(diagnostics.skipped)} template(s) or dataset(s) "
               f"skipped", file=out)

@@ -1,4 +1,5 @@
 """Chain of thought: TSV tasks, gsm8k mapping, templates, answer extraction, self-consistency (tiny model)."""
+import io
 import os
 
 import jax
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import seqio
 
-from flan_jax import registry
+from flan_jax import data_cli, mixing, registry
 from flan_jax.models import t5
 from flan_jax.templates import extract_cot_answer
 from tasks import cot
@@ -72,3 +73,59 @@ def test_sample_self_consistency_on_tiny_model():
     with pytest.raises(ValueError, match="num_samples"):
         cot.sample_self_consistency(config, params, tokens, vocabulary=vocab, rng=jax.random.PRNGKey(1),
                                     num_samples=0)
+
+
+FLAN_COT_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "cot_flan")
+
+
+def test_flan_cot_files_as_they_are_with_held_out_validation(tmp_path):
+    # Both layouts side by side: FLAN's <name>_train.tsv files and a <name>/ folder of split files.
+    for entry in os.listdir(FLAN_COT_DIR):
+        os.symlink(os.path.join(FLAN_COT_DIR, entry), tmp_path / entry)
+    os.symlink(os.path.join(COT_DIR, "arith"), tmp_path / "arith")
+    assert cot.register(str(tmp_path), include_gsm8k=False) == ["cot_arith", "cot_marbles", "cot_yes_no"]
+    spec = registry.task_spec("cot_marbles")
+    rows = [line.split("\t") for line in open(os.path.join(FLAN_COT_DIR, "marbles_train.tsv")).read().splitlines()]
+    questions = [r[0] for r in rows if len(r) == 3]
+    assert len(rows) == 42 and len(questions) == 41          # one row has two cells
+    held_out = [r["question"] for _, r in spec.source.records("validation")]
+    train = [r["question"] for _, r in spec.source.records("train") if r is not None]
+    assert 0 < len(held_out) < len(train) and not set(held_out) & set(train)
+    assert sorted(held_out + train) == sorted(questions)     # a partition of the file (the repeated question too)
+    assert spec.num_examples("validation") == len(held_out) and spec.num_examples("train") == len(train) + 1
+    shards = [list(spec.source.records("validation", i, 2)) for i in range(2)]
+    assert sorted(shards[0] + shards[1], key=lambda p: p[0]) == list(spec.source.records("validation"))
+    # Deterministic: a fresh source holds out the same questions, also from the file in reverse order.
+    again = cot.flan_file_source(FLAN_COT_DIR, "marbles")
+    assert [r["question"] for _, r in again.records("validation")] == held_out
+    (tmp_path / "rev").mkdir()
+    (tmp_path / "rev" / "marbles_train.tsv").write_text("\n".join(["\t".join(r) for r in reversed(rows)]) + "\n")
+    reversed_source = cot.flan_file_source(str(tmp_path / "rev"), "marbles")
+    assert [r["question"] for _, r in reversed_source.records("validation")] == held_out[::-1]
+    registry.reset_data_error_counts()
+    examples = list(seqio.get_mixture_or_task("cot_marbles_cot").get_dataset(
+        None, split="train", shuffle=False).as_numpy_iterator())
+    assert len(examples) == len(train) and registry.data_error_counts("cot_marbles_cot") == {"record_is_none": 1}
+    target = examples[0]["targets_pretokenized"].decode()
+    assert target.startswith("Sam starts with 3 marbles.") and extract_cot_answer(target) == "10"
+    # A <name>_dev.tsv beside the train file is the validation split; nothing is carved out of train.
+    yes_no = registry.task_spec("cot_yes_no").source
+    assert yes_no.num_examples("train") == 5 and yes_no.num_examples("validation") == 2
+    assert set(mixing.mixture_rates("cot_eval")) == {"cot_arith_cot", "cot_marbles_cot", "cot_yes_no_cot"}
+
+
+def test_cot_dir_flag_and_env_register_flan_files(monkeypatch):
+    out = io.StringIO()
+    assert data_cli.main(["list", "--collection", "cot", "--cot-dir", FLAN_COT_DIR], out=out) == 0
+    assert "cot_marbles\tHeldOut(TsvSource(marbles): validation = 0.1 of train by hash of question)\t8" in \
+        out.getvalue().splitlines()
+    # The held-out split reads the whole train file; the malformed train row is not reported as a validation skip.
+    for split, summary in (("validation", "shown 1; skipped none"),
+                           ("train", "shown 1; skipped 1 record(s) of those read: 1 wrong_cell_count (first at "
+                                     f"{FLAN_COT_DIR}/marbles_train.tsv:21)")):
+        out = io.StringIO()
+        assert data_cli.main(["show", "cot_marbles_cot", "-n", "1", "--split", split, "--cot-dir", FLAN_COT_DIR],
+                             out=out) == 0
+        assert f"# cot_marbles_cot [{split}]: {summary}" in out.getvalue()
+    monkeypatch.setenv(cot.ENV_COT_DIR, FLAN_COT_DIR)
+    assert "cot_yes_no" in cot.register_from_env()

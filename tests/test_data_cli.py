@@ -1,5 +1,6 @@
 """`flan-jax data list|show|stats` run and print what they promise."""
 import io
+import os
 
 import pytest
 
@@ -58,3 +59,64 @@ def test_show_mock_renders_a_tfds_task_offline():
         variants=["zs_opt"])
     text = run("show", "t_mock_sst2_zs_opt", "-n", "2", "--mock")
     assert text.count("=== t_mock_sst2_zs_opt [train #") == 2 and "OPTIONS:\n- negative\n- positive" in text
+
+
+# --- skipped records, base names, nothing rendered (fixtures under tests/fixtures) ------------------------------
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+PS_DIR = f"{FIXTURES}/promptsource"
+
+
+def _listed_names(*argv):
+    return [line.split("\t")[0] for line in run("list", *argv).splitlines() if line and not line.startswith("#")]
+
+
+def test_show_reports_skipped_records_with_reason_and_line(tmp_path):
+    from flan_jax import registry
+    from flan_jax.sources.files import JsonlSource
+    from flan_jax.templates import Template
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"q": "one", "a": "1"}\n{"q": "two"\n["a list"]\n{"q": "three"}\n{"q": "four", "a": "4"}\n')
+    registry.register_task("t_skips", JsonlSource({"train": str(path)}), [Template("{q}?", "{a}")],
+                           fields=["q", "a"], cluster="c", collection="test", variants=["zs_noopt"])
+    text = run("show", "t_skips_zs_noopt", "-n", "5")
+    assert text.count("=== t_skips_zs_noopt [train #") == 2
+    assert (f"# t_skips_zs_noopt [train]: shown 2; skipped 3 record(s) of those read: 1 invalid_json (first at "
+            f"{path}:2); 1 missing_field:a; 1 not_a_json_object (first at {path}:3)") in text
+    assert "# t_skips_zs_noopt [train]: shown 2; skipped 3 record(s)" in run("show", "t_skips_zs_noopt")  # per pass
+    last = run("stats", "t_skips_zs_noopt").strip().splitlines()[-1]
+    assert last.startswith("# skipped malformed records: {'t_skips_zs_noopt': {") and all(
+        f"'{reason}': 1" in last for reason in ("invalid_json", "not_a_json_object", "missing_field:a"))
+
+
+def test_show_accepts_every_name_data_list_prints():
+    t0_names = _listed_names("--collection", "t0", "--promptsource-dir", PS_DIR)
+    niv2_names = _listed_names("--collection", "niv2", "--niv2-dir", f"{FIXTURES}/niv2")
+    cot_names = _listed_names("--collection", "cot", "--cot-dir", f"{FIXTURES}/cot")
+    assert "t0_super_glue_rte_gpt_3_style" in t0_names and "niv2tk_task001_reverse_word" in niv2_names
+    assert "cot_arith" in cot_names
+    for names, flags in ((t0_names, ["--promptsource-dir", PS_DIR, "--mock"]),
+                         (niv2_names, ["--niv2-dir", f"{FIXTURES}/niv2"]),
+                         (cot_names, ["--cot-dir", f"{FIXTURES}/cot", "--mock"])):
+        for name in names:
+            text = run("show", name, "-n", "1", *flags)
+            assert f"=== {name}_" in text, name                   # base names show each of their variants
+    text = run("show", "t0_super_glue_rte_gpt_3_style", "-n", "1", "--promptsource-dir", PS_DIR, "--mock")
+    assert [line.split(" [")[0] for line in text.splitlines() if line.startswith("# t0_")] == [
+        f"# t0_super_glue_rte_gpt_3_style_{v}" for v in ("fs_noopt", "fs_opt", "zs_noopt", "zs_opt")]
+
+
+def test_show_fails_naming_the_reason_when_no_record_renders(capsys):
+    from tasks import t0
+
+    toy = t0.T0Dataset("toy_qa", "toy_qa", "train", "multiple_choice_qa", {"train": 30, "validation": 6})
+    t0.register(PS_DIR, f"{FIXTURES}/t0_data", datasets=[toy])
+    out = io.StringIO()
+    assert data_cli.main(["show", "t0_toy_qa_sandbox_escape_attempt", "--split", "validation"], out=out) == 1
+    summary = [line for line in out.getvalue().splitlines() if line.startswith("# ")]
+    assert summary == [f"# t0_toy_qa_sandbox_escape_attempt_{v} [validation]: shown 0; skipped 6 record(s) of those "
+                       f"read: 6 SecurityError: access to attribute '__class__' of 'str' object is unsafe."
+                       for v in ("fs_noopt", "zs_noopt")]
+    assert ("flan-jax data show: t0_toy_qa_sandbox_escape_attempt_zs_noopt [validation]: no record rendered: all 6 "
+            "record(s) read were dropped (6 SecurityError") in capsys.readouterr().err
+    assert data_cli.main(["show", "t0_toy_qa_numbered_choices_zs_noopt", "--split", "validation"], out=out) == 0

@@ -144,6 +144,8 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--gin_bindings", action="append", default=[], help="a gin binding, e.g. 'train.seed = 1'")
     parser.add_argument("--gin_search_paths", default="", help="comma-separated folders to find gin files in")
+    parser.add_argument("--module", action="append", default=[],
+                        help="a task-registration module to import first (repeatable; see flan_jax/user_modules.py)")
     parser.add_argument("--checkpoint", default=None, help="(eval) checkpoint_<step> dir, or MODEL_DIR for its latest")
     parser.add_argument("--predictions_dir", default=None,
                         help="(eval) write per-task predictions (and NIv2's official prediction file) here")
@@ -188,6 +190,8 @@ def _setup(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     args = parse_flags(argv)
+    from flan_jax.user_modules import import_modules
+    import_modules(args.module)  # before gin: its tasks may be named by MIXTURE_OR_TASK_NAME
     configure_gin(args)
     maybe_init_distributed()
     # Keep TensorFlow (data pipeline only) off accelerators and from grabbing their memory.
