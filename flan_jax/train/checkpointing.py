@@ -7,13 +7,17 @@ Orbax writes into a temporary directory and renames it when complete, so a run k
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 STEP_PREFIX = "checkpoint"
+INPUT_STATE_DIR = "input_state"
 
 
 def _manager(directory: str, max_to_keep: Optional[int], async_save: bool) -> ocp.CheckpointManager:
@@ -92,3 +96,37 @@ class Checkpointer:
         self.latest.close()
         if self._best is not None:
             self._best.close()
+
+
+# --- input position ------------------------------------------------------------------------------------------------
+# Each process saves its own input pipeline position beside the orbax step (MODEL_DIR/input_state/checkpoint_<step>/
+# process_<i>.pkl): what it holds is host-local (record cursors, shuffle and packing buffers), not a global array.
+def _input_state_path(model_dir: str, step: int, process_index: int) -> epath.Path:
+    return epath.Path(model_dir) / INPUT_STATE_DIR / f"{STEP_PREFIX}_{step}" / f"process_{process_index}.pkl"
+
+
+def save_input_state(model_dir: str, step: int, fingerprint: dict, state: Any, keep_steps=()) -> None:
+    """Writes this process's input position for `step` (atomically) and removes those of steps not in keep_steps."""
+    path = _input_state_path(model_dir, step, jax.process_index())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "state": state}, protocol=pickle.HIGHEST_PROTOCOL))
+    tmp.rename(path)
+    keep = {f"{STEP_PREFIX}_{s}" for s in keep_steps} | {path.parent.name}
+    for old in (epath.Path(model_dir) / INPUT_STATE_DIR).iterdir():
+        stale = old / f"process_{jax.process_index()}.pkl"
+        if old.name not in keep and stale.exists():
+            stale.unlink()
+
+
+def load_input_state(model_dir: str, step: int, fingerprint: dict) -> Optional[Any]:
+    """This process's saved input position at `step`, or None (none saved, or saved under another input config)."""
+    path = _input_state_path(model_dir, step, jax.process_index())
+    if not path.exists():
+        return None
+    saved = pickle.loads(path.read_bytes())
+    if saved["fingerprint"] != fingerprint:
+        logging.warning("input position in %s was saved for %s, not %s: replaying the stream instead",
+                        path, saved["fingerprint"], fingerprint)
+        return None
+    return saved["state"]

@@ -7,7 +7,6 @@ iterator past the s * batches already consumed and sees exactly the batches an u
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Iterator, Mapping, Optional
 
 import jax
@@ -54,12 +53,30 @@ def local_batch_size(global_batch_size: int, shard=None) -> int:
 INPUT_SHARDINGS = ("per_process_shard", "global_stream")
 
 
+class HostBatches:
+    """Iterator of this process's batches; `state()` is its input position (native pipeline) or None (seqio)."""
+
+    def __init__(self, source, rows: Optional[slice] = None):
+        self._source, self._rows = source, rows
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._source)
+        return batch if self._rows is None else {k: v[self._rows] for k, v in batch.items()}
+
+    def state(self) -> Optional[dict]:
+        return self._source.state() if hasattr(self._source, "state") else None
+
+
 def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, skip_batches: int = 0,
-                  shard=None) -> Iterator[dict]:
+                  shard=None, input_state: Optional[dict] = None) -> HostBatches:
     """This process's rows of each global batch, as numpy arrays.
 
     shard: this process's `partitioning.DataShard` (from the mesh); None means one shard per process. Processes that
     share a shard (a model-parallel group spanning hosts) read the same seqio shard and so feed identical rows.
+    input_state: a native pipeline's saved `state()`; it continues there (no skipping) and `skip_batches` is ignored.
     """
     if cfg.input_sharding not in INPUT_SHARDINGS:
         raise ValueError(f"INPUT_SHARDING={cfg.input_sharding!r}: expected one of {INPUT_SHARDINGS}")
@@ -71,10 +88,13 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
     batch_size = local if per_shard else cfg.global_batch_size
     if cfg.pipeline == "native":
         from flan_jax import native_pipeline
-        batches = itertools.islice(native_pipeline.packed_batches(
+        batches = native_pipeline.packed_batches(
                 cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter, split=cfg.split,
                 seed=cfg.seed, shuffle=cfg.shuffle, shard_index=index if per_shard else 0,
-                num_shards=count if per_shard else 1), skip_batches, None)
+                num_shards=count if per_shard else 1, state=input_state)
+        if input_state is None:
+            for _ in range(skip_batches):
+                next(batches)
     else:
         ds = seqio.get_dataset(
                 cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
@@ -82,10 +102,16 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
                 shard_info=seqio.ShardInfo(index=index, num_shards=count) if per_shard else None, seed=cfg.seed,
                 batch_size=batch_size, verbose=False, trim_output_features=not counts_truncation)
         batches = ds.skip(skip_batches).as_numpy_iterator()
-    for batch in batches:
-        if not per_shard and count > 1:
-            batch = {k: v[index * local:(index + 1) * local] for k, v in batch.items()}
-        yield batch
+    rows = slice(index * local, (index + 1) * local) if not per_shard and count > 1 else None
+    return HostBatches(batches, rows)
+
+
+def input_fingerprint(cfg: InputConfig, shard) -> dict:
+    """What a saved input position depends on; a position saved under a different one is not reused."""
+    return {"mixture": cfg.mixture_or_task_name, "lengths": dict(cfg.task_feature_lengths),
+            "batch": cfg.global_batch_size, "seed": cfg.seed, "split": cfg.split, "shuffle": cfg.shuffle,
+            "sharding": cfg.input_sharding, "pipeline": cfg.pipeline,
+            "shard": None if shard is None else [shard.index, shard.count]}
 
 
 def pipeline_counters(feature_converter) -> dict:

@@ -133,7 +133,18 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                                                               seed=cfg.seed, skip_nonfinite_updates=cfg.skip_nonfinite_updates),
             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=(0,))
     shard = partitioning.data_shard(mesh)
-    batches = data_lib.train_batches(cfg.input, converter, skip_batches=start, shard=shard)
+    fingerprint = dict(data_lib.input_fingerprint(cfg.input, shard),
+                       packing=repr(sorted(getattr(converter, "packing_options", {}).items())))
+    # Resume: continue the input from its saved position (native pipeline; O(1) in the step), else replay to it.
+    input_state = checkpointing.load_input_state(cfg.model_dir, start, fingerprint) if start else None
+    batches = data_lib.train_batches(cfg.input, converter, skip_batches=start, shard=shard, input_state=input_state)
+
+    def save(step):
+        if ckpt.save(step, state, meta(step)):
+            position = batches.state()
+            if position is not None:
+                checkpointing.save_input_state(cfg.model_dir, step, fingerprint, position,
+                                               keep_steps=ckpt.latest.all_steps())
 
     evaluator = None
     if cfg.eval_mixture_or_task_name:
@@ -205,13 +216,13 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                 evaluate(step)
             if cfg.checkpoint_period and step % cfg.checkpoint_period == 0:
                 check_finite(step)
-                ckpt.save(step, state, meta(step))
+                save(step)
             if stop_after_steps is not None and step - start >= stop_after_steps:
                 break
         check_finite(step)
         if evaluator and step == cfg.train_steps:
             evaluate(step)
-        ckpt.save(step, state, meta(step))
+        save(step)
     finally:
         ckpt.close()
         writer.close()
