@@ -24,7 +24,13 @@ def _manager(directory: str, max_to_keep: Optional[int], async_save: bool) -> oc
     options = ocp.CheckpointManagerOptions(
             step_prefix=STEP_PREFIX, max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(_absolute(directory), options=options)
+
+
+def _absolute(path: str) -> epath.Path:
+    """Local paths absolute (orbax needs that); gs:// and other URLs as given."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 class Checkpointer:
@@ -33,7 +39,7 @@ class Checkpointer:
         self.model_dir = model_dir
         self.latest = _manager(model_dir, keep, async_save)
         self.best_metric, self.best_mode = best_metric, best_mode
-        self._best_dir = os.path.join(model_dir, "best")
+        self._best_dir = str(_absolute(model_dir) / "best")
         self._best = None  # created on first use so runs without keep-best leave no empty folder
 
     # --- latest ------------------------------------------------------------------------------------------------------
@@ -58,11 +64,10 @@ class Checkpointer:
 
     # --- best --------------------------------------------------------------------------------------------------------
     def best_record(self) -> Optional[dict]:
-        path = os.path.join(self.model_dir, "best.json")
-        if not os.path.exists(path):
+        path = epath.Path(self.model_dir) / "best.json"
+        if not path.exists():
             return None
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(path.read_text())
 
     def maybe_save_best(self, step: int, state: Any, meta: dict, eval_values: dict) -> bool:
         """Keeps the checkpoint with the best `best_metric` (a key of eval_values) in MODEL_DIR/best/."""
@@ -81,11 +86,10 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._best.wait_until_finished()
         if jax.process_index() == 0:
-            tmp = os.path.join(self.model_dir, "best.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump({"metric": self.best_metric, "value": value, "step": int(step),
-                                      "path": os.path.join(self._best_dir, f"{STEP_PREFIX}_{step}")}, f)
-            os.replace(tmp, os.path.join(self.model_dir, "best.json"))
+            tmp = epath.Path(self.model_dir) / "best.json.tmp"
+            tmp.write_text(json.dumps({"metric": self.best_metric, "value": value, "step": int(step),
+                                       "path": os.path.join(self._best_dir, f"{STEP_PREFIX}_{step}")}))
+            tmp.rename(epath.Path(self.model_dir) / "best.json")
         return True
 
     def wait(self) -> None:

@@ -174,6 +174,8 @@ def checkpoint_bytes(model: t5.T5Config, min_dim_size_to_factor: int = 128) -> i
 
 def _check_model_dir(cfg) -> None:
     _need(isinstance(cfg.model_dir, str) and cfg.model_dir != "", f"MODEL_DIR={cfg.model_dir!r}: expected a path")
+    if "://" in cfg.model_dir:  # gs:// and other remote stores (written through etils.epath): no local disk checks
+        return
     try:
         os.makedirs(cfg.model_dir, exist_ok=True)
     except OSError as e:
