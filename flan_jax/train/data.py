@@ -1,8 +1,10 @@
 """Training input: a seqio mixture -> feature converter (packing) -> per-process batches of numpy arrays.
 
-Each process reads the data shard its devices hold in the mesh (seqio ShardInfo by `partitioning.DataShard`) and yields
-those rows of the global batch; the loop assembles global arrays. The stream is a deterministic function of (mixture, seed), so resuming at step s replays the
-iterator past the s * batches already consumed and sees exactly the batches an uninterrupted run would have seen.
+Each process reads the data shard its devices hold in the mesh (seqio ShardInfo by `partitioning.DataShard`) and
+yields those rows of the global batch; the loop assembles global arrays. The stream is a deterministic function of
+(mixture, seed). Resuming at step s on the native pipeline continues from the position saved with checkpoint s (cost
+independent of s); on the seqio path the iterator is replayed past the s batches already consumed. Both see exactly
+the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
