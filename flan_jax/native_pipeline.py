@@ -14,6 +14,9 @@ Per-task shuffling uses a 1000-example buffer as seqio does. Data errors and tru
 """
 from __future__ import annotations
 
+import collections
+import itertools
+import pickle
 import random
 from typing import Iterator, Mapping, Optional
 
@@ -52,97 +55,190 @@ def _encode_batch(vocabulary: seqio.Vocabulary, texts: list) -> list:
     return [vocabulary.encode(text) for text in texts]
 
 
-def task_token_stream(task_name: str, split: str = "train", *, seed: int = 0, shuffle: bool = True,
-                      shuffle_buffer: int = 1000, repeat: bool = True, shard_index: int = 0,
-                      num_shards: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(inputs, targets) int32 token arrays with EOS, as the seqio Task yields them, optionally shuffled and repeated."""
-    info = registry.task_info(task_name)
-    spec = registry.task_spec(info.base_task)
-    features = seqio.get_mixture_or_task(task_name).output_features
-    eos = {k: (features[k].vocabulary.eos_id if features[k].add_eos else None) for k in ("inputs", "targets")}
-    rng = random.Random(f"native/{seed}/{task_name}/{shard_index}")
+class TaskStream:
+    """One task's (inputs, targets) int32 token arrays with EOS, as the seqio Task yields them, optionally shuffled
+    (seqio-style buffer) and repeated.
 
-    def tokenized(examples: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    Its position is plain data (`state()`): the record cursor of the current pass, the tokenized rest of the last
+    chunk, the shuffle buffer and its RNG. A stream built with `state=` continues exactly there; the records before
+    the cursor are not rendered or tokenized again, so resuming costs the same at any step.
+    """
+
+    def __init__(self, task_name: str, split: str = "train", *, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 1000, repeat: bool = True, shard_index: int = 0, num_shards: int = 1,
+                 state: Optional[dict] = None):
+        info = registry.task_info(task_name)
+        self._spec, self._variant = registry.task_spec(info.base_task), info.variant
+        self._features = seqio.get_mixture_or_task(task_name).output_features
+        self._eos = {k: (self._features[k].vocabulary.eos_id if self._features[k].add_eos else None)
+                     for k in ("inputs", "targets")}
+        self.split, self.shuffle, self.shuffle_buffer, self.repeat = split, shuffle, shuffle_buffer, repeat
+        self.shard_index, self.num_shards = shard_index, num_shards
+        rng = random.Random(f"native/{seed}/{task_name}/{shard_index}")
+        self._pos = dict(cursor=0, pass_count=0, ended=False, draining=False, ready=collections.deque(), buffer=[],
+                         rng=rng.getstate())
+        if state is not None:
+            self._pos.update(state, ready=collections.deque(state["ready"]), buffer=list(state["buffer"]))
+        self._rng = random.Random()
+        self._rng.setstate(self._pos["rng"])
+        self._records = None  # (index, example) iterator of the current pass, opened at the cursor on first use
+
+    def state(self) -> dict:
+        return dict(self._pos, ready=list(self._pos["ready"]), buffer=list(self._pos["buffer"]),
+                    rng=self._rng.getstate())
+
+    def _tokenized(self, examples: list) -> list:
         columns = []
         for key in ("inputs", "targets"):
-            ids = _encode_batch(features[key].vocabulary, [e[key] for e in examples])
-            columns.append([np.asarray(list(x) + ([eos[key]] if eos[key] is not None else []), np.int32)
-                            for x in ids])
-        return zip(*columns)
+            ids = _encode_batch(self._features[key].vocabulary, [e[key] for e in examples])
+            eos = self._eos[key]
+            columns.append([np.asarray(list(x) + ([eos] if eos is not None else []), np.int32) for x in ids])
+        return list(zip(*columns))
 
-    def one_pass() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        chunk = []
-        for example in registry.iter_examples(spec, info.variant, split, shard_index, num_shards):
-            chunk.append(example)
-            if len(chunk) == _TOKENIZE_CHUNK:
-                yield from tokenized(chunk)
-                chunk = []
-        if chunk:
-            yield from tokenized(chunk)
+    def _fill(self) -> bool:
+        """Tokenizes the next chunk of the (repeated) pass into `ready`; False once the stream has ended."""
+        pos = self._pos
+        while not pos["ready"]:
+            if pos["ended"]:
+                return False
+            if self._records is None:
+                self._records = registry.iter_examples(self._spec, self._variant, self.split, self.shard_index,
+                                                       self.num_shards, start_record=pos["cursor"], with_index=True)
+            chunk = list(itertools.islice(self._records, _TOKENIZE_CHUNK))
+            if chunk:
+                pos["cursor"] = chunk[-1][0] + 1
+                pos["pass_count"] += len(chunk)
+                pos["ready"].extend(self._tokenized([e for _, e in chunk]))
+            if len(chunk) < _TOKENIZE_CHUNK:  # end of a pass: start the next one, unless not repeating or empty
+                self._records = None
+                pos["ended"] = not self.repeat or pos["pass_count"] == 0
+                pos["cursor"], pos["pass_count"] = 0, 0
+        return True
 
-    def passes() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        while True:
-            count = 0
-            for pair in one_pass():
-                count += 1
-                yield pair
-            if not repeat or count == 0:
-                return
+    def __iter__(self):
+        return self
 
-    if not shuffle:
-        yield from passes()
-        return
-    buffer = []
-    for pair in passes():  # seqio-style shuffle buffer: emit a random element once the buffer is full
-        if len(buffer) < shuffle_buffer:
-            buffer.append(pair)
-            continue
-        slot = rng.randrange(shuffle_buffer)
-        yield buffer[slot]
-        buffer[slot] = pair
-    rng.shuffle(buffer)
-    yield from buffer
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        pos = self._pos
+        if not self.shuffle:
+            if self._fill():
+                return pos["ready"].popleft()
+            raise StopIteration
+        buffer = pos["buffer"]
+        while not pos["draining"]:  # a full buffer emits a random element for each new one
+            if not self._fill():
+                self._rng.shuffle(buffer)
+                buffer.reverse()  # popped from the end below: the shuffled order front to back
+                pos["draining"] = True
+                break
+            pair = pos["ready"].popleft()
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(pair)
+                continue
+            slot = self._rng.randrange(self.shuffle_buffer)
+            out, buffer[slot] = buffer[slot], pair
+            return out
+        if buffer:
+            return buffer.pop()
+        raise StopIteration
 
 
-def mixture_token_stream(mixture_or_task_name: str, split: str = "train", *, seed: int = 0, shuffle: bool = True,
-                         shard_index: int = 0, num_shards: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless (inputs, targets) examples drawn from the tasks by their mixing rates (deterministic in `seed`)."""
-    rates = registry_components(mixture_or_task_name)
-    names = sorted(rates)
-    probabilities = np.array([rates[n] for n in names])
-    streams: dict[int, Iterator] = {}
-    rng = np.random.default_rng([seed, shard_index])
-    while True:
-        for choice in rng.choice(len(names), size=_RATE_DRAWS, p=probabilities):
-            if choice not in streams:  # opened on first use: registration and start-up stay cheap
-                streams[choice] = task_token_stream(names[choice], split, seed=seed, shuffle=shuffle,
-                                                    shard_index=shard_index, num_shards=num_shards)
-            pair = next(streams[choice], None)
-            if pair is None:
-                raise ValueError(f"task {names[choice]!r} has no {split!r} examples (shard {shard_index} of "
-                                 f"{num_shards}); remove it from {mixture_or_task_name!r}")
-            yield pair
+def task_token_stream(task_name: str, split: str = "train", **options) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) int32 token arrays with EOS, as the seqio Task yields them (options: see TaskStream)."""
+    return TaskStream(task_name, split, **options)
+
+
+class MixtureStream:
+    """Endless (inputs, targets) examples drawn from the tasks by their mixing rates (deterministic in `seed`), with
+    a resumable position: the mixing RNG, its current block of draws, and each opened task's TaskStream state."""
+
+    def __init__(self, mixture_or_task_name: str, split: str = "train", *, seed: int = 0, shuffle: bool = True,
+                 shard_index: int = 0, num_shards: int = 1, state: Optional[dict] = None):
+        rates = registry_components(mixture_or_task_name)
+        self.name, self.split = mixture_or_task_name, split
+        self._names = sorted(rates)
+        self._probabilities = np.array([rates[n] for n in self._names])
+        self._task_options = dict(seed=seed, shuffle=shuffle, shard_index=shard_index, num_shards=num_shards)
+        self._rng = np.random.default_rng([seed, shard_index])
+        self._block, self._next = np.zeros(0, np.int64), 0
+        self._streams: dict[int, TaskStream] = {}
+        if state is not None:
+            self._rng.bit_generator.state = state["rng"]
+            self._block, self._next = np.asarray(state["block"]), int(state["next"])
+            self._streams = {int(c): self._open(int(c), s) for c, s in state["streams"].items()}
+
+    def _open(self, choice: int, state: Optional[dict] = None) -> TaskStream:
+        return TaskStream(self._names[choice], self.split, state=state, **self._task_options)
+
+    def state(self) -> dict:
+        return {"rng": self._rng.bit_generator.state, "block": self._block.copy(), "next": self._next,
+                "streams": {c: s.state() for c, s in self._streams.items()}}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._next == len(self._block):
+            self._block, self._next = self._rng.choice(len(self._names), size=_RATE_DRAWS, p=self._probabilities), 0
+        choice = int(self._block[self._next])
+        self._next += 1
+        if choice not in self._streams:  # opened on first use: registration and start-up stay cheap
+            self._streams[choice] = self._open(choice)
+        pair = next(self._streams[choice], None)
+        if pair is None:
+            o = self._task_options
+            raise ValueError(f"task {self._names[choice]!r} has no {self.split!r} examples (shard "
+                             f"{o['shard_index']} of {o['num_shards']}); remove it from {self.name!r}")
+        return pair
+
+
+def mixture_token_stream(mixture_or_task_name: str, split: str = "train", **options):
+    """Endless (inputs, targets) examples of a mixture (options: see MixtureStream)."""
+    return MixtureStream(mixture_or_task_name, split, **options)
+
+
+class PackedBatches:
+    """Batches of packed encoder-decoder features, exactly the layout PackedEncDecFeatureConverter produces.
+
+    The converter supplies the packing options and receives the `.stats` counters (as on the seqio path).
+    `state()` (the mixture's position, the packer with its buffer and counters, rows not yet batched) is plain
+    picklable data; `state=` resumes bitwise where it was taken.
+    """
+
+    def __init__(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
+                 converter: Optional[packing.PackedEncDecFeatureConverter] = None, *, split: str = "train",
+                 seed: int = 0, shuffle: bool = True, shard_index: int = 0, num_shards: int = 1,
+                 state: Optional[dict] = None):
+        converter = converter or packing.PackedEncDecFeatureConverter()
+        if not isinstance(converter, packing.PackedEncDecFeatureConverter) or not converter.pack:
+            raise ValueError("train.input_pipeline='native' packs with flan_jax.packing.PackedEncDecFeatureConverter; "
+                             f"got {type(converter).__name__}")
+        self.lengths = (int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"]))
+        self.batch_size, self._bos = batch_size, converter.bos_id
+        self._examples = MixtureStream(mixture_or_task_name, split, seed=seed, shuffle=shuffle,
+                                       shard_index=shard_index, num_shards=num_shards,
+                                       state=None if state is None else state["examples"])
+        if state is None:
+            self._packer = packing.ExamplePacker(self.lengths, **converter.packing_options)
+            self._rows = collections.deque()
+        else:
+            self._packer, self._rows = pickle.loads(state["packer"]), collections.deque(state["rows"])
+        converter.stats = self._packer.stats
+
+    def state(self) -> dict:
+        return {"examples": self._examples.state(), "packer": pickle.dumps(self._packer), "rows": list(self._rows)}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while len(self._rows) < self.batch_size:
+            self._rows.extend(self._packer.add(*next(self._examples)))
+        rows = [self._rows.popleft() for _ in range(self.batch_size)]
+        return packing.encdec_feature_batch(rows, self.lengths, self._bos)
 
 
 def packed_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
-                   converter: Optional[packing.PackedEncDecFeatureConverter] = None, *, split: str = "train",
-                   seed: int = 0, shuffle: bool = True, shard_index: int = 0,
-                   num_shards: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of packed encoder-decoder features, exactly the layout PackedEncDecFeatureConverter produces.
-
-    The converter supplies the packing options and receives the `.stats` counters (as on the seqio path)."""
-    converter = converter or packing.PackedEncDecFeatureConverter()
-    if not isinstance(converter, packing.PackedEncDecFeatureConverter) or not converter.pack:
-        raise ValueError("train.input_pipeline='native' packs with flan_jax.packing.PackedEncDecFeatureConverter; "
-                         f"got {type(converter).__name__}")
-    lengths = (int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"]))
-    stats = packing.PackingStats()
-    converter.stats = stats
-    examples = mixture_token_stream(mixture_or_task_name, split, seed=seed, shuffle=shuffle,
-                                    shard_index=shard_index, num_shards=num_shards)
-    rows = []
-    for row in packing.pack_examples(examples, lengths, stats=stats, **converter.packing_options):
-        rows.append(row)
-        if len(rows) == batch_size:
-            yield packing.encdec_feature_batch(rows, lengths, converter.bos_id)
-            rows = []
+                   converter: Optional[packing.PackedEncDecFeatureConverter] = None, **options) -> PackedBatches:
+    """Endless PackedBatches (options: split, seed, shuffle, shard_index, num_shards, state)."""
+    return PackedBatches(mixture_or_task_name, task_feature_lengths, batch_size, converter, **options)

@@ -217,60 +217,71 @@ def _truncate_or_drop(
   return inputs, targets
 
 
+class ExamplePacker:
+  """pack_examples as an object: add() returns the rows one example completed, flush() drains the buffer.
+
+  It holds only plain data (the BestFitPacker, its numpy buffers and RNG, the stats), so an input pipeline can
+  pickle it to resume mid-stream exactly where it stopped. Arguments as for pack_examples.
+  """
+
+  def __init__(self, lengths: tuple[int, int], *, buffer_size: int = 1000, max_segments_per_row: Optional[int] = None,
+               overlength: str = "truncate", lookahead: int = 8, secondary_weight: float = 1.0, seed: int = 0,
+               concatenate: bool = False, stats: Optional[PackingStats] = None):
+    if overlength not in OVERLENGTH_POLICIES:
+      raise ValueError(f"pack_examples: overlength must be one of {OVERLENGTH_POLICIES}, got {overlength!r}")
+    self.lengths = (int(lengths[0]), int(lengths[1]))
+    self.stats = stats if stats is not None else PackingStats()
+    self.overlength, self.concatenate = overlength, concatenate
+    self.capacities = (sum(self.lengths),) if concatenate else self.lengths
+    self.packer = BestFitPacker(self.capacities, buffer_size=buffer_size, max_segments_per_row=max_segments_per_row,
+                                lookahead=lookahead, secondary_weight=secondary_weight, seed=seed)
+
+  def _account(self, row):
+    stats = self.stats
+    stats.rows_out += 1
+    stats.segments += len(row)
+    stats.examples_packed += len(row)
+    stats.max_segments_in_a_row = max(stats.max_segments_in_a_row, len(row))
+    n_in, n_tg = sum(len(i) for i, _ in row), sum(len(t) for _, t in row)
+    if self.concatenate:
+      stats.decoder_tokens += n_in + n_tg
+      stats.decoder_slots += self.capacities[0]
+    else:
+      stats.encoder_tokens += n_in
+      stats.encoder_slots += self.lengths[0]
+      stats.decoder_tokens += n_tg
+      stats.decoder_slots += self.lengths[1]
+    return row
+
+  def add(self, inputs, targets) -> list:
+    self.stats.examples_in += 1
+    kept = _truncate_or_drop(np.asarray(inputs), np.asarray(targets), self.lengths, self.overlength, self.stats)
+    if kept is None:
+      return []
+    sizes = (len(kept[0]) + len(kept[1]),) if self.concatenate else (len(kept[0]), len(kept[1]))
+    return [self._account(row) for row in self.packer.push(kept, sizes)]
+
+  def flush(self) -> list:
+    return [self._account(row) for row in self.packer.flush()]
+
+
 def pack_examples(
     examples: Iterable[tuple[np.ndarray, np.ndarray]],
     lengths: tuple[int, int],
-    *,
-    buffer_size: int = 1000,
-    max_segments_per_row: Optional[int] = None,
-    overlength: str = "truncate",
-    lookahead: int = 8,
-    secondary_weight: float = 1.0,
-    seed: int = 0,
-    concatenate: bool = False,
-    stats: Optional[PackingStats] = None,
+    **options,
 ) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
   """Packs (inputs, targets) pairs into rows; yields each row as its list of (inputs, targets) segments.
 
   lengths = (inputs_length, targets_length). Examples longer than that are truncated (prefix kept) or dropped per
   `overlength`; both are counted in `stats`. With concatenate=True (decoder-only / prefix-LM) a segment occupies
   len(inputs) + len(targets) slots of one row of length sum(lengths); otherwise (encoder-decoder) the inputs and
-  targets of a row must fit their own lengths jointly.
+  targets of a row must fit their own lengths jointly. Options: those of ExamplePacker (buffer_size,
+  max_segments_per_row, overlength, lookahead, secondary_weight, seed, concatenate, stats).
   """
-  if overlength not in OVERLENGTH_POLICIES:
-    raise ValueError(f"pack_examples: overlength must be one of {OVERLENGTH_POLICIES}, got {overlength!r}")
-  lengths = (int(lengths[0]), int(lengths[1]))
-  stats = stats if stats is not None else PackingStats()
-  capacities = (sum(lengths),) if concatenate else lengths
-  packer = BestFitPacker(capacities, buffer_size=buffer_size, max_segments_per_row=max_segments_per_row,
-                         lookahead=lookahead, secondary_weight=secondary_weight, seed=seed)
-
-  def account(row):
-    stats.rows_out += 1
-    stats.segments += len(row)
-    stats.examples_packed += len(row)
-    stats.max_segments_in_a_row = max(stats.max_segments_in_a_row, len(row))
-    n_in, n_tg = sum(len(i) for i, _ in row), sum(len(t) for _, t in row)
-    if concatenate:
-      stats.decoder_tokens += n_in + n_tg
-      stats.decoder_slots += capacities[0]
-    else:
-      stats.encoder_tokens += n_in
-      stats.encoder_slots += lengths[0]
-      stats.decoder_tokens += n_tg
-      stats.decoder_slots += lengths[1]
-    return row
-
+  packer = ExamplePacker(lengths, **options)
   for inputs, targets in examples:
-    stats.examples_in += 1
-    kept = _truncate_or_drop(np.asarray(inputs), np.asarray(targets), lengths, overlength, stats)
-    if kept is None:
-      continue
-    sizes = (len(kept[0]) + len(kept[1]),) if concatenate else (len(kept[0]), len(kept[1]))
-    for row in packer.push(kept, sizes):
-      yield account(row)
-  for row in packer.flush():
-    yield account(row)
+    yield from packer.add(inputs, targets)
+  yield from packer.flush()
 
 
 # -- feature builders: packed rows -> seqio model features (numpy int32, batched over rows for speed) ----------

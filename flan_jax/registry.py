@@ -235,15 +235,21 @@ def _count_error(task_name: str, reason: str) -> None:
         _DATA_ERRORS[task_name][reason] += 1
 
 
-def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0,
-                  num_shards: int = 1) -> Iterator[dict]:
-    """Python stream of rendered examples for one variant and split (what the seqio source wraps)."""
+def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0, num_shards: int = 1, *,
+                  start_record: int = 0, with_index: bool = False) -> Iterator[dict]:
+    """Python stream of rendered examples for one variant and split (what the seqio source wraps).
+
+    start_record: records with a smaller index are passed over unread by normalize/render (a resumed input pipeline
+    continues from its cursor); with_index: yield (record index, example) pairs.
+    """
     task_name = f"{spec.name}_{variant}"
     pool = exemplar_pool(spec) if variant.startswith("fs_") else ()
     cap = spec.max_examples.get(split)
     for index, record in spec.source.records(split, shard_index, num_shards):
         if cap is not None and index >= cap:
             break
+        if index < start_record:
+            continue
         try:
             values = normalize_record(spec, record, need_rationale=(variant == "cot"))
             example = render_example(spec, variant, split, index, values, pool)
@@ -253,7 +259,8 @@ def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0
                                                                f"record {index}") from None
             _count_error(task_name, e.reason)
             continue
-        yield example  # outside the try: closing a suspended stream (e.g. at exit) must not run the except clause
+        # outside the try: closing a suspended stream (e.g. at exit) must not run the except clause
+        yield (index, example) if with_index else example
 
 
 # ----------------------------------------------------------------------------------------------------------------

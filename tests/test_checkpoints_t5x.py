@@ -212,3 +212,35 @@ def test_convert_cli_t5x_to_hf_and_orbax(legacy_dir, params, slots, tmp_path, ca
 
     assert convert.main(['--from', 't5x', '--to', 'hf', str(tmp_path / 'nothing_here'), hf_dir]) == 1
     assert 'not found' in capsys.readouterr().err
+
+
+def test_orbax_with_optimizer_state_has_t5x_placeholders_and_relative_paths(params, slots, tmp_path, monkeypatch):
+    """convert --to orbax keeps T5X's four slots per parameter ((1,) placeholders included): the same tree as the
+    legacy checkpoint T5X writes; load_t5x reads it through relative and absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    legacy = t5x.save_t5x_legacy(params, 'legacy', STEP, param_states=slots)
+    from flan_jax.checkpoints import convert
+    assert convert.main(['--from', 't5x', '--to', 'orbax', os.path.relpath(legacy), 'out/checkpoint_7']) == 0
+    import orbax.checkpoint as ocp
+    written = ocp.PyTreeCheckpointer().restore(os.path.abspath('out/checkpoint_7/state'))
+    with open(os.path.join(legacy, 'checkpoint'), 'rb') as f:
+        raw = serialization.msgpack_restore(f.read())['optimizer']['state']['param_states']
+
+    def shapes(tree, prefix=''):  # a TensorStore spec stands for an array of its metadata's shape
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict) and 'driver' in v:
+                out[prefix + k] = tuple(v['metadata']['shape'])
+            elif isinstance(v, dict):
+                out.update(shapes(v, f'{prefix}{k}/'))
+            else:
+                out[prefix + k] = np.shape(v)
+        return out
+    orbax_shapes = {k: np.shape(v) for k, v in t5x.flatten(written['state']['param_states']).items()}
+    assert orbax_shapes == shapes(raw)
+    assert orbax_shapes['decoder/decoder_norm/scale/m'] == (1,)
+    for path in ('out/checkpoint_7', os.path.abspath('out/checkpoint_7'), 'out'):
+        loaded, opt = t5x.load_t5x(path, with_optimizer_state=True)
+        _assert_same_arrays(loaded, params)
+        _assert_same_arrays(opt['slots'], slots)
+        assert opt['step'] == STEP

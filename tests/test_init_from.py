@@ -63,3 +63,39 @@ def test_mismatched_model_config_names_the_parameter(tmp_path):
                         num_encoder_layers=1, num_decoder_layers=1)
     with pytest.raises(ValueError, match=r"mlp/wi_0/kernel"):
         init_from.load_checkpoint_params(ckpt, other)
+
+
+def _updates_after(opt, params, grads, state):
+    return jax.device_get(opt.update(grads, state, params)[0])
+
+
+def test_rsqrt_schedule_and_momentum_continue_from_the_t5x_step():
+    """T5X at step 1000 with momentum: restoring its slots and step gives the update T5X's run would make next (the
+    schedule counts from 1000, not 0); `m` lands in the momentum EMA; without momentum in our optimizer `m` is an
+    error naming the slot."""
+    shape = (128, 256)  # factored
+    params = {"w": np.ones(shape, np.float32), "b": np.ones((8,), np.float32)}
+    grad = lambda t: jax.tree.map(lambda p: np.full(p.shape, 0.1 + 0.01 * (t % 7), np.float32), params)
+    schedule = optim.make_schedule(optim.ScheduleConfig("rsqrt", 1e-2, warmup_steps=10))
+    opt = optim.make_adafactor(optim.AdafactorConfig(beta1=0.9), schedule)
+    state, p = opt.init(params), params
+    step = jax.jit(lambda g, s, p: opt.update(g, s, p))
+    for t in range(1000):  # "T5X's" run: 1000 updates, then the 1001st is the reference
+        _, state = step(grad(t), state, p)
+    state = jax.device_get(state)
+    expected = _updates_after(opt, p, grad(1000), state)
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "v_row") or hasattr(x, "ema"))
+    fac = next(x for x in leaves if hasattr(x, "v_row"))
+    ema = next(x for x in leaves if hasattr(x, "ema"))
+    slots = {"w": {"v_row": fac.v_row["w"], "v_col": fac.v_col["w"], "m": ema.ema["w"]},
+             "b": {"v": fac.v["b"], "m": ema.ema["b"]}}
+    restored = init_from.adafactor_state_from_slots(jax.device_get(opt.init(params)), slots, 1000)
+    got = _updates_after(opt, p, grad(1000), restored)
+    for k in params:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-6, err_msg=k)
+    fresh = _updates_after(opt, p, grad(1000), init_from.adafactor_state_from_slots(
+        jax.device_get(opt.init(params)), slots, 0))
+    assert not np.allclose(fresh["b"], expected["b"])  # the step (schedule and decay) matters
+    no_momentum = optim.make_adafactor(optim.AdafactorConfig(), schedule)
+    with pytest.raises(ValueError, match=r"slot b/m has no place.*beta1"):
+        init_from.adafactor_state_from_slots(jax.device_get(no_momentum.init(params)), slots, 1000)

@@ -82,9 +82,31 @@ def test_non_registry_task_is_refused_with_its_name():
         native_pipeline.registry_components(name)
 
 
-def test_trainer_on_the_native_pipeline_resumes_bitwise(tmp_path):
-    """Train 8 steps; separately train 4, stop, and resume to 8: the losses of steps 5-8 must be identical."""
-    from flan_jax.train import loop, main as train_main_lib
+def test_saved_position_resumes_the_stream_bitwise():
+    """state() after 5 batches (through pickle, as the trainer saves it) continues with the uninterrupted batches 6-12,
+    shuffle buffers, mixing RNG, packer buffer and counters included."""
+    import pickle
+    reference_converter = packing.PackedEncDecFeatureConverter()
+    reference = native_pipeline.packed_batches("flan_default_train", LENGTHS, 4, reference_converter, seed=1)
+    expected = [next(reference) for _ in range(12)]
+    first = native_pipeline.packed_batches("flan_default_train", LENGTHS, 4, packing.PackedEncDecFeatureConverter(),
+                                           seed=1)
+    for _ in range(5):
+        next(first)
+    state = pickle.loads(pickle.dumps(first.state()))
+    converter = packing.PackedEncDecFeatureConverter()
+    resumed = native_pipeline.packed_batches("flan_default_train", LENGTHS, 4, converter, seed=1, state=state)
+    for want in expected[5:]:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert converter.stats.as_dict() == reference_converter.stats.as_dict()
+
+
+def test_trainer_on_the_native_pipeline_resumes_bitwise(tmp_path, monkeypatch):
+    """Train 8 steps; separately train 4, stop, and resume to 8: the losses of steps 5-8 must be identical, and the
+    resumed run continues from the saved input position instead of replaying the stream."""
+    from flan_jax.train import data as data_lib, loop, main as train_main_lib
     from flan_jax.train.metrics_log import read_metrics
     tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs", "runs",
                         "tiny_test.gin")
@@ -101,7 +123,13 @@ def test_trainer_on_the_native_pipeline_resumes_bitwise(tmp_path):
     resumed = str(tmp_path / "resumed")
     cfg = train_main_lib._configured([f"--gin_file={tiny}", f"--gin.MODEL_DIR={resumed}", *flags])[1]
     loop.run(cfg, feature_converter=train_main_lib.make_feature_converter(), stop_after_steps=4)
+    assert os.path.exists(os.path.join(resumed, "input_state", "checkpoint_4", "process_0.pkl"))
+    positions = []
+    original = data_lib.train_batches
+    monkeypatch.setattr(data_lib, "train_batches",
+                        lambda *a, **k: positions.append(k.get("input_state")) or original(*a, **k))
     train_main_lib.train_main([f"--gin_file={tiny}", f"--gin.MODEL_DIR={resumed}", *flags])
+    assert len(positions) == 1 and positions[0] is not None
     a, b = losses(full), losses(resumed)
     assert sorted(a) == list(range(1, 9)) and all(np.isfinite(list(a.values())))
     for step in range(5, 9):

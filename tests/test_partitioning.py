@@ -86,23 +86,74 @@ def _losses(model_dir):
                                        key=lambda r: r["step"])]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    common = [sys.executable, "-m", "flan_jax.train", f"--gin_file={TINY}", "--gin.TRAIN_STEPS=5",
-              "--gin.LOG_PERIOD=1", "--gin.EVAL_PERIOD=0", "--gin.EVAL_MIXTURE_OR_TASK_NAME=None",
-              "--gin.CHECKPOINT_PERIOD=0", "--gin.train.input_sharding='global_stream'"]
-    env = {"JAX_PLATFORMS": "cpu"}
-    single = str(tmp_path / "single")
-    one = _run(common + [f"--gin.MODEL_DIR={single}"], env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    multi = str(tmp_path / "multi")
-    port = _free_port()
-    procs = [subprocess.Popen(
-        common + [f"--gin.MODEL_DIR={multi}", f"--gin.distributed.coordinator_address='127.0.0.1:{port}'",
-                  "--gin.distributed.num_processes=2", f"--gin.distributed.process_id={i}"],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i in range(2)]
+def test_data_shards_follow_the_mesh():
+    """T5X's layout: a process's shard is the block of data-parallel rows its devices hold."""
+    from flan_jax.train.partitioning import DataShard, data_shard_of
+    # 2 hosts x 2 devices, NUM_PARTITIONS=4: the model axis spans both hosts -> one shard, fed by both.
+    assert [data_shard_of([[0, 0, 1, 1]], p) for p in (0, 1)] == [DataShard(0, 1)] * 2
+    # NUM_PARTITIONS=2: one data row per host.
+    assert [data_shard_of([[0, 0], [1, 1]], p) for p in (0, 1)] == [DataShard(0, 2), DataShard(1, 2)]
+    # 4 hosts x 2 devices, NUM_PARTITIONS=4: pairs of hosts share a shard.
+    grid = [[0, 0, 1, 1], [2, 2, 3, 3]]
+    assert [data_shard_of(grid, p).index for p in range(4)] == [0, 0, 1, 1]
+    # 2 hosts x 4 devices, NUM_PARTITIONS=1: each host holds 4 rows.
+    assert data_shard_of([[0], [0], [0], [0], [1], [1], [1], [1]], 1) == DataShard(1, 2)
+    # 3 hosts x 2 devices, NUM_PARTITIONS=3: host 1 holds parts of both rows -> no per-host split exists.
+    with pytest.raises(ValueError, match="NUM_PARTITIONS: process"):
+        data_shard_of([[0, 0, 1], [1, 2, 2]], 0)
+
+
+def test_an_epoch_is_split_over_shards_without_duplicates_or_gaps():
+    """Per-process shards: every example of a pass is read by exactly one of the data shards."""
+    import tasks  # noqa: F401  (registers the mixtures)
+    from flan_jax import native_pipeline
+    name = "parity_zs_opt"
+    whole = lambda i, n: [tuple(a.tolist()) + (-1,) + tuple(b.tolist()) for a, b in native_pipeline.task_token_stream(
+        name, shuffle=False, repeat=False, shard_index=i, num_shards=n)]
+    full = whole(0, 1)
+    parts = [whole(i, 3) for i in range(3)]
+    assert sorted(full) == sorted(sum(parts, [])) and all(parts)
+
+
+def _eval_values(model_dir):
+    rows = [json.loads(l) for l in open(os.path.join(model_dir, "metrics.jsonl"))]
+    return {(r["step"], r["task"], r["metric"]): r["value"] for r in rows if r["split"] == "eval"}
+
+
+def _launch(args, model_dir, env, processes):
+    """Runs the trainer as `processes` jax.distributed processes on 127.0.0.1 (or one plain process)."""
+    cmd = args + [f"--gin.MODEL_DIR={model_dir}"]
+    if processes == 1:
+        procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    else:
+        port = _free_port()
+        procs = [subprocess.Popen(
+            cmd + [f"--gin.distributed.coordinator_address='127.0.0.1:{port}'",
+                   f"--gin.distributed.num_processes={processes}", f"--gin.distributed.process_id={i}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    return procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("partitions,sharding", [(4, "per_process_shard"), (2, "global_stream")])
+def test_two_hosts_of_two_devices_match_one_host_of_four(tmp_path, partitions, sharding):
+    """(4, per-process input): the model axis spans both processes, one data shard, both feed the same rows.
+    (2, global_stream): the data axis spans the processes, the model axis stays inside each. Eval on."""
+    args = [sys.executable, "-m", "flan_jax.train", f"--gin_file={TINY}", "--gin.TRAIN_STEPS=3",
+            "--gin.LOG_PERIOD=1", "--gin.EVAL_PERIOD=0", "--gin.EVAL_EXAMPLES_PER_TASK=4",
+            "--gin.EVAL_MIXTURE_OR_TASK_NAME='parity_zs_opt'", "--gin.CHECKPOINT_PERIOD=0",
+            "--gin.BEST_METRIC=None", f"--gin.NUM_PARTITIONS={partitions}",
+            f"--gin.train.input_sharding='{sharding}'", "--gin.train.peak_tflops=1.0"]
+    base = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    procs = (_launch(args, single, dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4"), 1)
+             + _launch(args, multi, dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2"), 2))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    assert len(_losses(single)) == 3
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
-    assert len(_losses(single)) == 5
+    one, two = _eval_values(single), _eval_values(multi)
+    assert one and set(one) == set(two)
+    for key in one:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=str(key))

@@ -250,11 +250,18 @@ def _read_tensorstore(spec: Mapping, ckpt_dir: str, name: str) -> np.ndarray:
     if kvstore.get('driver', 'file') not in ('file', 'gfile', 'gcs'):
         raise ValueError(f'{name}: unsupported TensorStore kvstore driver {kvstore.get("driver")!r}')
     # Checkpoints written to GCS carry a dummy bucket; files live next to the msgpack wherever it is now.
-    spec['kvstore'] = {'driver': 'file', 'path': os.path.join(ckpt_dir, relative)}
+    spec['kvstore'] = _kvstore(ckpt_dir, relative)
     try:
         return np.asarray(ts.open(spec, open=True).result().read().result())
     except Exception as e:  # tensorstore raises ValueError/OSError subclasses with terse messages
         raise ValueError(f'{name}: cannot read TensorStore array at {spec["kvstore"]["path"]}: {e}') from e
+
+
+def _kvstore(ckpt_dir: str, relative: str) -> dict:
+    if ckpt_dir.startswith('gs://'):
+        bucket, _, prefix = ckpt_dir[len('gs://'):].partition('/')
+        return {'driver': 'gcs', 'bucket': bucket, 'path': f'{prefix.rstrip("/")}/{relative}'.lstrip('/')}
+    return {'driver': 'file', 'path': os.path.join(ckpt_dir, relative)}
 
 
 def _materialize(tree, ckpt_dir: str, prefix: str):
@@ -265,31 +272,37 @@ def _materialize(tree, ckpt_dir: str, prefix: str):
     return np.asarray(tree)
 
 
-def _find_checkpoint(path: str) -> tuple[str, str]:
-    """Resolve `path` to ('legacy', msgpack file) or ('orbax', state dir)."""
+def absolute_path(path) -> str:
+    """A local path made absolute (orbax and TensorStore need that); URLs such as gs://bucket/x stay as they are."""
     path = os.fspath(path)
-    if os.path.isfile(path):
-        return 'legacy', path
-    if not os.path.isdir(path):
+    return path if '://' in path else os.path.abspath(path)
+
+
+def _find_checkpoint(path: str) -> tuple[str, str]:
+    """Resolve `path` (local, relative or gs://) to ('legacy', msgpack file) or ('orbax', state dir)."""
+    from etils import epath
+    root = epath.Path(absolute_path(path))
+    if root.is_file():
+        return 'legacy', str(root)
+    if not root.is_dir():
         raise FileNotFoundError(f'T5X checkpoint not found: {path}')
-    if os.path.isfile(os.path.join(path, 'checkpoint')):
-        return 'legacy', os.path.join(path, 'checkpoint')
-    if os.path.isdir(os.path.join(path, 'state')):
-        return 'orbax', os.path.join(path, 'state')
-    if os.path.isfile(os.path.join(path, '_CHECKPOINT_METADATA')) or os.path.isfile(
-            os.path.join(path, '_METADATA')):
-        return 'orbax', path
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(path)
-                   if (m := re.fullmatch(r'checkpoint_(\d+)', name)))
+    if (root / 'checkpoint').is_file():
+        return 'legacy', str(root / 'checkpoint')
+    if (root / 'state').is_dir():
+        return 'orbax', str(root / 'state')
+    if (root / '_CHECKPOINT_METADATA').is_file() or (root / '_METADATA').is_file():
+        return 'orbax', str(root)
+    steps = sorted((int(m.group(1)), child.name) for child in root.iterdir()
+                   if (m := re.fullmatch(r'checkpoint_(\d+)', child.name)))
     if steps:
-        return _find_checkpoint(os.path.join(path, steps[-1][1]))
+        return _find_checkpoint(str(root / steps[-1][1]))
     raise ValueError(f'{path}: not a T5X checkpoint (no checkpoint file, no state/ dir, no checkpoint_<step>/)')
 
 
 def _read_legacy(msgpack_file: str) -> dict:
+    from etils import epath
     from flax import serialization
-    with open(msgpack_file, 'rb') as f:
-        raw = f.read()
+    raw = epath.Path(msgpack_file).read_bytes()
     if raw.startswith(b'model_checkpoint_path'):
         raise ValueError(f'{msgpack_file} is a TensorFlow (Mesh TF) checkpoint index, not a T5X checkpoint')
     contents = serialization.msgpack_restore(raw)
@@ -328,7 +341,7 @@ def load_t5x(path: str, *, with_optimizer_state: bool = False, config=None):
     array}}}) when with_optimizer_state; placeholder (1,)-slots are dropped, so factored parameters have
     v_row/v_col and the others v (plus m when T5X used momentum).
     """
-    kind, location = _find_checkpoint(path)
+    kind, location = _find_checkpoint(absolute_path(path))
     state = _read_legacy(location) if kind == 'legacy' else _read_orbax(location)
     if 'target' not in state:
         raise ValueError(f"{location}: no 'target' (parameters) in the checkpoint; top keys: {sorted(state)}")
@@ -357,19 +370,35 @@ def save_orbax_params(params: Mapping, path: str, *, step: Optional[int] = None,
     """Write params as a T5X-style orbax checkpoint `path/state/` ({'target': params[, 'state': ...]}).
 
     step/slots (as returned by load_t5x(with_optimizer_state=True)) are stored under 'state' so a
-    conversion keeps the optimizer state. Returns the state dir. `load_t5x(path)` reads it back.
+    conversion keeps the optimizer state; every parameter then carries T5X Adafactor's four slots {v_row, v_col, v,
+    m}, the unused ones as (1,)-shaped zeros, which is the tree T5X's checkpointer restores into. Returns the state
+    dir. `load_t5x(path)` reads it back.
     """
     import orbax.checkpoint as ocp
+    from etils import epath
     tree = {'target': _to_numpy_tree(params)}
     if step is not None or slots:
         tree['state'] = {'step': np.asarray(step or 0, np.int32),
-                         'param_states': unflatten({f'{p}/{k}': np.asarray(v)
-                                                    for p, s in (slots or {}).items() for k, v in s.items()})}
-    state_dir = os.path.join(os.path.abspath(path), 'state')
-    if os.path.exists(state_dir):
+                         'param_states': unflatten(_slots_with_placeholders(params, slots or {}))}
+    state_dir = epath.Path(absolute_path(path)) / 'state'
+    if state_dir.exists():
         raise FileExistsError(f'save_orbax_params: {state_dir} already exists')
-    os.makedirs(os.path.dirname(state_dir), exist_ok=True)
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.PyTreeCheckpointer()
     checkpointer.save(state_dir, args=ocp.args.PyTreeSave(tree))
     checkpointer.close() if hasattr(checkpointer, 'close') else None
-    return state_dir
+    return str(state_dir)
+
+
+def _slots_with_placeholders(params: Mapping, slots: Mapping) -> dict:
+    """{'<param>/<slot>': array} with all four T5X slots per parameter ((1,) zeros where a slot is unused)."""
+    flat_params = flatten(params)
+    unknown = sorted(set(slots) - set(flat_params))
+    if unknown:
+        raise ValueError(f'save_orbax_params: slots for unknown parameters: {unknown[:5]}')
+    out = {}
+    for p in flat_params:
+        for name in SLOT_NAMES:
+            value = slots.get(p, {}).get(name)
+            out[f'{p}/{name}'] = np.zeros((1,), np.float32) if value is None else np.asarray(value)
+    return out

@@ -7,20 +7,30 @@ Orbax writes into a temporary directory and renames it when complete, so a run k
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 STEP_PREFIX = "checkpoint"
+INPUT_STATE_DIR = "input_state"
 
 
 def _manager(directory: str, max_to_keep: Optional[int], async_save: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
             step_prefix=STEP_PREFIX, max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(_absolute(directory), options=options)
+
+
+def _absolute(path: str) -> epath.Path:
+    """Local paths absolute (orbax needs that); gs:// and other URLs as given."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 class Checkpointer:
@@ -29,7 +39,7 @@ class Checkpointer:
         self.model_dir = model_dir
         self.latest = _manager(model_dir, keep, async_save)
         self.best_metric, self.best_mode = best_metric, best_mode
-        self._best_dir = os.path.join(model_dir, "best")
+        self._best_dir = str(_absolute(model_dir) / "best")
         self._best = None  # created on first use so runs without keep-best leave no empty folder
 
     # --- latest ------------------------------------------------------------------------------------------------------
@@ -54,11 +64,10 @@ class Checkpointer:
 
     # --- best --------------------------------------------------------------------------------------------------------
     def best_record(self) -> Optional[dict]:
-        path = os.path.join(self.model_dir, "best.json")
-        if not os.path.exists(path):
+        path = epath.Path(self.model_dir) / "best.json"
+        if not path.exists():
             return None
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(path.read_text())
 
     def maybe_save_best(self, step: int, state: Any, meta: dict, eval_values: dict) -> bool:
         """Keeps the checkpoint with the best `best_metric` (a key of eval_values) in MODEL_DIR/best/."""
@@ -77,11 +86,10 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._best.wait_until_finished()
         if jax.process_index() == 0:
-            tmp = os.path.join(self.model_dir, "best.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump({"metric": self.best_metric, "value": value, "step": int(step),
-                                      "path": os.path.join(self._best_dir, f"{STEP_PREFIX}_{step}")}, f)
-            os.replace(tmp, os.path.join(self.model_dir, "best.json"))
+            tmp = epath.Path(self.model_dir) / "best.json.tmp"
+            tmp.write_text(json.dumps({"metric": self.best_metric, "value": value, "step": int(step),
+                                       "path": os.path.join(self._best_dir, f"{STEP_PREFIX}_{step}")}))
+            tmp.rename(epath.Path(self.model_dir) / "best.json")
         return True
 
     def wait(self) -> None:
@@ -92,3 +100,37 @@ class Checkpointer:
         self.latest.close()
         if self._best is not None:
             self._best.close()
+
+
+# --- input position ------------------------------------------------------------------------------------------------
+# Each process saves its own input pipeline position beside the orbax step (MODEL_DIR/input_state/checkpoint_<step>/
+# process_<i>.pkl): what it holds is host-local (record cursors, shuffle and packing buffers), not a global array.
+def _input_state_path(model_dir: str, step: int, process_index: int) -> epath.Path:
+    return epath.Path(model_dir) / INPUT_STATE_DIR / f"{STEP_PREFIX}_{step}" / f"process_{process_index}.pkl"
+
+
+def save_input_state(model_dir: str, step: int, fingerprint: dict, state: Any, keep_steps=()) -> None:
+    """Writes this process's input position for `step` (atomically) and removes those of steps not in keep_steps."""
+    path = _input_state_path(model_dir, step, jax.process_index())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "state": state}, protocol=pickle.HIGHEST_PROTOCOL))
+    tmp.rename(path)
+    keep = {f"{STEP_PREFIX}_{s}" for s in keep_steps} | {path.parent.name}
+    for old in (epath.Path(model_dir) / INPUT_STATE_DIR).iterdir():
+        stale = old / f"process_{jax.process_index()}.pkl"
+        if old.name not in keep and stale.exists():
+            stale.unlink()
+
+
+def load_input_state(model_dir: str, step: int, fingerprint: dict) -> Optional[Any]:
+    """This process's saved input position at `step`, or None (none saved, or saved under another input config)."""
+    path = _input_state_path(model_dir, step, jax.process_index())
+    if not path.exists():
+        return None
+    saved = pickle.loads(path.read_bytes())
+    if saved["fingerprint"] != fingerprint:
+        logging.warning("input position in %s was saved for %s, not %s: replaying the stream instead",
+                        path, saved["fingerprint"], fingerprint)
+        return None
+    return saved["state"]

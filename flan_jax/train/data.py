@@ -1,13 +1,14 @@
 """Training input: a seqio mixture -> feature converter (packing) -> per-process batches of numpy arrays.
 
-Each process reads its own shard (seqio ShardInfo by process index) and yields its slice of the global batch; the loop
-assembles global arrays. The stream is a deterministic function of (mixture, seed), so resuming at step s replays the
-iterator past the s * batches already consumed and sees exactly the batches an uninterrupted run would have seen.
+Each process reads the data shard its devices hold in the mesh (seqio ShardInfo by `partitioning.DataShard`) and
+yields those rows of the global batch; the loop assembles global arrays. The stream is a deterministic function of
+(mixture, seed). Resuming at step s on the native pipeline continues from the position saved with checkpoint s (cost
+independent of s); on the seqio path the iterator is replayed past the s batches already consumed. Both see exactly
+the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Iterator, Mapping, Optional
 
 import jax
@@ -44,44 +45,75 @@ def resolve_mixture_or_task(name: str, key: str = "MIXTURE_OR_TASK_NAME"):
                          f"(did you `import tasks`?)") from None
 
 
-def local_batch_size(global_batch_size: int) -> int:
-    n = jax.process_count()
-    if global_batch_size % n:
-        raise ValueError(f"BATCH_SIZE={global_batch_size} is not divisible by the {n} processes")
-    return global_batch_size // n
+def local_batch_size(global_batch_size: int, shard=None) -> int:
+    count = jax.process_count() if shard is None else shard.count
+    if global_batch_size % count:
+        raise ValueError(f"BATCH_SIZE={global_batch_size} is not divisible by the {count} data shards")
+    return global_batch_size // count
 
 
 INPUT_SHARDINGS = ("per_process_shard", "global_stream")
 
 
-def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter,
-                  skip_batches: int = 0) -> Iterator[dict]:
-    """This process's rows of each global batch, as numpy arrays."""
+class HostBatches:
+    """Iterator of this process's batches; `state()` is its input position (native pipeline) or None (seqio)."""
+
+    def __init__(self, source, rows: Optional[slice] = None):
+        self._source, self._rows = source, rows
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._source)
+        return batch if self._rows is None else {k: v[self._rows] for k, v in batch.items()}
+
+    def state(self) -> Optional[dict]:
+        return self._source.state() if hasattr(self._source, "state") else None
+
+
+def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, skip_batches: int = 0,
+                  shard=None, input_state: Optional[dict] = None) -> HostBatches:
+    """This process's rows of each global batch, as numpy arrays.
+
+    shard: this process's `partitioning.DataShard` (from the mesh); None means one shard per process. Processes that
+    share a shard (a model-parallel group spanning hosts) read the same seqio shard and so feed identical rows.
+    input_state: a native pipeline's saved `state()`; it continues there (no skipping) and `skip_batches` is ignored.
+    """
     if cfg.input_sharding not in INPUT_SHARDINGS:
         raise ValueError(f"INPUT_SHARDING={cfg.input_sharding!r}: expected one of {INPUT_SHARDINGS}")
-    n_proc, index = jax.process_count(), jax.process_index()
-    per_process = cfg.input_sharding == "per_process_shard" and n_proc > 1
-    local = local_batch_size(cfg.global_batch_size)
+    index, count = (jax.process_index(), jax.process_count()) if shard is None else (shard.index, shard.count)
+    per_shard = cfg.input_sharding == "per_process_shard" and count > 1
+    local = local_batch_size(cfg.global_batch_size, shard)
     # Our packer truncates (or drops) over-length examples itself and counts them; seqio's trimming is silent.
     counts_truncation = hasattr(feature_converter, "stats")
-    batch_size = local if per_process else cfg.global_batch_size
+    batch_size = local if per_shard else cfg.global_batch_size
     if cfg.pipeline == "native":
         from flan_jax import native_pipeline
-        batches = itertools.islice(native_pipeline.packed_batches(
+        batches = native_pipeline.packed_batches(
                 cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter, split=cfg.split,
-                seed=cfg.seed, shuffle=cfg.shuffle, shard_index=index if per_process else 0,
-                num_shards=n_proc if per_process else 1), skip_batches, None)
+                seed=cfg.seed, shuffle=cfg.shuffle, shard_index=index if per_shard else 0,
+                num_shards=count if per_shard else 1, state=input_state)
+        if input_state is None:
+            for _ in range(skip_batches):
+                next(batches)
     else:
         ds = seqio.get_dataset(
                 cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
                 feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
-                shard_info=seqio.ShardInfo(index=index, num_shards=n_proc) if per_process else None, seed=cfg.seed,
+                shard_info=seqio.ShardInfo(index=index, num_shards=count) if per_shard else None, seed=cfg.seed,
                 batch_size=batch_size, verbose=False, trim_output_features=not counts_truncation)
         batches = ds.skip(skip_batches).as_numpy_iterator()
-    for batch in batches:
-        if not per_process and n_proc > 1:
-            batch = {k: v[index * local:(index + 1) * local] for k, v in batch.items()}
-        yield batch
+    rows = slice(index * local, (index + 1) * local) if not per_shard and count > 1 else None
+    return HostBatches(batches, rows)
+
+
+def input_fingerprint(cfg: InputConfig, shard) -> dict:
+    """What a saved input position depends on; a position saved under a different one is not reused."""
+    return {"mixture": cfg.mixture_or_task_name, "lengths": dict(cfg.task_feature_lengths),
+            "batch": cfg.global_batch_size, "seed": cfg.seed, "split": cfg.split, "shuffle": cfg.shuffle,
+            "sharding": cfg.input_sharding, "pipeline": cfg.pipeline,
+            "shard": None if shard is None else [shard.index, shard.count]}
 
 
 def pipeline_counters(feature_converter) -> dict:

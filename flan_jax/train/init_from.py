@@ -50,27 +50,53 @@ def load_checkpoint_params(path: str, model_cfg: t5.T5Config, *, with_optimizer_
     return params, slots, step
 
 
+def _key(path) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
 def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
-    """Fills optax's factored Adafactor state with T5X slots (v_row drops the largest dim, v_col the second largest
-    in both) and sets its step count, so updates continue exactly as T5X would."""
+    """Fills optax's Adafactor state with T5X slots and step, so updates continue exactly as T5X's would.
+
+    v_row / v_col / v go to the factored second moments (v_row drops the largest dim, v_col the second largest in
+    both), T5X's momentum `m` to the optimizer's EMA of updates; the step becomes the factored count and the
+    learning-rate schedule's count (a warmup or rsqrt schedule continues from T5X's step rather than from 0). A slot
+    with no place in this optimizer (e.g. `m` when AdafactorConfig.beta1 is None) is an error naming it.
+    """
     from optax._src import factorized
+    used = set()
+
+    def put(kind, tree, slot_kind=None):
+        slot_kind = slot_kind or kind
+        def one(path, template):
+            key = _key(path)
+            value = slots.get(key, {}).get(slot_kind)
+            if value is None:
+                return template
+            if tuple(value.shape) != tuple(template.shape):
+                raise ValueError(f"T5X slot {key}/{slot_kind} has shape {value.shape}, optax expects {template.shape}")
+            used.add((key, slot_kind))
+            return np.asarray(value, template.dtype)
+        return jax.tree_util.tree_map_with_path(one, tree)
 
     def fill(state):
-        if not isinstance(state, factorized.FactoredState):
-            return state
-        def put(kind):
-            def one(path, template):
-                key = "/".join(str(getattr(p, "key", p)) for p in path)
-                value = slots.get(key, {}).get(kind)
-                if value is None:
-                    return template
-                if tuple(value.shape) != tuple(template.shape):
-                    raise ValueError(f"T5X slot {key}/{kind} has shape {value.shape}, optax expects {template.shape}")
-                return np.asarray(value, template.dtype)
-            return jax.tree_util.tree_map_with_path(one, getattr(state, kind))
-        return state._replace(count=np.asarray(step, np.int32), v_row=put("v_row"), v_col=put("v_col"), v=put("v"))
+        if isinstance(state, factorized.FactoredState):
+            return state._replace(count=np.asarray(step, np.int32), v_row=put("v_row", state.v_row),
+                                  v_col=put("v_col", state.v_col), v=put("v", state.v))
+        if isinstance(state, optax.EmaState):
+            return state._replace(count=np.asarray(step, np.int32), ema=put("ema", state.ema, "m"))
+        if isinstance(state, optax.ScaleByScheduleState):
+            return state._replace(count=np.asarray(step, np.int32))
+        return state
 
-    return jax.tree.map(fill, opt_state_template, is_leaf=lambda x: isinstance(x, factorized.FactoredState))
+    kinds = (factorized.FactoredState, optax.EmaState, optax.ScaleByScheduleState)
+    filled = jax.tree.map(fill, opt_state_template, is_leaf=lambda x: isinstance(x, kinds))
+    unmapped = sorted(f"{key}/{kind}" for key, per in slots.items() for kind in per if (key, kind) not in used)
+    if unmapped:
+        hint = " (T5X momentum: set AdafactorConfig.beta1 to restore it)" if any(
+            u.endswith("/m") for u in unmapped) else ""
+        raise ValueError(f"T5X optimizer slot {unmapped[0]} has no place in this Adafactor state{hint}; "
+                         f"{len(unmapped)} unmapped: {', '.join(unmapped[:5])}")
+    return filled
 
 
 def initial_params_and_opt_state(init_checkpoint: str, model_cfg: t5.T5Config, opt_state_template,

@@ -132,7 +132,19 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
             step_lib.make_train_step(cfg.model, optimizer, cfg.loss, num_microbatches=cfg.num_microbatches,
                                                               seed=cfg.seed, skip_nonfinite_updates=cfg.skip_nonfinite_updates),
             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=(0,))
-    batches = data_lib.train_batches(cfg.input, converter, skip_batches=start)
+    shard = partitioning.data_shard(mesh)
+    fingerprint = dict(data_lib.input_fingerprint(cfg.input, shard),
+                       packing=repr(sorted(getattr(converter, "packing_options", {}).items())))
+    # Resume: continue the input from its saved position (native pipeline; O(1) in the step), else replay to it.
+    input_state = checkpointing.load_input_state(cfg.model_dir, start, fingerprint) if start else None
+    batches = data_lib.train_batches(cfg.input, converter, skip_batches=start, shard=shard, input_state=input_state)
+
+    def save(step):
+        if ckpt.save(step, state, meta(step)):
+            position = batches.state()
+            if position is not None:
+                checkpointing.save_input_state(cfg.model_dir, step, fingerprint, position,
+                                               keep_steps=ckpt.latest.all_steps())
 
     evaluator = None
     if cfg.eval_mixture_or_task_name:
@@ -177,7 +189,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
             enc, dec = data_lib.token_counts(host_batch)
             window_tokens[0] += enc
             window_tokens[1] += dec
-            batch = partitioning.global_batch_from_local(host_batch, batch_sharding)
+            batch = partitioning.global_batch_from_local(host_batch, batch_sharding, cfg.input.global_batch_size)
             state, metrics = train_step(state, batch)
             step += 1
             window_steps += 1
@@ -185,7 +197,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                 m = jax.device_get(metrics)
                 elapsed = max(time.time() - window_t, 1e-9)
                 sps = window_steps / elapsed
-                n_proc_tokens = (window_tokens[0] + window_tokens[1]) * jax.process_count()
+                n_proc_tokens = (window_tokens[0] + window_tokens[1]) * shard.count  # processes sharing a shard: same rows
                 values = {k: float(v) for k, v in m.items() if k != "finite"}
                 values.update({"steps_per_sec": sps, "tokens_per_sec": n_proc_tokens / elapsed,
                                               "learning_rate": float(schedule(step - 1)),
@@ -204,13 +216,13 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                 evaluate(step)
             if cfg.checkpoint_period and step % cfg.checkpoint_period == 0:
                 check_finite(step)
-                ckpt.save(step, state, meta(step))
+                save(step)
             if stop_after_steps is not None and step - start >= stop_after_steps:
                 break
         check_finite(step)
         if evaluator and step == cfg.train_steps:
             evaluate(step)
-        ckpt.save(step, state, meta(step))
+        save(step)
     finally:
         ckpt.close()
         writer.close()

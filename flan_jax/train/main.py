@@ -122,8 +122,9 @@ def make_feature_converter(converter=None):
 
 @gin.configurable("distributed")
 def maybe_init_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                                                      process_id: Optional[int] = None):
-    partitioning.maybe_initialize_distributed(coordinator_address, num_processes, process_id)
+                           process_id: Optional[int] = None, auto: bool = False):
+    """distributed.auto = True: `jax.distributed.initialize()` with no arguments (TPU pods, SLURM, Open MPI)."""
+    partitioning.maybe_initialize_distributed(coordinator_address, num_processes, process_id, auto=auto)
 
 
 # --- flags ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
@@ -54,7 +55,65 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     dp, mp = validate_mesh(cfg, len(devices))
     # Build the Mesh directly: jax.make_mesh defaults to Explicit axes, which our sharding constraints don't use.
-    return Mesh(np.asarray(devices).reshape(dp, mp), (DATA, MODEL))
+    return Mesh(device_grid(devices, dp, mp), (DATA, MODEL))
+
+
+def device_grid(devices: Sequence, dp: int, mp: int) -> np.ndarray:
+    """[data, model] array of devices, laid out so each model-parallel group is as close together as it can be.
+
+    Multi-slice TPU (devices with distinct `slice_index`): a hybrid mesh, data parallel across slices (the slow DCN
+    links) and (data/slices, model) inside each slice. Otherwise `mesh_utils.create_device_mesh` maps the mesh onto
+    the physical torus on TPU and keeps the process-major device order elsewhere, so a model group of
+    `mp <= local_device_count` devices stays inside one host whenever `mp` divides it. A model group larger than a
+    host necessarily spans hosts (e.g. NUM_PARTITIONS=8 on 4-chip hosts); the processes in it then share one data
+    shard and feed identical rows (see `data_shard`).
+    """
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if len(slices) > 1 and dp % len(slices) == 0:
+        return mesh_utils.create_hybrid_device_mesh((dp // len(slices), mp), (len(slices), 1), devices,
+                                                    allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh((dp, mp), devices, allow_split_physical_axes=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataShard:
+    """This process's share of the input, derived from the mesh as T5X does: the data-parallel rows its devices hold.
+
+    Processes whose devices hold the same rows (a model group spanning hosts) share an index and feed identical rows.
+    """
+    index: int   # which of `count` equal blocks of the global batch's rows this process feeds
+    count: int   # number of distinct data shards (= data-parallel size / rows per process)
+
+
+def data_shard_of(process_grid: np.ndarray, process_index: int, key: str = "NUM_PARTITIONS") -> DataShard:
+    """Shard of one process, from process_grid[data_row, model_col] = index of the process owning that device.
+
+    Every process must hold a contiguous, aligned block of data rows, and two processes' blocks must be equal or
+    disjoint; otherwise a global batch cannot be split into per-process pieces and the error names `key`.
+    """
+    grid = np.asarray(process_grid)
+    dp = grid.shape[0]
+    blocks = {}
+    for p in np.unique(grid):
+        rows = np.flatnonzero((grid == p).any(axis=1))
+        n = len(rows)
+        if rows[-1] - rows[0] + 1 != n or dp % n or rows[0] % n:
+            raise ValueError(f"{key}: process {int(p)} holds data-parallel rows {rows.tolist()} of {dp}, not an "
+                             f"aligned contiguous block; choose a model-parallel size that divides the "
+                             f"{int((grid == p).sum())} local devices or is a multiple of them")
+        blocks[int(p)] = (int(rows[0]), n)
+    for p, (start, n) in blocks.items():
+        for q, (start2, n2) in blocks.items():
+            if (start, n) != (start2, n2) and start < start2 + n2 and start2 < start + n:
+                raise ValueError(f"{key}: processes {p} and {q} hold overlapping but different data-parallel rows")
+    start, n = blocks[int(process_index)]
+    return DataShard(index=start // n, count=dp // n)
+
+
+def data_shard(mesh: Mesh, key: str = "NUM_PARTITIONS") -> DataShard:
+    """This process's DataShard in `mesh`."""
+    grid = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    return data_shard_of(grid, jax.process_index(), key)
 
 
 def logical_rules(cfg: MeshConfig) -> dict:
@@ -124,14 +183,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def maybe_initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
-                                                                  process_id: Optional[int]) -> None:
-    """Multi-host start-up. On TPU pods / SLURM, `jax.distributed.initialize()` with no arguments auto-detects."""
+                                 process_id: Optional[int], auto: bool = False) -> None:
+    """Multi-host start-up. `auto`: `jax.distributed.initialize()` with no arguments, which finds the coordinator
+    and this process's id from the environment on Cloud TPU VMs / pods, SLURM and Open MPI. Otherwise a coordinator
+    address and process count (and id) are given explicitly; with neither, the run stays single-process."""
+    if auto:
+        logging.info("jax.distributed.initialize() (auto-detected cluster)")
+        jax.distributed.initialize()
+        return
     if coordinator_address is None and num_processes is None:
         return
     logging.info("jax.distributed.initialize(%s, %s, %s)", coordinator_address, num_processes, process_id)
     jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
 
 
-def global_batch_from_local(local_batch: dict, sharding: NamedSharding) -> dict:
-    """Assemble global arrays from this process's rows (each process feeds its own slice of the data axis)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def global_batch_from_local(local_batch: dict, sharding: NamedSharding, global_batch_size: int) -> dict:
+    """Global arrays from this process's rows: the rows of its DataShard (identical on processes sharing it)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
+            for k, v in local_batch.items()}

@@ -115,6 +115,7 @@ def validate_config(cfg, num_devices: int) -> None:
         raise ConfigValueError(str(e)) from None
     _need(cfg.input.global_batch_size % dp == 0,
           f"BATCH_SIZE={cfg.input.global_batch_size} is not divisible by the data-parallel size {dp}")
+    _check_data_layout(cfg, num_devices)
     _need(cfg.input.global_batch_size % cfg.num_microbatches == 0,
           f"NUM_MICROBATCHES={cfg.num_microbatches} does not divide BATCH_SIZE={cfg.input.global_batch_size}")
     _need(cfg.input.pipeline in native_pipeline.PIPELINES,
@@ -143,6 +144,19 @@ def validate_config(cfg, num_devices: int) -> None:
     _check_model_dir(cfg)
 
 
+def _check_data_layout(cfg, num_devices: int) -> None:
+    """Multi-host: every process must feed a whole block of data-parallel rows (see partitioning.data_shard)."""
+    import jax
+    if jax.process_count() == 1 or num_devices != jax.device_count():
+        return
+    key = "MESH_SHAPE" if cfg.mesh.mesh_shape is not None else "NUM_PARTITIONS"
+    try:
+        shard = partitioning.data_shard(partitioning.make_mesh(cfg.mesh), key)
+        data_lib.local_batch_size(cfg.input.global_batch_size, shard)
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from None
+
+
 def checkpoint_bytes(model: t5.T5Config, min_dim_size_to_factor: int = 128) -> int:
     """Size of one checkpoint: params, plus Adafactor's float32 slots (row + column vectors for factored matrices,
     a full second moment for the rest)."""
@@ -160,6 +174,8 @@ def checkpoint_bytes(model: t5.T5Config, min_dim_size_to_factor: int = 128) -> i
 
 def _check_model_dir(cfg) -> None:
     _need(isinstance(cfg.model_dir, str) and cfg.model_dir != "", f"MODEL_DIR={cfg.model_dir!r}: expected a path")
+    if "://" in cfg.model_dir:  # gs:// and other remote stores (written through etils.epath): no local disk checks
+        return
     try:
         os.makedirs(cfg.model_dir, exist_ok=True)
     except OSError as e:
