@@ -102,10 +102,22 @@ def test_packed_gradient_equals_sum_of_unpacked_gradients(params):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def test_hand_written_attention_logits_gradient_matches_autodiff(params, monkeypatch):
-    """The masked, shared-bias logits skip autodiff's select and sum the bias over rows with a dot; same gradient."""
+def _stack(rows):
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+@pytest.mark.parametrize('weight_padding', [False, True])
+def test_hand_written_attention_logits_gradient_matches_autodiff(params, monkeypatch, weight_padding):
+    """The masked, shared-bias logits sum the bias over rows with a dot; same gradient as autodiff's select.
+
+    Three packed rows with trailing padding (fully masked query rows in both stacks); with weight_padding the loss
+    also weights the padding positions, so those rows get a non-zero cotangent that must not reach the bias.
+    """
     rng = np.random.default_rng(5)
-    batch = _pack([_example(rng, a, b) for a, b in LENGTHS], 20, 20)   # padding rows: fully masked queries
+    lengths = [LENGTHS, [(4, 3)], [(7, 5), (2, 2)]]
+    batch = _stack([_pack([_example(rng, a, b) for a, b in row], 20, 20) for row in lengths])
+    if weight_padding:
+        batch['decoder_loss_weights'] = np.ones_like(batch['decoder_loss_weights'])
     loss, grads = _loss_and_grads(CONFIG, params, batch)
     monkeypatch.setattr(t5, '_masked_shared_bias_logits',
                         lambda logits, bias, mask: jnp.where(mask, logits + bias, t5.MASK_VALUE))
