@@ -86,6 +86,10 @@ def test_normalizers():
     assert float(d) == w.sum()
     _, d = loss_lib.loss_weights_and_denominator(batch, None)
     assert float(d) == 1.0
+    _, d = loss_lib.loss_weights_and_denominator(batch, "NUM_REAL_TARGET_TOKENS")  # T5X's enum spelling
+    assert float(d) == w.sum()
+    _, d = loss_lib.loss_weights_and_denominator(batch, "num_total_target_tokens")
+    assert float(d) == w.size and w.sum() < w.size
     _, d = loss_lib.loss_weights_and_denominator(batch, 233472.0)
     assert float(d) == 233472.0
     ws, d = loss_lib.loss_weights_and_denominator(batch, "average_per_sequence")
@@ -165,6 +169,24 @@ def test_microbatch_accumulation_equals_full_batch(normalizer):
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_none_normalizer_is_the_unnormalized_sum_as_in_t5x():
+    """T5X (t5x/losses.py compute_weighted_cross_entropy): loss_normalizing_factor=None returns the weighted sum."""
+    opt = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(optim.ScheduleConfig()))
+    state = step_lib.init_state(TINY, opt, jax.random.PRNGKey(0))
+    batch = _packed_batch(5)
+    tokens = float(jnp.sum(batch["decoder_loss_weights"]))
+    logits = t5.forward(TINY, state["params"], batch)
+    token_loss, _ = loss_lib.token_cross_entropy(logits, batch["decoder_target_tokens"], z_loss=1e-4)
+    weighted_sum = float(jnp.sum(token_loss * batch["decoder_loss_weights"]))
+    step = lambda norm: jax.jit(step_lib.make_train_step(TINY, opt, step_lib.LossConfig(normalizer=norm)))(
+        state, batch)[1]
+    summed, mean = step(None), step(step_lib.LossConfig().normalizer)
+    assert step_lib.LossConfig().normalizer == loss_lib.NUM_REAL_TARGET_TOKENS
+    assert float(summed["loss"]) == pytest.approx(weighted_sum, rel=1e-5)
+    assert float(mean["loss"]) == pytest.approx(weighted_sum / tokens, rel=1e-5)
+    assert float(summed["grad_norm"]) == pytest.approx(float(mean["grad_norm"]) * tokens, rel=1e-4)
 
 
 def test_nonfinite_step_is_recorded_and_update_skipped_when_configured():
