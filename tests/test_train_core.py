@@ -141,6 +141,24 @@ def test_adafactor_matches_hand_computed_t5x_rule(shape):
     np.testing.assert_allclose(np.asarray(p), _t5x_adafactor_reference(param, grads, 1e-2), rtol=2e-5, atol=2e-6)
 
 
+def test_adafactor_state_is_float32_for_bfloat16_params():
+    """T5X keeps Adafactor's (factored and unfactored) second moments in float32 whatever the parameter dtype."""
+    cfg = t5.T5Config(vocab_size=160, emb_dim=128, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
+                      num_decoder_layers=1, param_dtype="bfloat16", dtype="bfloat16")
+    opt = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(optim.ScheduleConfig(learning_rate=1e-2)))
+    state = step_lib.init_state(cfg, opt, jax.random.PRNGKey(0))
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.bfloat16)}
+    new, metrics = jax.jit(step_lib.make_train_step(cfg, opt, step_lib.LossConfig()))(state, _packed_batch(6))
+    for s in (state, new):
+        moments = [x for x in jax.tree.leaves(s["opt_state"]) if x.dtype != jnp.int32]  # int32: step counts
+        assert moments and {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
+        assert any(x.ndim == 1 and x.shape[0] == 128 for x in moments)  # a factored row/column moment is among them
+    assert {x.dtype for x in jax.tree.leaves(new["params"])} == {jnp.dtype(jnp.bfloat16)}
+    assert float(metrics["finite"]) == 1.0
+    moved = [bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(state["params"]))]
+    assert sum(moved) > len(moved) // 2
+
+
 def test_schedules():
     const = optim.make_schedule(optim.ScheduleConfig("constant", 1e-3))
     assert float(const(0)) == float(const(10_000)) == pytest.approx(1e-3)
