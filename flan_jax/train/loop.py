@@ -168,8 +168,21 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
         if jax.process_index() == 0:
             print(f"eval step {step}: mean_seen {fmt(seen)} | mean_heldout {fmt(held)}", flush=True)
 
+    def timed(metric, fn, *args):
+        """fn(*args), its seconds logged as train metric `metric` (unless fn returns False: nothing was done) and
+        left out of the throughput of the log window it falls in."""
+        nonlocal window_paused
+        t0 = time.time()
+        result = fn(*args)
+        spent = time.time() - t0
+        window_paused += spent
+        if result is not False:
+            writer.write(step, "train", "all", {metric: spent})
+        return result
+
     step = start
     window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
+    window_paused = 0.0  # seconds of eval and checkpointing in this window
     try:
         while step < cfg.train_steps:
             host_batch = next(batches)
@@ -183,7 +196,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
             window_steps += 1
             if step % cfg.log_period == 0 or step == cfg.train_steps:
                 m = jax.device_get(metrics)
-                elapsed = max(time.time() - window_t, 1e-9)
+                elapsed = max(time.time() - window_t - window_paused, 1e-9)  # training steps only
                 sps = window_steps / elapsed
                 n_proc_tokens = (window_tokens[0] + window_tokens[1]) * jax.process_count()
                 values = {k: float(v) for k, v in m.items() if k != "finite"}
@@ -199,18 +212,19 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                     writer.write(step, "train", task, errors)
                 progress.line(step, values["loss"], sps)
                 window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
+                window_paused = 0.0
                 check_finite(step)
             if evaluator and cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.train_steps:
-                evaluate(step)
+                timed("eval_seconds", evaluate, step)
             if cfg.checkpoint_period and step % cfg.checkpoint_period == 0:
                 check_finite(step)
-                ckpt.save(step, state, meta(step))
+                timed("checkpoint_seconds", ckpt.save, step, state, meta(step))
             if stop_after_steps is not None and step - start >= stop_after_steps:
                 break
         check_finite(step)
         if evaluator and step == cfg.train_steps:
-            evaluate(step)
-        ckpt.save(step, state, meta(step))
+            timed("eval_seconds", evaluate, step)
+        timed("checkpoint_seconds", ckpt.save, step, state, meta(step))
     finally:
         ckpt.close()
         writer.close()
