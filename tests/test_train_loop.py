@@ -64,7 +64,9 @@ def test_throughput_counts_training_steps_only(full_run):
     assert min(by_metric("eval_seconds").values()) > 0
     sps = by_metric("steps_per_sec")
     typical = sorted(sps[s] for s in range(2, 13))[5]  # step 1 compiles
-    assert sps[7] > typical / 5, (sps, by_metric("eval_seconds"))  # step 7's window holds step 6's eval and save
+    # Step 7's window holds step 6's eval and save (tens of seconds, steps/s ~0.03 if counted); a loaded machine may
+    # slow one step a few times, hence the wide margin.
+    assert sps[7] > typical / 20, (sps, by_metric("eval_seconds"))
     eval_and_save = by_metric("eval_seconds")[6] + by_metric("checkpoint_seconds")[6]
     assert eval_and_save > 3 / typical  # the eval alone takes longer than a few steps, so including it would show
 
