@@ -68,7 +68,7 @@ def test_throughput_counts_training_steps_only(full_run):
     # slow one step a few times, hence the wide margin.
     assert sps[7] > typical / 20, (sps, by_metric("eval_seconds"))
     eval_and_save = by_metric("eval_seconds")[6] + by_metric("checkpoint_seconds")[6]
-    assert eval_and_save > 3 / typical  # the eval alone takes longer than a few steps, so including it would show
+    assert eval_and_save > 40 / typical  # so counting it would have put step 7 below typical / 20
 
 
 def test_resume_is_bitwise_identical(full_run, tmp_path):
