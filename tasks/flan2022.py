@@ -6,8 +6,9 @@ sans the datasets also in Flan 2021) and NIv2 when their folders are given; CoT 
 files of a CoT folder. Collections that are absent are recorded in `MISSING` and printed by
 `flan-jax data stats flan2022`.
 
-Rates (REFERENCE: Flan 2022): each dataset's rate is min(train examples, its collection's cap) (flan2021 30k, t0 20k,
-niv2 5k, cot 100k), shared equally by its template types (zs_opt, zs_noopt, fs_opt, fs_noopt, whichever exist; CoT
+Rates (Longpre et al. 2023, arXiv:2301.13688; caps from google-research/FLAN flan/v2/mixtures.py, collection
+weights from flan/v2/run_example.py): each dataset's rate is min(train examples, its collection's cap) (flan2021 30k,
+t0 20k, niv2 5k, cot 100k), shared equally by its template types (zs_opt, zs_noopt, fs_opt, fs_noopt, whichever exist; CoT
 datasets use their cot variant), with input-inversion variants (Flan 2021) taking 0.3 of the dataset's rate.
 Collections are then weighted flan2021 0.40, t0 0.32, niv2 0.20, cot 0.05 (dialog 0.03 has no data here), the
 weights of present collections renormalized to 1.

@@ -18,6 +18,14 @@ def test_run_config_is_valid(path, tmp_path):
     _, cfg = train_main._configured([f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}", "--gin.NUM_PARTITIONS=1"])
     assert cfg.train_steps > 0 and cfg.input.global_batch_size > 0
     assert cfg.eval_mixture_or_task_name
+    assert cfg.loss.normalizer == "num_real_target_tokens"  # a token mean, set explicitly (None is T5X's sum)
+
+
+def test_loss_normalizing_factor_none_stays_none(tmp_path):
+    path = os.path.join(REPO, "gin_configs", "runs", "tiny_test.gin")
+    _, cfg = train_main._configured([f"--gin_file={path}", f"--gin.MODEL_DIR={tmp_path}",
+                                     "--gin.train.loss_normalizing_factor=None"])
+    assert cfg.loss.normalizer is None
 
 
 @pytest.mark.parametrize("size", sorted(PUBLISHED))

@@ -36,3 +36,28 @@ def test_entry_point_restarts_once_with_the_tunables():
     env[runtime_env.OPT_OUT_VARIABLE] = "0"
     out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["run -"]  # opted out: no restart
+
+    env.pop(runtime_env.OPT_OUT_VARIABLE)
+    env["JAX_PLATFORMS"] = "cuda,cpu"
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["run -"]  # an accelerator backend: no restart
+
+
+def test_backend_is_decided_from_jax_platforms_then_installed_plugins():
+    no_devices = lambda path: False
+    gpu_host = lambda path: path == "/dev/nvidiactl"
+    is_cpu = runtime_env.jax_backend_is_cpu
+    assert is_cpu({}, plugins=[], path_exists=gpu_host)
+    assert is_cpu({"JAX_PLATFORMS": "cpu"}, plugins=["xla_cuda12"], path_exists=gpu_host)  # the user's choice wins
+    assert not is_cpu({"JAX_PLATFORMS": "cuda,cpu"}, plugins=[], path_exists=no_devices)
+    assert not is_cpu({"JAX_PLATFORM_NAME": "tpu"}, plugins=[], path_exists=no_devices)
+    assert not is_cpu({}, plugins=["xla_cuda12"], path_exists=gpu_host)
+    assert is_cpu({}, plugins=["xla_cuda12"], path_exists=no_devices)  # CUDA plugin on a host without a GPU
+    assert not is_cpu({}, plugins=["libtpu"], path_exists=lambda p: p == "/dev/accel0")
+    assert not is_cpu({}, plugins=["some_new_accelerator"], path_exists=no_devices)  # unknown: assume it wins
+
+    wants = runtime_env.wants_malloc_tuning
+    assert not wants({runtime_env.OPT_OUT_VARIABLE: "0"}, plugins=[], path_exists=no_devices)
+    assert wants({runtime_env.OPT_OUT_VARIABLE: "1", "JAX_PLATFORMS": "cuda"}, plugins=[], path_exists=no_devices)
+    assert not wants({"JAX_PLATFORMS": "tpu"}, plugins=[], path_exists=no_devices)
+    assert wants({}, plugins=[], path_exists=no_devices)

@@ -86,6 +86,10 @@ def test_normalizers():
     assert float(d) == w.sum()
     _, d = loss_lib.loss_weights_and_denominator(batch, None)
     assert float(d) == 1.0
+    _, d = loss_lib.loss_weights_and_denominator(batch, "NUM_REAL_TARGET_TOKENS")  # T5X's enum spelling
+    assert float(d) == w.sum()
+    _, d = loss_lib.loss_weights_and_denominator(batch, "num_total_target_tokens")
+    assert float(d) == w.size and w.sum() < w.size
     _, d = loss_lib.loss_weights_and_denominator(batch, 233472.0)
     assert float(d) == 233472.0
     ws, d = loss_lib.loss_weights_and_denominator(batch, "average_per_sequence")
@@ -137,6 +141,24 @@ def test_adafactor_matches_hand_computed_t5x_rule(shape):
     np.testing.assert_allclose(np.asarray(p), _t5x_adafactor_reference(param, grads, 1e-2), rtol=2e-5, atol=2e-6)
 
 
+def test_adafactor_state_is_float32_for_bfloat16_params():
+    """T5X keeps Adafactor's (factored and unfactored) second moments in float32 whatever the parameter dtype."""
+    cfg = t5.T5Config(vocab_size=160, emb_dim=128, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
+                      num_decoder_layers=1, param_dtype="bfloat16", dtype="bfloat16")
+    opt = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(optim.ScheduleConfig(learning_rate=1e-2)))
+    state = step_lib.init_state(cfg, opt, jax.random.PRNGKey(0))
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.bfloat16)}
+    new, metrics = jax.jit(step_lib.make_train_step(cfg, opt, step_lib.LossConfig()))(state, _packed_batch(6))
+    for s in (state, new):
+        moments = [x for x in jax.tree.leaves(s["opt_state"]) if x.dtype != jnp.int32]  # int32: step counts
+        assert moments and {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
+        assert any(x.ndim == 1 and x.shape[0] == 128 for x in moments)  # a factored row/column moment is among them
+    assert {x.dtype for x in jax.tree.leaves(new["params"])} == {jnp.dtype(jnp.bfloat16)}
+    assert float(metrics["finite"]) == 1.0
+    moved = [bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(state["params"]))]
+    assert sum(moved) > len(moved) // 2
+
+
 def test_schedules():
     const = optim.make_schedule(optim.ScheduleConfig("constant", 1e-3))
     assert float(const(0)) == float(const(10_000)) == pytest.approx(1e-3)
@@ -165,6 +187,24 @@ def test_microbatch_accumulation_equals_full_batch(normalizer):
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_none_normalizer_is_the_unnormalized_sum_as_in_t5x():
+    """T5X (t5x/losses.py compute_weighted_cross_entropy): loss_normalizing_factor=None returns the weighted sum."""
+    opt = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(optim.ScheduleConfig()))
+    state = step_lib.init_state(TINY, opt, jax.random.PRNGKey(0))
+    batch = _packed_batch(5)
+    tokens = float(jnp.sum(batch["decoder_loss_weights"]))
+    logits = t5.forward(TINY, state["params"], batch)
+    token_loss, _ = loss_lib.token_cross_entropy(logits, batch["decoder_target_tokens"], z_loss=1e-4)
+    weighted_sum = float(jnp.sum(token_loss * batch["decoder_loss_weights"]))
+    step = lambda norm: jax.jit(step_lib.make_train_step(TINY, opt, step_lib.LossConfig(normalizer=norm)))(
+        state, batch)[1]
+    summed, mean = step(None), step(step_lib.LossConfig().normalizer)
+    assert step_lib.LossConfig().normalizer == loss_lib.NUM_REAL_TARGET_TOKENS
+    assert float(summed["loss"]) == pytest.approx(weighted_sum, rel=1e-5)
+    assert float(mean["loss"]) == pytest.approx(weighted_sum / tokens, rel=1e-5)
+    assert float(summed["grad_norm"]) == pytest.approx(float(mean["grad_norm"]) * tokens, rel=1e-4)
 
 
 def test_nonfinite_step_is_recorded_and_update_skipped_when_configured():

@@ -18,7 +18,6 @@ import seqio
 
 from flan_jax.evaluation import scoring
 from flan_jax.models import decoding, t5
-from flan_jax.train import loss as loss_lib
 
 
 @dataclasses.dataclass
@@ -113,7 +112,7 @@ class Evaluator:
             tgt = d.targets[padded]
             dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
             logits = self._forward(params, {"encoder_input_tokens": d.inputs[padded], "decoder_input_tokens": dec_in})
-            tok_loss, _ = loss_lib.token_cross_entropy(logits, jnp.asarray(tgt))
+            tok_loss = -scoring.token_log_probs(logits, jnp.asarray(tgt))
             w = (tgt > 0).astype(np.float32)
             w[len(real):] = 0.0  # the rows repeated to fill the last batch do not count
             total += float(jnp.sum(tok_loss * w))

@@ -258,16 +258,18 @@ def _masked_shared_bias_logits(logits: jax.Array, bias: jax.Array, mask: jax.Arr
 
 
 def _masked_shared_bias_logits_fwd(logits, bias, mask):
-    return _masked_shared_bias_logits(logits, bias, mask), logits.shape[0]
+    return _masked_shared_bias_logits(logits, bias, mask), mask
 
 
-def _masked_shared_bias_logits_bwd(rows, grad):
-    # The cotangent arrives from the softmax, whose backward multiplies by the probabilities: it is already exactly 0
-    # wherever the mask is off, except on rows with no key at all (padding queries), whose outputs reach no loss and
-    # so get a zero cotangent too. Skipping the select keeps one materialised copy of the [B, h, q, k] gradient.
-    # The bias gradient is a [1, B] x [B, h*q*k] product, reading that copy once per layer; left to autodiff, XLA:CPU
-    # fused every layer's softmax backward into one slow reduction (the bias is shared by all layers), ~12% of a T5
-    # small step.
+def _masked_shared_bias_logits_bwd(mask, grad):
+    # Behind the softmax backward the cotangent is already 0 at masked keys of any row with a real key, but a fully
+    # masked query row (padding) has a uniform softmax, so it carries whatever cotangent its output got, e.g. from loss
+    # weight on padding positions. The select zeroes it, as autodiff of the forward's select would; XLA fuses it into
+    # the softmax backward. The bias gradient is then a [1, B] x [B, h*q*k] product, reading that array once per
+    # layer; left to autodiff, XLA:CPU fused every layer's softmax backward into one slow reduction (the bias is
+    # shared by all layers), ~12% of a T5 small step.
+    grad = jnp.where(mask, grad, jnp.zeros((), grad.dtype))
+    rows = grad.shape[0]
     summed = jnp.dot(jnp.ones((1, rows), grad.dtype), grad.reshape(rows, -1))
     return grad, summed.reshape((1,) + grad.shape[1:]), None
 

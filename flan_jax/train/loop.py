@@ -140,11 +140,13 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     batches = data_lib.train_batches(cfg.input, converter, skip_batches=start, shard=shard, input_state=input_state)
 
     def save(step):
-        if ckpt.save(step, state, meta(step)):
+        saved = ckpt.save(step, state, meta(step))
+        if saved:
             position = batches.state()
             if position is not None:
                 checkpointing.save_input_state(cfg.model_dir, step, fingerprint, position,
                                                keep_steps=ckpt.latest.all_steps())
+        return saved
 
     evaluator = None
     if cfg.eval_mixture_or_task_name:
@@ -180,8 +182,21 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
         if jax.process_index() == 0:
             print(f"eval step {step}: mean_seen {fmt(seen)} | mean_heldout {fmt(held)}", flush=True)
 
+    def timed(metric, fn, *args):
+        """fn(*args), its seconds logged as train metric `metric` (unless fn returns False: nothing was done) and
+        left out of the throughput of the log window it falls in."""
+        nonlocal window_paused
+        t0 = time.time()
+        result = fn(*args)
+        spent = time.time() - t0
+        window_paused += spent
+        if result is not False:
+            writer.write(step, "train", "all", {metric: spent})
+        return result
+
     step = start
     window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
+    window_paused = 0.0  # seconds of eval and checkpointing in this window
     try:
         while step < cfg.train_steps:
             host_batch = next(batches)
@@ -195,7 +210,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
             window_steps += 1
             if step % cfg.log_period == 0 or step == cfg.train_steps:
                 m = jax.device_get(metrics)
-                elapsed = max(time.time() - window_t, 1e-9)
+                elapsed = max(time.time() - window_t - window_paused, 1e-9)  # training steps only
                 sps = window_steps / elapsed
                 n_proc_tokens = (window_tokens[0] + window_tokens[1]) * shard.count  # processes sharing a shard: same rows
                 values = {k: float(v) for k, v in m.items() if k != "finite"}
@@ -211,18 +226,19 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                     writer.write(step, "train", task, errors)
                 progress.line(step, values["loss"], sps)
                 window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
+                window_paused = 0.0
                 check_finite(step)
             if evaluator and cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.train_steps:
-                evaluate(step)
+                timed("eval_seconds", evaluate, step)
             if cfg.checkpoint_period and step % cfg.checkpoint_period == 0:
                 check_finite(step)
-                save(step)
+                timed("checkpoint_seconds", save, step)
             if stop_after_steps is not None and step - start >= stop_after_steps:
                 break
         check_finite(step)
         if evaluator and step == cfg.train_steps:
-            evaluate(step)
-        save(step)
+            timed("eval_seconds", evaluate, step)
+        timed("checkpoint_seconds", save, step)
     finally:
         ckpt.close()
         writer.close()

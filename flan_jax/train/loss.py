@@ -7,9 +7,32 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-# What the summed token loss is divided by. A float is a fixed divisor (e.g. 233472 for Mesh-TF-pretrained T5).
+# What the summed token loss is divided by, with T5X's meanings (t5x/losses.py: compute_weighted_cross_entropy and
+# SpecialLossNormalizingFactor): None (or "none") leaves the weighted sum un-normalized; a number is a fixed divisor
+# (e.g. 233472 = 1024 x 228 for Mesh-TF-pretrained T5); a name is computed from the batch. Names are case-insensitive,
+# so T5X's enum spellings ("NUM_REAL_TARGET_TOKENS") work too.
 Normalizer = Union[None, str, float]
-NORMALIZER_NAMES = ("none", "num_real_target_tokens", "average_per_sequence")
+NUM_REAL_TARGET_TOKENS = "num_real_target_tokens"    # sum of the loss weights: a token mean (our default)
+NUM_TOTAL_TARGET_TOKENS = "num_total_target_tokens"  # every target slot, padding included
+AVERAGE_PER_SEQUENCE = "average_per_sequence"        # each (packed) sequence weighs the same
+NORMALIZER_NAMES = ("none", NUM_REAL_TARGET_TOKENS, NUM_TOTAL_TARGET_TOKENS, AVERAGE_PER_SEQUENCE)
+
+
+def canonical_normalizer(normalizer: Normalizer) -> Normalizer:
+    """None, a number (as float) or a lower-case name from NORMALIZER_NAMES; ValueError for anything else."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, str) and normalizer.lower() in NORMALIZER_NAMES:
+        return None if normalizer.lower() == "none" else normalizer.lower()
+    if isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
+        return float(normalizer)
+    raise ValueError(f"loss_normalizing_factor={normalizer!r}: expected None (un-normalized sum), a number, or one "
+                     f"of {NORMALIZER_NAMES}")
+
+
+def has_fixed_denominator(normalizer: Normalizer) -> bool:
+    """True when the denominator does not depend on the batch (None or a number)."""
+    return not isinstance(canonical_normalizer(normalizer), str)
 
 
 def token_cross_entropy(logits, targets, *, z_loss: float = 0.0, label_smoothing: float = 0.0):
@@ -75,11 +98,14 @@ def loss_weights_and_denominator(batch, normalizer: Normalizer):
     if weights is None:
         weights = (batch["decoder_target_tokens"] > 0)
     weights = weights.astype(jnp.float32)
-    if normalizer is None or normalizer == "none":
+    normalizer = canonical_normalizer(normalizer)
+    if normalizer is None:
         return weights, jnp.float32(1.0)
-    if normalizer == "num_real_target_tokens":
+    if normalizer == NUM_REAL_TARGET_TOKENS:
         return weights, jnp.sum(weights)
-    if normalizer == "average_per_sequence":
+    if normalizer == NUM_TOTAL_TARGET_TOKENS:
+        return weights, jnp.float32(weights.size)
+    if normalizer == AVERAGE_PER_SEQUENCE:
         seg = batch.get("decoder_segment_ids")
         if seg is None:  # unpacked: each row is one sequence
             per_row = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-9)
@@ -90,13 +116,10 @@ def loss_weights_and_denominator(batch, normalizer: Normalizer):
         seg_tokens = jnp.einsum("bqk,bk->bq", same.astype(jnp.float32), weights)
         w = jnp.where(weights > 0, weights / jnp.maximum(seg_tokens, 1e-9), 0.0)
         return w, jnp.sum(w)
-    if isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
-        return weights, jnp.float32(normalizer)
-    raise ValueError(
-            f"loss_normalizing_factor={normalizer!r}: expected None, a float, or one of {NORMALIZER_NAMES}")
+    return weights, jnp.float32(normalizer)
 
 
-def summed_loss(logits, batch, *, z_loss=0.0, label_smoothing=0.0, normalizer: Normalizer = "num_real_target_tokens"):
+def summed_loss(logits, batch, *, z_loss=0.0, label_smoothing=0.0, normalizer: Normalizer = NUM_REAL_TARGET_TOKENS):
     """(summed weighted loss, denominator, aux dict of summed figures) for one (micro)batch."""
     token_loss, token_z = token_cross_entropy(
             logits, batch["decoder_target_tokens"], z_loss=z_loss, label_smoothing=label_smoothing)

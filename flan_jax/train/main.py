@@ -17,7 +17,7 @@ import gin
 import seqio
 
 from flan_jax.models import t5
-from flan_jax.train import data as data_lib, loop, optim, partitioning, step as step_lib
+from flan_jax.train import data as data_lib, loop, loss as loss_lib, optim, partitioning, step as step_lib
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                                         "gin_configs")
@@ -77,7 +77,7 @@ def train_config(
         num_microbatches: int = 1,
         z_loss: float = 1e-4,
         label_smoothing: float = 0.0,
-        loss_normalizing_factor=None,
+        loss_normalizing_factor=loss_lib.NUM_REAL_TARGET_TOKENS,  # None: un-normalized sum (T5X)
         seed: int = 0,
         skip_nonfinite_updates: bool = False,
         async_checkpointing: bool = True,
@@ -95,8 +95,7 @@ def train_config(
                                      input_sharding=input_sharding, pipeline=input_pipeline),
             train_steps=train_steps, eval_mixture_or_task_name=eval_mixture_or_task_name,
             schedule=optim.ScheduleConfig(schedule, learning_rate, warmup_steps),
-            loss=step_lib.LossConfig(z_loss, label_smoothing,
-                                                              "num_real_target_tokens" if loss_normalizing_factor is None else loss_normalizing_factor),
+            loss=step_lib.LossConfig(z_loss, label_smoothing, loss_normalizing_factor),
             mesh=partitioning.MeshConfig(num_partitions, _mesh_shape(mesh_shape), fsdp),
             num_microbatches=num_microbatches, eval_period=eval_period, eval_examples_per_task=eval_examples_per_task,
             eval_batch_size=eval_batch_size, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,

@@ -1,6 +1,8 @@
 """Where training and evaluation figures go: MODEL_DIR/metrics.jsonl (the contract other tools read), TensorBoard, console.
 
 metrics.jsonl holds one JSON object per line: {"step", "split": "train"|"eval", "task", "metric", "value"}.
+Throughput figures (steps_per_sec, tokens_per_sec, tflops_per_sec, mfu) count training steps only; the seconds an
+evaluation or a checkpoint save took are train metrics of their own (eval_seconds, checkpoint_seconds) at that step.
 """
 from __future__ import annotations
 

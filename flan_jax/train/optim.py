@@ -1,14 +1,18 @@
 """Adafactor with T5X's defaults and learning-rate schedules.
 
-T5X defaults (see REFERENCE.md): factored second moments for dims >= 128, decay_rate 0.8 (beta2_t = 1 - (t+1)^-0.8),
-step_offset 0, update scaled by max(rms(param), 1e-3), update clipping at RMS 1.0, epsilon1 1e-30, no momentum, no weight
-decay, float32 state. optax.adafactor implements the same rule; this module pins those values in one place.
+T5X defaults (t5x/adafactor.py; Shazeer & Stern 2018, arXiv:1804.04235): factored second moments for dims >= 128,
+decay_rate 0.8 (beta2_t = 1 - (t+1)^-0.8), step_offset 0, update scaled by max(rms(param), 1e-3), update clipping at
+RMS 1.0, epsilon1 1e-30, no momentum, no weight decay, float32 state. optax.adafactor implements the same rule; this
+module pins those values in one place. optax keeps the second moments in the parameter dtype, so the rule here runs on
+float32 copies of parameters and gradients: the state is float32 whatever the parameter dtype, as in T5X, and the
+float32 update is added to the parameter before one rounding back to its dtype (optax.apply_updates).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -46,6 +50,20 @@ class AdafactorConfig:
 
 
 def make_adafactor(cfg: AdafactorConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    return in_float32(_optax_adafactor(cfg, schedule))
+
+
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to float32 copies of gradients and parameters: float32 state and float32 updates."""
+    as_f32 = lambda tree: None if tree is None else jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+    def update(updates, state, params=None):
+        return inner.update(as_f32(updates), state, as_f32(params))
+
+    return optax.GradientTransformation(lambda params: inner.init(as_f32(params)), update)
+
+
+def _optax_adafactor(cfg: AdafactorConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     return optax.adafactor(
             learning_rate=schedule,
             min_dim_size_to_factor=cfg.min_dim_size_to_factor,

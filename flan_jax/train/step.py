@@ -16,7 +16,7 @@ from flan_jax.train import loss as loss_lib
 class LossConfig:
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
-    normalizer: loss_lib.Normalizer = "num_real_target_tokens"
+    normalizer: loss_lib.Normalizer = loss_lib.NUM_REAL_TARGET_TOKENS  # None: un-normalized sum, as in T5X
 
 
 def init_state(model_cfg: t5.T5Config, optimizer: optax.GradientTransformation, rng) -> dict:
@@ -68,7 +68,7 @@ def make_train_step(model_cfg: t5.T5Config, optimizer: optax.GradientTransformat
             zeros_aux = {k: jnp.zeros((), jnp.float32) for k in ("z_loss_sum", "correct_tokens", "target_tokens")}
             init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0), zeros_aux)
             (grads, total, denom, aux), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), micro))
-            if loss_cfg.normalizer in (None, "none") or isinstance(loss_cfg.normalizer, (int, float)):
+            if loss_lib.has_fixed_denominator(loss_cfg.normalizer):
                 denom = denom / num_microbatches  # constant denominators were added once per microbatch
         denom = jnp.maximum(denom, 1e-9)
         grads = jax.tree.map(lambda g: g / denom, grads)

@@ -94,8 +94,9 @@ def validate_config(cfg, num_devices: int) -> None:
     check_real("train.z_loss", cfg.loss.z_loss, 0.0)
     check_real("train.label_smoothing", cfg.loss.label_smoothing, 0.0, 1.0, high_open=True)
     norm = cfg.loss.normalizer
-    _need(norm is None or norm in loss_lib.NORMALIZER_NAMES or (_is_real(norm) and norm > 0),
-          f"train.loss_normalizing_factor={norm!r}: expected None, a positive number or one of "
+    _need(norm is None or (isinstance(norm, str) and norm.lower() in loss_lib.NORMALIZER_NAMES)
+          or (_is_real(norm) and norm > 0),
+          f"train.loss_normalizing_factor={norm!r}: expected None (un-normalized sum), a positive number or one of "
           f"{loss_lib.NORMALIZER_NAMES}")
     _need(isinstance(cfg.mesh.fsdp, bool), f"train.fsdp={cfg.mesh.fsdp!r}: expected True or False")
     for flag in ("skip_nonfinite_updates", "async_checkpointing", "restore_optimizer_state"):
