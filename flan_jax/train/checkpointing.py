@@ -89,7 +89,7 @@ class Checkpointer:
             tmp = epath.Path(self.model_dir) / "best.json.tmp"
             tmp.write_text(json.dumps({"metric": self.best_metric, "value": value, "step": int(step),
                                        "path": os.path.join(self._best_dir, f"{STEP_PREFIX}_{step}")}))
-            tmp.rename(epath.Path(self.model_dir) / "best.json")
+            tmp.replace(epath.Path(self.model_dir) / "best.json")
         return True
 
     def wait(self) -> None:
@@ -115,7 +115,7 @@ def save_input_state(model_dir: str, step: int, fingerprint: dict, state: Any, k
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_bytes(pickle.dumps({"fingerprint": fingerprint, "state": state}, protocol=pickle.HIGHEST_PROTOCOL))
-    tmp.rename(path)
+    tmp.replace(path)
     keep = {f"{STEP_PREFIX}_{s}" for s in keep_steps} | {path.parent.name}
     for old in (epath.Path(model_dir) / INPUT_STATE_DIR).iterdir():
         stale = old / f"process_{jax.process_index()}.pkl"
