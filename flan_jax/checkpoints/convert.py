@@ -53,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     config = None
     if args.preset:
-        from flan_jax.models.t5 import T5Config
+        from flan_jax.models import T5Config
         config = T5Config.preset(args.preset)
     try:
         out = convert(args.src_format, args.dst_format, args.src, args.dst, config=config)

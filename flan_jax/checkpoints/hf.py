@@ -74,7 +74,7 @@ def hf_name_map(config) -> dict:
 
 def config_from_hf(hf: Mapping, source: str = 'config.json', **overrides):
     """T5Config from an HF T5 config dict; only T5 1.1 (gated-gelu) models are accepted."""
-    from flan_jax.models.t5 import T5Config
+    from flan_jax.models import T5Config
     model_type = hf.get('model_type', 't5')
     if model_type not in ('t5', 'mt5'):
         raise ValueError(f'{source}: model_type={model_type!r}; only T5 1.1 / mT5 (model_type t5 or mt5) is '
