@@ -132,17 +132,25 @@ def packed_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str,
 
     The converter supplies the packing options and receives the `.stats` counters (as on the seqio path)."""
     converter = converter or packing.PackedEncDecFeatureConverter()
-    if not isinstance(converter, packing.PackedEncDecFeatureConverter) or not converter.pack:
-        raise ValueError("train.input_pipeline='native' packs with flan_jax.packing.PackedEncDecFeatureConverter; "
-                         f"got {type(converter).__name__}")
+    prefix_lm = isinstance(converter, packing.PackedPrefixLMFeatureConverter)   # decoder-only models
+    if not isinstance(converter, (packing.PackedEncDecFeatureConverter, packing.PackedPrefixLMFeatureConverter)) \
+            or not converter.pack:
+        raise ValueError("train.input_pipeline='native' packs with flan_jax.packing.PackedEncDecFeatureConverter "
+                         f"or PackedPrefixLMFeatureConverter; got {type(converter).__name__}")
     lengths = (int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"]))
+    if prefix_lm:   # one decoder row per segment: inputs ++ targets share one length budget
+        to_features = lambda rows: packing.prefix_lm_feature_batch(rows, sum(lengths), converter.loss_on_targets_only,
+                                                                    converter.bos_id)
+    else:
+        to_features = lambda rows: packing.encdec_feature_batch(rows, lengths, converter.bos_id)
     stats = packing.PackingStats()
     converter.stats = stats
     examples = mixture_token_stream(mixture_or_task_name, split, seed=seed, shuffle=shuffle,
                                     shard_index=shard_index, num_shards=num_shards)
     rows = []
-    for row in packing.pack_examples(examples, lengths, stats=stats, **converter.packing_options):
+    for row in packing.pack_examples(examples, lengths, concatenate=prefix_lm, stats=stats,
+                                     **converter.packing_options):
         rows.append(row)
         if len(rows) == batch_size:
-            yield packing.encdec_feature_batch(rows, lengths, converter.bos_id)
+            yield to_features(rows)
             rows = []
