@@ -76,3 +76,19 @@ def test_interface_dispatches_on_config_type():
         assert 'T5Config' in str(e) and 'DecoderConfig' in str(e)
     else:
         raise AssertionError('unknown config type accepted')
+
+
+# Parameter counts of the published checkpoints (from their safetensors sizes), to 1%.
+PUBLISHED_PARAMS = {'llama3_2_1b': 1.236e9, 'llama3_1_8b': 8.030e9, 'qwen2_5_0_5b': 0.494e9, 'qwen2_5_7b': 7.616e9,
+                    'gemma_2b': 2.506e9}
+
+
+def test_published_decoder_shapes():
+    import gin
+    from flan_jax.train import main  # noqa: F401  (registers DecoderConfig with gin)
+    for name, want in PUBLISHED_PARAMS.items():
+        gin.clear_config()
+        gin.parse_config_file(str(ROOT / 'gin_configs' / 'models' / f'{name}.gin'), skip_unknown=['train'])
+        config = gin.get_configurable('DecoderConfig')()
+        assert abs(models.count_params(config) / want - 1) < 0.01, (name, models.count_params(config))
+    gin.clear_config()
