@@ -66,3 +66,20 @@ def test_changing_one_packed_example_leaves_neighbours_unchanged():
     neighbours = (seg > 0) & (seg != 2)
     np.testing.assert_allclose(logits_before[0, neighbours], logits_after[0, neighbours], atol=1e-6)
     assert np.max(np.abs(logits_before[0, seg == 2] - logits_after[0, seg == 2])) > 1e-3
+
+
+def test_option_scores_equal_the_prefix_lm_training_layout():
+    """Rank classification of a decoder scores each option as the targets of its own prefix-LM segment."""
+    from flan_jax.evaluation import scoring
+    params = models.init_params(CONFIG, jax.random.PRNGKey(3))
+    inputs = np.array([[5, 6, 7, 1, 0], [8, 9, 1, 0, 0]], np.int32)
+    options = np.array([[[10, 1, 0], [11, 12, 1]], [[13, 1, 0], [14, 1, 0]]], np.int32)
+    scores = np.asarray(scoring.rank_classification_scores(CONFIG, params, inputs, options))
+    for b in range(2):
+        for k in range(2):
+            ex = (inputs[b][inputs[b] != 0], options[b, k][options[b, k] != 0])
+            features = packing.prefix_lm_feature_batch([[ex]], 8)
+            batch = {key: jnp.asarray(v) for key, v in features.items()}
+            log_probs = scoring.token_log_probs(models.forward(CONFIG, params, batch), batch['decoder_target_tokens'])
+            want = float(jnp.sum(log_probs * batch['decoder_loss_weights']))
+            np.testing.assert_allclose(scores[b, k], want, rtol=1e-5)
