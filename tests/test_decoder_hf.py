@@ -105,3 +105,17 @@ def test_greedy_kv_cache_decoding_matches_hf_generate(kind, tmp_path):
     want = np.pad(want, ((0, 0), (0, steps - want.shape[1])))
     after_eos = np.cumsum(np.cumsum(want == 1, axis=1), axis=1) > 1
     np.testing.assert_array_equal(ours, np.where(after_eos, 0, want))
+
+
+def test_convert_cli_both_ways(tmp_path):
+    """HF -> orbax -> HF with `flan-jax convert`; the orbax side needs --hf_config for a decoder."""
+    from flan_jax.checkpoints import convert
+    _hf_model('qwen2', tmp_path)
+    src = str(tmp_path / 'qwen2')
+    assert convert.main(['--from', 'hf', '--to', 'orbax', src, str(tmp_path / 'orbax')]) == 0
+    assert convert.main(['--from', 't5x', '--to', 'hf', '--hf_config', src, str(tmp_path / 'orbax'),
+                         str(tmp_path / 'back')]) == 0
+    config, params = checkpoints.load_hf(src)
+    config2, params2 = checkpoints.load_hf(str(tmp_path / 'back'))
+    assert config2 == config
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
