@@ -83,3 +83,20 @@ def test_option_scores_equal_the_prefix_lm_training_layout():
             log_probs = scoring.token_log_probs(models.forward(CONFIG, params, batch), batch['decoder_target_tokens'])
             want = float(jnp.sum(log_probs * batch['decoder_loss_weights']))
             np.testing.assert_allclose(scores[b, k], want, rtol=1e-5)
+
+
+def test_prefix_lm_kv_cache_greedy_equals_full_forward_argmax():
+    """Cached decoding (left-aligned prompts, bidirectional prefix) picks what a full forward over the same
+    prefix-LM row would pick at every step."""
+    from flan_jax.models import decoding, lm_inputs
+    params = models.init_params(CONFIG, jax.random.PRNGKey(4))
+    inputs = np.array([[5, 6, 7, 8, 1], [9, 1, 0, 0, 0]], np.int32)
+    steps = 5
+    got = np.asarray(decoding.greedy_decode(CONFIG, params, jnp.asarray(inputs), steps, eos_id=1))
+    generated = np.zeros((2, steps), np.int32)
+    for t in range(steps):
+        features = lm_inputs.prompt_and_targets(jnp.asarray(inputs), jnp.asarray(generated))
+        logits = lm_inputs.target_part(models.forward(CONFIG, params, features), features, steps)
+        generated[:, t] = np.argmax(np.asarray(logits[:, t]), axis=-1)
+    after_eos = np.cumsum(np.cumsum(generated == 1, axis=1), axis=1) > 1
+    np.testing.assert_array_equal(got, np.where(after_eos, 0, generated))
