@@ -210,16 +210,20 @@ class PackedBatches:
                  seed: int = 0, shuffle: bool = True, shard_index: int = 0, num_shards: int = 1,
                  state: Optional[dict] = None):
         converter = converter or packing.PackedEncDecFeatureConverter()
-        if not isinstance(converter, packing.PackedEncDecFeatureConverter) or not converter.pack:
-            raise ValueError("train.input_pipeline='native' packs with flan_jax.packing.PackedEncDecFeatureConverter; "
-                             f"got {type(converter).__name__}")
+        self._prefix_lm = isinstance(converter, packing.PackedPrefixLMFeatureConverter)  # decoder-only models
+        if not isinstance(converter, (packing.PackedEncDecFeatureConverter, packing.PackedPrefixLMFeatureConverter)) \
+                or not converter.pack:
+            raise ValueError("train.input_pipeline='native' packs with flan_jax.packing.PackedEncDecFeatureConverter "
+                             f"or PackedPrefixLMFeatureConverter; got {type(converter).__name__}")
         self.lengths = (int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"]))
         self.batch_size, self._bos = batch_size, converter.bos_id
+        self._loss_on_targets_only = getattr(converter, "loss_on_targets_only", True)
         self._examples = MixtureStream(mixture_or_task_name, split, seed=seed, shuffle=shuffle,
                                        shard_index=shard_index, num_shards=num_shards,
                                        state=None if state is None else state["examples"])
         if state is None:
-            self._packer = packing.ExamplePacker(self.lengths, **converter.packing_options)
+            self._packer = packing.ExamplePacker(self.lengths, concatenate=self._prefix_lm,
+                                                 **converter.packing_options)
             self._rows = collections.deque()
         else:
             self._packer, self._rows = pickle.loads(state["packer"]), collections.deque(state["rows"])
@@ -235,6 +239,8 @@ class PackedBatches:
         while len(self._rows) < self.batch_size:
             self._rows.extend(self._packer.add(*next(self._examples)))
         rows = [self._rows.popleft() for _ in range(self.batch_size)]
+        if self._prefix_lm:  # one decoder row per segment: inputs ++ targets share one length budget
+            return packing.prefix_lm_feature_batch(rows, sum(self.lengths), self._loss_on_targets_only, self._bos)
         return packing.encdec_feature_batch(rows, self.lengths, self._bos)
 
 

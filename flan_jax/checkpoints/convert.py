@@ -18,7 +18,7 @@ DESTINATIONS = ('hf', 'orbax')
 def convert(src_format: str, dst_format: str, src: str, dst: str, *, config=None) -> str:
     """Convert the checkpoint at `src` into `dst`; returns the written path.
 
-    config: T5Config for a T5X source (default: inferred from the parameter shapes; fields shapes cannot
+    config: T5Config or DecoderConfig for a T5X source (needed for a decoder) (default: inferred from the parameter shapes; fields shapes cannot
     tell - layer_norm_epsilon, relative_attention_max_distance - take T5 1.1 defaults). T5X -> orbax keeps
     the step and Adafactor slots; HF sources have neither.
     """
@@ -38,12 +38,28 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, *, config=None
     return save_orbax_params(params, dst, step=step, slots=slots)
 
 
+def config_from_hf_file(path: str):
+    """T5Config or DecoderConfig from an HF config.json (or the directory holding one)."""
+    import json
+    import os
+    from flan_jax.checkpoints import hf, hf_decoder
+    file = os.path.join(path, 'config.json') if os.path.isdir(path) else path
+    with open(file) as f:
+        hf_config = json.load(f)
+    if hf_config.get('model_type') in hf_decoder.MODEL_TYPES:
+        return hf_decoder.config_from_hf(hf_config, source=file)
+    return hf.config_from_hf(hf_config, source=file)
+
+
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog='flan-jax convert', description=__doc__.splitlines()[0])
     parser.add_argument('--from', dest='src_format', choices=SOURCES, required=True)
     parser.add_argument('--to', dest='dst_format', choices=DESTINATIONS, required=True)
     parser.add_argument('--preset', default=None,
                         help='T5Config preset (tiny/small/base/large/xl/xxl) to validate a T5X source against')
+    parser.add_argument('--hf_config', default=None,
+                        help='HF config.json (or its directory) describing a T5X/orbax source, e.g. the HF checkpoint '
+                             'a decoder-only model was finetuned from (its shapes alone do not fix RoPE or norms)')
     parser.add_argument('src', metavar='IN')
     parser.add_argument('dst', metavar='OUT')
     return parser
@@ -52,8 +68,10 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     config = None
+    if args.hf_config:
+        config = config_from_hf_file(args.hf_config)
     if args.preset:
-        from flan_jax.models.t5 import T5Config
+        from flan_jax.models import T5Config
         config = T5Config.preset(args.preset)
     try:
         out = convert(args.src_format, args.dst_format, args.src, args.dst, config=config)

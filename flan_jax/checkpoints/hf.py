@@ -22,6 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
+from flan_jax.checkpoints import hf_decoder
 from flan_jax.checkpoints.t5x import check_params, flatten, unflatten
 
 _ATTENTION = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
@@ -73,7 +74,7 @@ def hf_name_map(config) -> dict:
 
 def config_from_hf(hf: Mapping, source: str = 'config.json', **overrides):
     """T5Config from an HF T5 config dict; only T5 1.1 (gated-gelu) models are accepted."""
-    from flan_jax.models.t5 import T5Config
+    from flan_jax.models import T5Config
     model_type = hf.get('model_type', 't5')
     if model_type not in ('t5', 'mt5'):
         raise ValueError(f'{source}: model_type={model_type!r}; only T5 1.1 / mT5 (model_type t5 or mt5) is '
@@ -173,6 +174,8 @@ def load_hf(path: str, **config_overrides):
         raise FileNotFoundError(f'{path}: no config.json (expected a HF save_pretrained directory)')
     with open(config_file) as f:
         hf_config = json.load(f)
+    if hf_config.get('model_type') in hf_decoder.MODEL_TYPES:   # Llama / Qwen2 / Gemma causal LMs
+        return hf_decoder.load(path, hf_config, read_hf_weights(path), **config_overrides)
     config = config_from_hf(hf_config, source=config_file, **config_overrides)
     weights = read_hf_weights(path)
     names = hf_name_map(config)
@@ -227,6 +230,9 @@ def export_hf(config, params: Mapping, out_dir: str, *, max_shard_bytes: int = 0
     model-0000i-of-0000n.safetensors files with a model.safetensors.index.json, like HF does.
     """
     from safetensors.numpy import save_file
+    from flan_jax.models import is_encoder_decoder
+    if not is_encoder_decoder(config):
+        return hf_decoder.export(config, params, out_dir)
     flat = {p: np.asarray(a) for p, a in flatten(params).items()}
     check_params(flat, config, source='export_hf params')
     tensors = {}

@@ -59,8 +59,8 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 
 def expected_shapes(config) -> dict:
     """{flat path: shape tuple} for a T5Config, from the model's own parameter table."""
-    from flan_jax.models import t5
-    return {path: tuple(s.shape) for path, s in flatten(t5.param_shapes(config)).items()}
+    from flan_jax import models as model_api
+    return {path: tuple(s.shape) for path, s in flatten(model_api.param_shapes(config)).items()}
 
 
 def check_params(flat: Mapping[str, Any], config, *, source: str) -> None:
@@ -90,7 +90,7 @@ def infer_config(params: Mapping, **overrides):
     """T5Config whose shapes match `params` (nested or flat). Fields that shapes cannot tell
     (layer_norm_epsilon, relative_attention_max_distance, dropout_rate, dtypes) take T5Config defaults
     unless given in `overrides`."""
-    from flan_jax.models.t5 import T5Config
+    from flan_jax.models import T5Config
     flat = params if any('/' in k for k in params) else flatten(params)
     try:
         vocab, d = np.shape(flat['token_embedder/embedding'])

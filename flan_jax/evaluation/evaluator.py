@@ -17,7 +17,8 @@ import numpy as np
 import seqio
 
 from flan_jax.evaluation import scoring
-from flan_jax.models import decoding, t5
+from flan_jax import models
+from flan_jax.models import decoding
 
 
 @dataclasses.dataclass
@@ -84,7 +85,7 @@ def _bucket(length: int, limit: int, multiple: int) -> int:
 
 
 class Evaluator:
-    def __init__(self, eval_mixture_or_task: str, feature_lengths: Mapping[str, int], model_cfg: t5.T5Config, *,
+    def __init__(self, eval_mixture_or_task: str, feature_lengths: Mapping[str, int], model_cfg, *,
                               seen_base_tasks: set, examples_per_task: Optional[int] = 64, batch_size: int = 32,
                               split: str = "validation"):
         self.model_cfg = model_cfg
@@ -95,7 +96,7 @@ class Evaluator:
         self.data = [load_task_eval_data(t, feature_lengths, examples_per_task, base_task_name(t.name) in seen_base_tasks,
                                                                           split) for t in tasks]
         self.vocab = tasks[0].output_features["targets"].vocabulary
-        self._forward = jax.jit(functools.partial(t5.forward, model_cfg))
+        self._option_logits = jax.jit(functools.partial(models.option_logits, model_cfg))
         self._rank = jax.jit(functools.partial(scoring.rank_classification_scores, model_cfg))
         self._greedy = jax.jit(functools.partial(decoding.greedy_decode, model_cfg),
                                                       static_argnames=("max_decode_len",))
@@ -110,8 +111,8 @@ class Evaluator:
         total, tokens = 0.0, 0.0
         for real, padded in self._batches(len(d.inputs)):
             tgt = d.targets[padded]
-            dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
-            logits = self._forward(params, {"encoder_input_tokens": d.inputs[padded], "decoder_input_tokens": dec_in})
+            # The targets as the one option of each input: teacher forcing in either model family.
+            logits = self._option_logits(params, d.inputs[padded], tgt[:, None, :])
             tok_loss = -scoring.token_log_probs(logits, jnp.asarray(tgt))
             w = (tgt > 0).astype(np.float32)
             w[len(real):] = 0.0  # the rows repeated to fill the last batch do not count

@@ -13,13 +13,10 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from flan_jax.models import t5
+from flan_jax import models
 
 
-def shift_right(targets: jax.Array) -> jax.Array:
-    """Decoder inputs for unpacked targets: 0 first, then targets[:-1] (along the last axis)."""
-    pad = [(0, 0)] * (targets.ndim - 1) + [(1, 0)]
-    return jnp.pad(targets, pad)[..., :-1]
+shift_right = models.shift_right
 
 
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -30,7 +27,7 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=('config',))
-def sequence_scores(config: t5.T5Config, params, batch: Mapping[str, jax.Array]) -> jax.Array:
+def sequence_scores(config, params, batch: Mapping[str, jax.Array]) -> jax.Array:
     """[B] sum of log p(decoder_target_tokens) * decoder_loss_weights (weights default: target != 0).
 
     The batch is a seqio EncDecFeatureConverter batch; scores are per row, so use unpacked batches.
@@ -41,7 +38,7 @@ def sequence_scores(config: t5.T5Config, params, batch: Mapping[str, jax.Array])
     targets = batch['decoder_target_tokens']
     weights = batch.get('decoder_loss_weights')
     weights = (targets != 0) if weights is None else weights
-    logits = t5.forward(config, params, batch)
+    logits = models.forward(config, params, batch)
     return jnp.sum(token_log_probs(logits, targets) * weights.astype(jnp.float32), axis=-1)
 
 
@@ -55,7 +52,7 @@ def _check_options(encoder_input_tokens, option_target_tokens):
 
 
 @functools.partial(jax.jit, static_argnames=('config',))
-def rank_classification_scores(config: t5.T5Config, params, encoder_input_tokens: jax.Array,
+def rank_classification_scores(config, params, encoder_input_tokens: jax.Array,
                                option_target_tokens: jax.Array) -> jax.Array:
     """[B, K] log-likelihood of each option given its input; encoder runs once per input.
 
@@ -64,16 +61,14 @@ def rank_classification_scores(config: t5.T5Config, params, encoder_input_tokens
     """
     _check_options(encoder_input_tokens, option_target_tokens)
     batch, num_options, length = option_target_tokens.shape
-    encoded = t5.encode(config, params, {'encoder_input_tokens': encoder_input_tokens})
     targets = option_target_tokens.reshape(batch * num_options, length)
-    decoder_batch = {'encoder_input_tokens': encoder_input_tokens, 'decoder_input_tokens': shift_right(targets)}
-    logits = t5.decode(config, params, encoded, decoder_batch, decoder_rows_per_input=num_options)
+    logits = models.option_logits(config, params, encoder_input_tokens, option_target_tokens)
     scores = jnp.sum(token_log_probs(logits, targets) * (targets != 0), axis=-1)
     return scores.reshape(batch, num_options)
 
 
 @functools.partial(jax.jit, static_argnames=('config',))
-def rank_classification_scores_naive(config: t5.T5Config, params, encoder_input_tokens: jax.Array,
+def rank_classification_scores_naive(config, params, encoder_input_tokens: jax.Array,
                                      option_target_tokens: jax.Array) -> jax.Array:
     """Baseline: every (input, option) pair is its own example, so the encoder runs K times per input."""
     _check_options(encoder_input_tokens, option_target_tokens)

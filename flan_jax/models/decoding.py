@@ -1,8 +1,8 @@
-"""Autoregressive decoding for the T5 model with a key/value cache: greedy, sampling, beam search.
+"""Autoregressive decoding with a key/value cache for any model family: greedy, sampling, beam search.
 
-The encoder runs once; cross-attention K/V are projected once per layer; decoder self-attention keys
-and values go into a pre-allocated cache [rows, max_decode_len, heads*head_dim] per layer, written one
-position per step with dynamic_update_slice. Decoding stops when every row has emitted EOS (or at
+The family's decode_start consumes the inputs once (T5: the encoder and cross-attention K/V; a decoder-only
+model: a prefill of BOS ++ inputs) and returns the first logits; decode_step feeds one token per row and writes
+its keys/values into the pre-allocated cache. Decoding stops when every row has emitted EOS (or at
 max_decode_len); tokens after a row's EOS are 0 (padding). All public functions are jitted with the
 config and the length/strategy arguments static.
 """
@@ -15,57 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flan_jax.models import t5
+from flan_jax.models import base
 
 NEG_INF = -1.0e7   # finite "impossible" score: keeps beam arithmetic free of inf - inf
-
-
-def _prepare(config: t5.T5Config, params, encoder_input_tokens: jax.Array, rows_per_input: int,
-             max_decode_len: int):
-    """Encoder output, per-layer cross K/V, masks and an empty cache for B * rows_per_input rows."""
-    encoded = t5.encode(config, params, {'encoder_input_tokens': encoder_input_tokens})
-    layers = [params['decoder'][f'layers_{i}'] for i in range(config.num_decoder_layers)]
-    cross_kv = [t5.project_kv(p['encoder_decoder_attention'], encoded, config) for p in layers]
-    cross_mask = (encoder_input_tokens != 0)[:, None, None, :]
-    positions = np.arange(max_decode_len, dtype=np.int32)
-    self_bias = t5.relative_position_bias(params['decoder']['relpos_bias']['rel_embedding'], positions,
-                                          positions, False, config)   # [heads, L, L]
-    rows = encoder_input_tokens.shape[0] * rows_per_input
-    empty = jnp.zeros((rows, max_decode_len, config.joined_kv), config.dtype)
-    cache = {'key': [empty] * config.num_decoder_layers, 'value': [empty] * config.num_decoder_layers}
-    return cross_kv, cross_mask, self_bias, cache
-
-
-def _decoder_step(config: t5.T5Config, params, tokens: jax.Array, index, cache, cross_kv, cross_mask,
-                  self_bias, rows_per_input: int):
-    """Logits [N, vocab] for tokens [N] at decoder position `index`; returns (logits, updated cache)."""
-    no_dropout = t5.Dropout(None, 0.0)
-    rows = tokens.shape[0]
-    max_len = cache['key'][0].shape[1]
-    y = t5._embed(params, tokens[:, None], config)                                  # [N, 1, d]
-    bias = jax.lax.dynamic_slice_in_dim(self_bias, index, 1, axis=1)[None]        # [1, h, 1, L]
-    mask = (jnp.arange(max_len) <= index)[None, None, None, :]
-    new_cache = {'key': [], 'value': []}
-    for i in range(config.num_decoder_layers):
-        p = params['decoder'][f'layers_{i}']
-        z = t5.rms_norm(y, p['pre_self_attention_layer_norm']['scale'], config)
-        k, v = t5.project_kv(p['self_attention'], z, config)
-        k_cache = jax.lax.dynamic_update_slice(cache['key'][i], k.reshape(rows, 1, -1), (0, index, 0))
-        v_cache = jax.lax.dynamic_update_slice(cache['value'][i], v.reshape(rows, 1, -1), (0, index, 0))
-        new_cache['key'].append(k_cache)
-        new_cache['value'].append(v_cache)
-        shape = (rows, max_len, config.num_heads, config.head_dim)
-        y = y + t5.attend(p['self_attention'], z, k_cache.reshape(shape), v_cache.reshape(shape), mask, bias,
-                          config, no_dropout)
-        z = t5.rms_norm(y, p['pre_cross_attention_layer_norm']['scale'], config)
-        grouped = z.reshape((rows // rows_per_input, rows_per_input, z.shape[-1]))
-        cross = t5.attend(p['encoder_decoder_attention'], grouped, *cross_kv[i], cross_mask, None, config,
-                          no_dropout)
-        y = y + cross.reshape(z.shape)
-        z = t5.rms_norm(y, p['pre_mlp_layer_norm']['scale'], config)
-        y = y + t5.gated_mlp(p['mlp'], z, config, no_dropout)
-    y = t5.rms_norm(y, params['decoder']['decoder_norm']['scale'], config)
-    return t5.output_logits(params, y)[:, 0], new_cache
 
 
 def _check_args(encoder_input_tokens, max_decode_len: int):
@@ -80,26 +32,26 @@ def _token_loop(config, params, encoder_input_tokens, max_decode_len: int, eos_i
     """Shared greedy/sampling loop; choose(logits [B, V], rng) -> tokens [B]."""
     _check_args(encoder_input_tokens, max_decode_len)
     batch = encoder_input_tokens.shape[0]
-    cross_kv, cross_mask, self_bias, cache = _prepare(config, params, encoder_input_tokens, 1, max_decode_len)
+    fam = base.family(config)
+    logits, fixed, cache = fam.decode_start(config, params, encoder_input_tokens, 1, max_decode_len)
 
     def cond(state):
         index, _, _, done, _ = state
         return (index < max_decode_len) & ~jnp.all(done)
 
     def body(state):
-        index, tokens, cache, done, out = state
-        logits, cache = _decoder_step(config, params, tokens, index, cache, cross_kv, cross_mask, self_bias, 1)
+        index, logits, cache, done, out = state
         chosen = jnp.where(done, 0, choose(logits, jax.random.fold_in(rng, index)).astype(jnp.int32))
         out = jax.lax.dynamic_update_slice(out, chosen[:, None], (0, index))
-        return index + 1, chosen, cache, done | (chosen == eos_id), out
+        logits, cache = fam.decode_step(config, params, chosen, index, fixed, cache, 1)
+        return index + 1, logits, cache, done | (chosen == eos_id), out
 
-    init = (jnp.int32(0), jnp.zeros((batch,), jnp.int32), cache, jnp.zeros((batch,), bool),
-            jnp.zeros((batch, max_decode_len), jnp.int32))
+    init = (jnp.int32(0), logits, cache, jnp.zeros((batch,), bool), jnp.zeros((batch, max_decode_len), jnp.int32))
     return jax.lax.while_loop(cond, body, init)[-1]
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'max_decode_len', 'eos_id'))
-def greedy_decode(config: t5.T5Config, params, encoder_input_tokens: jax.Array, max_decode_len: int,
+def greedy_decode(config, params, encoder_input_tokens: jax.Array, max_decode_len: int,
                   eos_id: int = 1) -> jax.Array:
     """Argmax decoding -> int32 [B, max_decode_len]; positions after a row's EOS are 0."""
     return _token_loop(config, params, encoder_input_tokens, max_decode_len, eos_id,
@@ -124,7 +76,7 @@ def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, t
 
 @functools.partial(jax.jit, static_argnames=('config', 'max_decode_len', 'eos_id', 'temperature', 'top_k',
                                              'top_p'))
-def sample_decode(config: t5.T5Config, params, encoder_input_tokens: jax.Array, max_decode_len: int,
+def sample_decode(config, params, encoder_input_tokens: jax.Array, max_decode_len: int,
                   rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   eos_id: int = 1) -> jax.Array:
     """Ancestral sampling with temperature / top-k / top-p; temperature 0 means greedy."""
@@ -146,7 +98,7 @@ def brevity_penalty(length, alpha: float):
 
 @functools.partial(jax.jit, static_argnames=('config', 'max_decode_len', 'beam_size', 'length_penalty_alpha',
                                              'eos_id', 'return_scores'))
-def beam_search(config: t5.T5Config, params, encoder_input_tokens: jax.Array, max_decode_len: int,
+def beam_search(config, params, encoder_input_tokens: jax.Array, max_decode_len: int,
                 beam_size: int = 4, length_penalty_alpha: float = 0.6, eos_id: int = 1,
                 return_scores: bool = False):
     """Beam search -> best sequence per row int32 [B, max_decode_len] (and its normalised score).
@@ -161,7 +113,8 @@ def beam_search(config: t5.T5Config, params, encoder_input_tokens: jax.Array, ma
     batch, k = encoder_input_tokens.shape[0], beam_size
     if not 1 <= 2 * k <= config.vocab_size:
         raise ValueError(f'beam_search: beam_size={beam_size} must be >= 1 and <= vocab_size/2')
-    cross_kv, cross_mask, self_bias, cache = _prepare(config, params, encoder_input_tokens, k, max_decode_len)
+    fam = base.family(config)
+    first_logits, fixed, cache = fam.decode_start(config, params, encoder_input_tokens, k, max_decode_len)
     max_penalty = brevity_penalty(float(max_decode_len), length_penalty_alpha)
 
     def gather_beams(x, beam_index):   # x [B, K', ...], beam_index [B, K] -> [B, K, ...]
@@ -174,9 +127,7 @@ def beam_search(config: t5.T5Config, params, encoder_input_tokens: jax.Array, ma
         return (index < max_decode_len) & ~jnp.all(worst_finished > best_alive)
 
     def body(state):
-        index, last, alive_seqs, alive_logp, fin_seqs, fin_scores, cache = state
-        logits, cache = _decoder_step(config, params, last.reshape(-1), index, cache, cross_kv, cross_mask,
-                                      self_bias, k)
+        index, logits, alive_seqs, alive_logp, fin_seqs, fin_scores, cache = state
         logp = jax.nn.log_softmax(logits).reshape(batch, k, -1)
         vocab = logp.shape[-1]
         candidates = (alive_logp[..., None] + logp).reshape(batch, k * vocab)
@@ -198,11 +149,12 @@ def beam_search(config: t5.T5Config, params, encoder_input_tokens: jax.Array, ma
         last = gather_beams(cand_token, alive_pick)
         source_rows = (gather_beams(cand_beam, alive_pick) + jnp.arange(batch)[:, None] * k).reshape(-1)
         cache = jax.tree_util.tree_map(lambda c: jnp.take(c, source_rows, axis=0), cache)
-        return index + 1, last, alive_seqs, alive_logp, fin_seqs, fin_scores, cache
+        logits, cache = fam.decode_step(config, params, last.reshape(-1), index, fixed, cache, k)
+        return index + 1, logits, alive_seqs, alive_logp, fin_seqs, fin_scores, cache
 
     alive_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1))
     seqs = jnp.zeros((batch, k, max_decode_len), jnp.int32)
-    init = (jnp.int32(0), jnp.zeros((batch, k), jnp.int32), seqs, alive_logp, seqs,
+    init = (jnp.int32(0), first_logits, seqs, alive_logp, seqs,
             jnp.full((batch, k), NEG_INF, jnp.float32), cache)
     _, _, alive_seqs, alive_logp, fin_seqs, fin_scores, _ = jax.lax.while_loop(cond, body, init)
 

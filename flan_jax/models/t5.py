@@ -347,7 +347,7 @@ def _remat(fn, config: T5Config):
     return fn
 
 
-def _embed(params: Params, tokens: jax.Array, config: T5Config) -> jax.Array:
+def embed(params: Params, tokens: jax.Array, config: T5Config) -> jax.Array:
     return jnp.take(params['token_embedder']['embedding'], tokens.astype(jnp.int32), axis=0).astype(config.dtype)
 
 
@@ -398,7 +398,7 @@ def encode(config: T5Config, params: Params, batch: Batch, *, dropout_rng=None) 
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0)
     drop = Dropout(None if rng is None else jax.random.fold_in(rng, 10**6), config.dropout_rate)
 
-    x = drop(_embed(params, tokens, config), (-2,))
+    x = drop(embed(params, tokens, config), (-2,))
     layer_fn = _remat(lambda p, x, r: _encoder_layer(p, x, mask, bias, r, config), config)
     for i in range(config.num_encoder_layers):
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -462,7 +462,7 @@ def decode(config: T5Config, params: Params, encoded: jax.Array, batch: Batch, *
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)
     drop = Dropout(None if rng is None else jax.random.fold_in(rng, 10**6), config.dropout_rate)
 
-    y = drop(_embed(params, tokens, config), (-2,))
+    y = drop(embed(params, tokens, config), (-2,))
     layer_fn = _remat(lambda p, y, enc, r: _decoder_layer(p, y, enc, self_mask, bias, cross_mask,
                                                           decoder_rows_per_input, r, config), config)
     for i in range(config.num_decoder_layers):

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import optax
 
-from flan_jax.models import t5
+from flan_jax import models
 
 
 def _flat(tree):
@@ -24,7 +24,7 @@ def _flat(tree):
     return flatten(tree).items()
 
 
-def load_checkpoint_params(path: str, model_cfg: t5.T5Config, *, with_optimizer_state: bool = False):
+def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool = False):
     """(params, slots or None, step or None), checked against model_cfg's parameter shapes by name."""
     from flan_jax import checkpoints
     if os.path.exists(os.path.join(path, "config.json")):
@@ -38,7 +38,7 @@ def load_checkpoint_params(path: str, model_cfg: t5.T5Config, *, with_optimizer_
         slots, step = opt["slots"], opt["step"]
     else:
         params, slots, step = checkpoints.load_t5x(path), None, None
-    want = dict(_flat(jax.tree.map(lambda s: s.shape, t5.param_shapes(model_cfg),
+    want = dict(_flat(jax.tree.map(lambda s: s.shape, models.param_shapes(model_cfg),
                                    is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))))
     have = {k: tuple(np.shape(v)) for k, v in _flat(params)}
     problems = [f"missing {k}" for k in sorted(set(want) - set(have))]
@@ -99,7 +99,7 @@ def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
     return filled
 
 
-def initial_params_and_opt_state(init_checkpoint: str, model_cfg: t5.T5Config, opt_state_template,
+def initial_params_and_opt_state(init_checkpoint: str, model_cfg, opt_state_template,
                                  restore_optimizer_state: bool):
     """(params, opt_state or None, step): what the loop puts into a fresh train state."""
     params, slots, step = load_checkpoint_params(init_checkpoint, model_cfg,

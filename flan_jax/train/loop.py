@@ -5,14 +5,14 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from flan_jax.models import t5
+from flan_jax import models
 from flan_jax.train import checkpointing, data as data_lib, optim, partitioning, step as step_lib
 from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
 
@@ -20,7 +20,7 @@ from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model_dir: str
-    model: t5.T5Config
+    model: Any  # a model config (flan_jax.models: T5Config, DecoderConfig)
     input: data_lib.InputConfig
     train_steps: int
     eval_mixture_or_task_name: Optional[str] = None
@@ -63,11 +63,11 @@ def _abstract_state(cfg: TrainConfig, optimizer, mesh):
     return abstract_train_state(cfg.model, optimizer, cfg.mesh, mesh)
 
 
-def abstract_train_state(model_cfg: t5.T5Config, optimizer, mesh_cfg: partitioning.MeshConfig, mesh):
+def abstract_train_state(model_cfg, optimizer, mesh_cfg: partitioning.MeshConfig, mesh):
     """(abstract state with shardings, sharding tree) of the train state, without allocating it."""
     shapes = jax.eval_shape(lambda rng: step_lib.init_state(model_cfg, optimizer, rng), jax.random.PRNGKey(0))
     rules = partitioning.logical_rules(mesh_cfg)
-    axes = t5.param_logical_axes(model_cfg)
+    axes = models.param_logical_axes(model_cfg)
     shardings = {
             "step": partitioning.replicated(mesh),
             "nonfinite_step": partitioning.replicated(mesh),
@@ -116,8 +116,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     validate_config(cfg, jax.device_count())
     mesh = partitioning.make_mesh(cfg.mesh)
     if feature_converter is None:
-        from flan_jax.packing import PackedEncDecFeatureConverter
-        feature_converter = PackedEncDecFeatureConverter(seed=cfg.seed)
+        feature_converter = models.feature_converter(cfg.model, seed=cfg.seed)
     converter = feature_converter
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
     schedule = optim.make_schedule(cfg.schedule)
@@ -155,7 +154,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                                                     seen_base_tasks=seen_base_tasks(cfg.input.mixture_or_task_name),
                                                     examples_per_task=cfg.eval_examples_per_task, batch_size=cfg.eval_batch_size)
 
-    flops_per_row = 3 * t5.count_flops_per_example(cfg.model, cfg.input.task_feature_lengths["inputs"],
+    flops_per_row = 3 * models.flops_per_example(cfg.model, cfg.input.task_feature_lengths["inputs"],
                                                                                                     cfg.input.task_feature_lengths["targets"])
     from flan_jax.train.flops import measure_matmul_peak_tflops
     peak_tflops = cfg.peak_tflops or measure_matmul_peak_tflops(cfg.model.dtype) * jax.device_count()

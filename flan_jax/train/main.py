@@ -16,13 +16,14 @@ from typing import Optional, Sequence
 import gin
 import seqio
 
-from flan_jax.models import t5
+from flan_jax import models
 from flan_jax.train import data as data_lib, loop, loss as loss_lib, optim, partitioning, step as step_lib
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                                         "gin_configs")
 
-gin.external_configurable(t5.T5Config, name="T5Config")
+gin.external_configurable(models.T5Config, name="T5Config")
+gin.external_configurable(models.DecoderConfig, name="DecoderConfig")
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,6 +49,8 @@ def _register_converters() -> None:
     import seqio
     from flan_jax import packing
     gin.external_configurable(seqio.EncDecFeatureConverter, name="EncDecFeatureConverter", module="seqio")
+    gin.external_configurable(packing.PackedPrefixLMFeatureConverter, name="PackedPrefixLMFeatureConverter",
+                              module="flan_jax.packing")
     gin.external_configurable(packing.PackedEncDecFeatureConverter, name="PackedEncDecFeatureConverter",
                               module="flan_jax.packing")
 
@@ -55,7 +58,7 @@ def _register_converters() -> None:
 @gin.configurable("train")
 def train_config(
         model_dir: str = gin.REQUIRED,
-        model: t5.T5Config = gin.REQUIRED,
+        model = gin.REQUIRED,
         mixture_or_task_name: str = gin.REQUIRED,
         task_feature_lengths: dict = gin.REQUIRED,
         train_steps: int = gin.REQUIRED,

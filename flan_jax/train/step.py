@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flan_jax.models import t5
+from flan_jax import models
 from flan_jax.train import loss as loss_lib
 
 
@@ -19,8 +19,8 @@ class LossConfig:
     normalizer: loss_lib.Normalizer = loss_lib.NUM_REAL_TARGET_TOKENS  # None: un-normalized sum, as in T5X
 
 
-def init_state(model_cfg: t5.T5Config, optimizer: optax.GradientTransformation, rng) -> dict:
-    params = t5.init_params(model_cfg, rng)
+def init_state(model_cfg, optimizer: optax.GradientTransformation, rng) -> dict:
+    params = models.init_params(model_cfg, rng)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
                     # first step whose loss was not finite, -1 while all are finite (read on the host at log/save points)
                     "nonfinite_step": jnp.full((), -1, jnp.int32)}
@@ -36,14 +36,14 @@ def _split_microbatches(batch: dict, num_microbatches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(model_cfg: t5.T5Config, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
+def make_train_step(model_cfg, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
                                         *, num_microbatches: int = 1, seed: int = 0, skip_nonfinite_updates: bool = False) -> Callable:
     """Returns step(state, batch) -> (state, metrics). Pure; the caller jits it with shardings."""
     base_rng = jax.random.PRNGKey(seed)
     use_dropout = model_cfg.dropout_rate > 0
 
     def loss_fn(params, batch, rng):
-        logits = t5.forward(model_cfg, params, batch, dropout_rng=rng if use_dropout else None)
+        logits = models.forward(model_cfg, params, batch, dropout_rng=rng if use_dropout else None)
         total, denom, aux = loss_lib.summed_loss(
                 logits, batch, z_loss=loss_cfg.z_loss, label_smoothing=loss_cfg.label_smoothing,
                 normalizer=loss_cfg.normalizer)

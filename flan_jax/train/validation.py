@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from flan_jax import native_pipeline
-from flan_jax.models import t5
+from flan_jax import models
 from flan_jax.train import data as data_lib, loss as loss_lib, optim, partitioning
 
 SCHEDULES = ("constant", "warmup_constant", "rsqrt")
@@ -58,14 +58,16 @@ def metric_names(eval_mixture_or_task_name: str) -> set:
     return names
 
 
-def check_model(model: t5.T5Config) -> None:
+def check_model(model) -> None:
+    if not isinstance(model, models.T5Config):
+        return  # DecoderConfig validates its own fields in __post_init__
     for field in ("vocab_size", "emb_dim", "num_heads", "num_encoder_layers", "num_decoder_layers", "head_dim",
                   "mlp_dim", "relative_attention_num_buckets", "relative_attention_max_distance"):
         check_int(f"T5Config.{field}", getattr(model, field), 1)
     check_real("DROPOUT_RATE (T5Config.dropout_rate)", model.dropout_rate, 0.0, 1.0, high_open=True)
 
 
-def check_vocabulary(model: t5.T5Config, task_or_mixture, key: str) -> None:
+def check_vocabulary(model, task_or_mixture, key: str) -> None:
     """Every token id the data can produce must have an embedding row (else XLA silently clamps the gather)."""
     for feature in ("inputs", "targets"):
         vocab = task_or_mixture.output_features[feature].vocabulary
@@ -158,12 +160,12 @@ def _check_data_layout(cfg, num_devices: int) -> None:
         raise ConfigValueError(str(e)) from None
 
 
-def checkpoint_bytes(model: t5.T5Config, min_dim_size_to_factor: int = 128) -> int:
+def checkpoint_bytes(model, min_dim_size_to_factor: int = 128) -> int:
     """Size of one checkpoint: params, plus Adafactor's float32 slots (row + column vectors for factored matrices,
     a full second moment for the rest)."""
     import jax
     total = 0
-    for shape in jax.tree.leaves(jax.tree.map(lambda s: s.shape, t5.param_shapes(model),
+    for shape in jax.tree.leaves(jax.tree.map(lambda s: s.shape, models.param_shapes(model),
                                               is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)),
                                  is_leaf=lambda x: isinstance(x, tuple)):
         size = int(np.prod(shape))

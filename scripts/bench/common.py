@@ -156,7 +156,7 @@ def segment_lengths(segment_ids: np.ndarray) -> list[np.ndarray]:
 def useful_flops(config, batch: Mapping[str, np.ndarray]) -> float:
   """Forward FLOPs of the real examples in a batch, each counted at its own lengths (padding and cross-segment
   attention excluded). Packed batches are split by segment ids; unpacked rows count their non-padding tokens."""
-  from flan_jax.models import t5
+  from flan_jax import models as model_api
 
   if "encoder_segment_ids" in batch:
     enc = segment_lengths(batch["encoder_segment_ids"])
@@ -165,7 +165,7 @@ def useful_flops(config, batch: Mapping[str, np.ndarray]) -> float:
   else:
     pairs = zip((np.asarray(batch["encoder_input_tokens"]) != 0).sum(-1).tolist(),
                 (np.asarray(batch["decoder_target_tokens"]) != 0).sum(-1).tolist())
-  return float(sum(t5.count_flops_per_example(config, i, t) for i, t in pairs))
+  return float(sum(model_api.flops_per_example(config, i, t) for i, t in pairs))
 
 
 def real_tokens(batch: Mapping[str, np.ndarray]) -> int:

@@ -50,17 +50,17 @@ def run(quick: bool) -> list[dict]:
   import jax
 
   from flan_jax.evaluation import scoring
-  from flan_jax.models import t5
+  from flan_jax import models as model_api
 
   on_gpu = common.platform_name() == "gpu"
   if on_gpu:
-    label, config, num_examples, batch_size = "t5_base", t5.T5Config.preset("base", dtype="bfloat16"), 512, 64
+    label, config, num_examples, batch_size = "t5_base", model_api.T5Config.preset("base", dtype="bfloat16"), 512, 64
   elif quick:
-    label, config = "t5_small_2l", t5.T5Config.preset("small", num_encoder_layers=2, num_decoder_layers=2)
+    label, config = "t5_small_2l", model_api.T5Config.preset("small", num_encoder_layers=2, num_decoder_layers=2)
     num_examples, batch_size = 32, 16
   else:
-    label, config, num_examples, batch_size = "t5_small", t5.T5Config.preset("small"), 64, 16
-  params = t5.init_params(config, jax.random.PRNGKey(0))
+    label, config, num_examples, batch_size = "t5_small", model_api.T5Config.preset("small"), 64, 16
+  params = model_api.init_params(config, jax.random.PRNGKey(0))
   inputs, options = make_data(num_examples, min(config.vocab_size, 32000))
 
   candidates = {

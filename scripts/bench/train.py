@@ -94,10 +94,10 @@ def padded_batches(examples, lengths, batch_size, num_batches, dynamic):
 
 def batch_flops(config, batch) -> float:
   """Forward FLOPs of the shapes computed (every row at full padded length)."""
-  from flan_jax.models import t5
+  from flan_jax import models as model_api
 
   rows, len_in = batch["encoder_input_tokens"].shape
-  return rows * t5.count_flops_per_example(config, len_in, batch["decoder_target_tokens"].shape[1])
+  return rows * model_api.flops_per_example(config, len_in, batch["decoder_target_tokens"].shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,11 +254,11 @@ def compare_cpu(label, config, rounds, seed=0) -> tuple[list[dict], dict]:
 
 
 def cpu_cases(quick):
-  from flan_jax.models import t5
+  from flan_jax import models as model_api
 
   if quick:
-    return [("t5_small_1l", t5.T5Config.preset("small", num_encoder_layers=1, num_decoder_layers=1), 2)]
-  return [("t5_tiny", t5.T5Config.preset("tiny"), 4), ("t5_small", t5.T5Config.preset("small"), 3)]
+    return [("t5_small_1l", model_api.T5Config.preset("small", num_encoder_layers=1, num_decoder_layers=1), 2)]
+  return [("t5_tiny", model_api.T5Config.preset("tiny"), 4), ("t5_small", model_api.T5Config.preset("small"), 3)]
 
 
 def run_cpu(quick) -> list[dict]:
@@ -360,7 +360,7 @@ def gpu_model(label, config, batch_size, rows, peak, steps) -> list[dict]:
 
 
 def run_gpu(quick, from_npz) -> list[dict]:
-  from flan_jax.models import t5
+  from flan_jax import models as model_api
 
   rows_np = load_gpu_rows(from_npz)
   peak = common.jax_matmul_peak("bfloat16", seconds=2.0)
@@ -371,7 +371,7 @@ def run_gpu(quick, from_npz) -> list[dict]:
   batch_override = int(os.environ.get("FLAN_BENCH_GPU_BATCH", "0"))
   for label in models:
     preset, overrides, batch_size, remat = GPU_MODELS[label]
-    config = t5.T5Config.preset(preset, dtype="bfloat16", param_dtype="float32", remat=remat, **overrides)
+    config = model_api.T5Config.preset(preset, dtype="bfloat16", param_dtype="float32", remat=remat, **overrides)
     results += gpu_model(f"t5_{label}", config, batch_override or batch_size, rows_np, peak, 5 if quick else 10)
   return results
 

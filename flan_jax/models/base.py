@@ -1,0 +1,91 @@
+"""The model interface: every family is a frozen config type plus one `Family` record of plain functions.
+
+train/, evaluation/, checkpoints/ and the benchmarks call the functions in flan_jax.models (which dispatch on the
+config's type) and never a family module, so a new family is one `Family` entry here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from flan_jax.models import decoder, t5, t5_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    config_type: type
+    init_params: Callable          # (config, rng) -> params
+    param_logical_axes: Callable   # (config) -> tree of logical axis-name tuples
+    param_shapes: Callable         # (config) -> tree of ShapeDtypeStruct
+    count_params: Callable         # (config) -> int
+    forward: Callable              # (config, params, batch, *, dropout_rng=None) -> logits [B, L, vocab] float32
+    flops_per_example: Callable    # (config, inputs_len, targets_len) -> forward FLOPs
+    option_logits: Callable        # (config, params, inputs [B, Lin], options [B, K, Lt]) -> logits [B*K, Lt, V]
+    decode_start: Callable         # (config, params, inputs, rows_per_input, max_len) -> (logits, fixed, cache)
+    decode_step: Callable          # (config, params, tokens, index, fixed, cache, rows_per_input) -> (logits, cache)
+    feature_converter: Callable    # (**packing options) -> seqio.FeatureConverter the family trains on
+    encoder_decoder: bool          # batches carry encoder_* features
+
+
+def shift_right(targets: jax.Array) -> jax.Array:
+    """Decoder inputs for unpacked targets: 0 first, then targets[:-1] (along the last axis)."""
+    pad = [(0, 0)] * (targets.ndim - 1) + [(1, 0)]
+    return jnp.pad(targets, pad)[..., :-1]
+
+
+def _t5_option_logits(config, params, inputs, options):
+    """Encoder once per input; the K option rows share its output (and cross-attention K/V)."""
+    batch, num_options, length = options.shape
+    encoded = t5.encode(config, params, {'encoder_input_tokens': inputs})
+    decoder_batch = {'encoder_input_tokens': inputs,
+                     'decoder_input_tokens': shift_right(options.reshape(batch * num_options, length))}
+    return t5.decode(config, params, encoded, decoder_batch, decoder_rows_per_input=num_options)
+
+
+def _decoder_option_logits(config, params, inputs, options):
+    """Each option row is BOS ++ inputs ++ option laid out as one prefix-LM segment; logits of the option part."""
+    from flan_jax.models import lm_inputs
+    batch, num_options, length = options.shape
+    features = lm_inputs.prompt_and_targets(jnp.repeat(inputs, num_options, axis=0),
+                                            options.reshape(batch * num_options, length))
+    logits = decoder.forward(config, params, features)
+    return lm_inputs.target_part(logits, features, length)
+
+
+def _t5_converter(**options):
+    from flan_jax import packing
+    return packing.PackedEncDecFeatureConverter(**options)
+
+
+def _decoder_converter(**options):
+    from flan_jax import packing
+    return packing.PackedPrefixLMFeatureConverter(**options)
+
+
+T5 = Family('t5', t5.T5Config, t5.init_params, t5.param_logical_axes, t5.param_shapes, t5.count_params, t5.forward,
+            t5.count_flops_per_example, _t5_option_logits, t5_cache.decode_start, t5_cache.decode_step,
+            _t5_converter, encoder_decoder=True)
+DECODER = Family('decoder', decoder.DecoderConfig, decoder.init_params, decoder.param_logical_axes,
+                 decoder.param_shapes, decoder.count_params, decoder.forward, decoder.count_flops_per_example,
+                 _decoder_option_logits, decoder.decode_start, decoder.decode_step, _decoder_converter,
+                 encoder_decoder=False)
+FAMILIES = (T5, DECODER)
+
+
+def family(config: Any) -> Family:
+    for fam in FAMILIES:
+        if isinstance(config, fam.config_type):
+            return fam
+    raise TypeError(f'no model family for config of type {type(config).__name__}; known: '
+                    f'{[f.config_type.__name__ for f in FAMILIES]}')
+
+
+def family_by_name(name: str) -> Family:
+    for fam in FAMILIES:
+        if fam.name == name:
+            return fam
+    raise ValueError(f'unknown model family {name!r}; known: {[f.name for f in FAMILIES]}')
