@@ -16,6 +16,7 @@ commands:
     eval      evaluate a checkpoint          (flan-jax eval --gin_file=... --checkpoint=runs/default)
     data      list / show / stats of tasks   (flan-jax data list --collection default)
     convert   checkpoint conversion          (flan-jax convert --from t5x|hf --to hf|orbax IN OUT)
+    eval-suite  BBH / MMLU / TyDiQA / MGSM   (flan-jax eval-suite run --suite bbh --data_dir DIR --gin_file=...)
 """
 
 
@@ -40,6 +41,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command == "convert":
         from flan_jax.checkpoints.convert import main as convert
         return convert(rest)
+    if command == "eval-suite":
+        from flan_jax.suites_cli import main as eval_suite
+        return eval_suite(rest)
     print(f"flan-jax: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -71,14 +71,20 @@ def _niv2_ids(task_name: str, n: int):
     return ids[:n] if len(ids) >= n else None
 
 
-def run_eval(cfg: loop.TrainConfig, checkpoint: str, predictions_dir: str = None) -> dict:
-    if not cfg.eval_mixture_or_task_name:
-        raise ValueError("EVAL_MIXTURE_OR_TASK_NAME is not set in the gin config")
+def restore_state(cfg: loop.TrainConfig, checkpoint: str) -> tuple[dict, int]:
+    """(train state, step) restored from a checkpoint_<step> dir or a MODEL_DIR's latest, on cfg's mesh."""
     mesh = partitioning.make_mesh(cfg.mesh)
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
     abstract, _ = loop._abstract_state(cfg, optimizer, mesh)
     directory, step = _resolve(checkpoint)
     state, _ = checkpointing.Checkpointer(directory, async_save=False).restore(abstract, step=step)
+    return state, step
+
+
+def run_eval(cfg: loop.TrainConfig, checkpoint: str, predictions_dir: str = None) -> dict:
+    if not cfg.eval_mixture_or_task_name:
+        raise ValueError("EVAL_MIXTURE_OR_TASK_NAME is not set in the gin config")
+    state, step = restore_state(cfg, checkpoint)
     evaluator = Evaluator(cfg.eval_mixture_or_task_name, cfg.input.task_feature_lengths, cfg.model,
                                                 seen_base_tasks=loop.seen_base_tasks(cfg.input.mixture_or_task_name),
                                                 examples_per_task=cfg.eval_examples_per_task, batch_size=cfg.eval_batch_size)
