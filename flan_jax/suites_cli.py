@@ -80,8 +80,15 @@ def run_main(argv: Sequence[str]) -> int:
         return 2
     module = suite_module(args.suite)
     mode = args.mode or getattr(module, "DEFAULT_MODE", "direct")
-    tasks = module.load_tasks(args.data_dir, mode=mode, shots=args.shots,
-                              tasks=args.tasks.split(",") if args.tasks else None)
+    try:
+        tasks = module.load_tasks(args.data_dir, mode=mode, shots=args.shots,
+                                  tasks=args.tasks.split(",") if args.tasks else None)
+    except (ValueError, OSError) as e:   # a missing file or a malformed row, named by the loader
+        print(f"flan-jax eval-suite: {args.suite}: {e}", file=sys.stderr)
+        return 2
+    if args.calibrate and not any(t.kind == "rank" for t in tasks):
+        print(f"flan-jax eval-suite: --calibrate applies to rank classification; {args.suite} --mode {mode} "
+              "generates, so only raw metrics are reported", file=sys.stderr)
     state, step = evaluate.restore_state(cfg, flags.checkpoint or cfg.model_dir)
     vocab = seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
     from flan_jax.evaluation.suites.runner import RunOptions, SuiteRunner

@@ -163,3 +163,27 @@ def test_bbh_short_run_with_a_tiny_model(runner):
         answers = [bbh.extract_answer(r["raw"]) for r in result.records]
         assert [r["prediction"] for r in result.records] == answers
         assert result.metrics["accuracy"] == bbh.score([r["target"] for r in result.records], answers)["accuracy"]
+
+
+@pytest.mark.slow
+def test_cli_run_from_gin_and_checkpoint_writes_metrics_predictions_and_table(tmp_path, capsys):
+    from flan_jax.train import main as train_main_lib
+    from flan_jax.train.metrics_log import read_metrics
+    tiny = os.path.join(REPO, "gin_configs", "runs", "tiny_test.gin")
+    d = str(tmp_path / "run")
+    train_main_lib.train_main([f"--gin_file={tiny}", f"--gin.MODEL_DIR={d}", "--gin.TRAIN_STEPS=2",
+                               "--gin.EVAL_PERIOD=0", "--gin.CHECKPOINT_PERIOD=2"])
+    argv = ["run", "--suite", "mmlu", "--data_dir", os.path.join(FIXTURES, "mmlu"), "--calibrate",
+            f"--gin_file={tiny}", f"--gin.MODEL_DIR={d}", f"--checkpoint={d}/checkpoint_2"]
+    assert suites_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mmlu/world_religions" in out and "examples/s" in out
+    rows = [r for r in read_metrics(d) if r["task"].startswith("mmlu/")]
+    got = {(r["task"], r["metric"]) for r in rows}
+    for task in ("mmlu/high_school_physics", "mmlu/world_religions", "mmlu/mean"):
+        assert {(task, "accuracy"), (task, "calibrated_accuracy")} <= got and all(
+            r["split"] == "eval" and r["step"] == 2 for r in rows)
+    preds = os.path.join(d, "eval_suites", "mmlu_direct", "world_religions.jsonl")
+    assert len(open(preds).read().splitlines()) == 2
+    # a missing data folder is a clear error, not a traceback
+    assert suites_cli.main(["run", "--suite", "mmlu", "--data_dir", str(tmp_path / "none"), *argv[5:]]) == 2
