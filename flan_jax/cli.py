@@ -19,6 +19,7 @@ commands:
     data      list / show / stats of tasks   (flan-jax data list --collection default)
     convert   checkpoint conversion          (flan-jax convert --from t5x|hf --to hf|orbax IN OUT)
     self-instruct  generate instruction data (flan-jax self-instruct --gin_file=... --checkpoint=... --out=DIR)
+    eval-suite  BBH / MMLU / TyDiQA / MGSM   (flan-jax eval-suite run --suite bbh --data_dir DIR --gin_file=...)
 """
 
 
@@ -46,6 +47,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command == "self-instruct":
         from flan_jax.generation.cli import main as self_instruct
         return self_instruct(rest)
+    if command == "eval-suite":
+        from flan_jax.suites_cli import main as eval_suite
+        return eval_suite(rest)
     print(f"flan-jax: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -218,6 +218,11 @@ def _configured(argv):
         raise ConfigError(_one_line(e)) from e
 
 
+def load_config(argv):
+    """(flags, validated TrainConfig) from gin flags, for entry points outside train/ (eval-suite)."""
+    return _configured(argv)
+
+
 def _one_line(e: Exception) -> str:
     """First line of the error plus gin's note of which configurable it came from (it names the key's owner)."""
     lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()] or [repr(e)]
