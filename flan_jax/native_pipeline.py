@@ -14,6 +14,8 @@ Per-task shuffling uses a 1000-example buffer as seqio does. Data errors and tru
 """
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import random
 from typing import Iterator, Mapping, Optional
 
@@ -25,6 +27,7 @@ from flan_jax import packing, registry
 PIPELINES = ("seqio", "native")
 _TOKENIZE_CHUNK = 256
 _RATE_DRAWS = 4096
+_OPEN_THREADS = 4  # task streams opened ahead of use at once
 
 
 def registry_components(mixture_or_task_name: str, key: str = "MIXTURE_OR_TASK_NAME") -> dict[str, float]:
@@ -112,16 +115,33 @@ def mixture_token_stream(mixture_or_task_name: str, split: str = "train", *, see
     probabilities = np.array([rates[n] for n in names])
     streams: dict[int, Iterator] = {}
     rng = np.random.default_rng([seed, shard_index])
-    while True:
-        for choice in rng.choice(len(names), size=_RATE_DRAWS, p=probabilities):
-            if choice not in streams:  # opened on first use: registration and start-up stay cheap
-                streams[choice] = task_token_stream(names[choice], split, seed=seed, shuffle=shuffle,
-                                                    shard_index=shard_index, num_shards=num_shards)
-            pair = next(streams[choice], None)
-            if pair is None:
-                raise ValueError(f"task {names[choice]!r} has no {split!r} examples (shard {shard_index} of "
-                                 f"{num_shards}); remove it from {mixture_or_task_name!r}")
-            yield pair
+
+    def open_stream(choice: int) -> Iterator:  # a task's stream with its first example fetched (it opens the source)
+        stream = task_token_stream(names[choice], split, seed=seed, shuffle=shuffle, shard_index=shard_index,
+                                   num_shards=num_shards)
+        return itertools.chain(list(itertools.islice(stream, 1)), stream)
+
+    # Each stream is opened lazily, on the first draw of its task, but ahead of time on a few threads in first-use
+    # order: opening (tfds.load, the first reads, a full shuffle buffer) overlaps across tasks instead of running
+    # one task after another. Every stream's content depends only on its task and seed, so order is unchanged.
+    opener = concurrent.futures.ThreadPoolExecutor(_OPEN_THREADS, thread_name_prefix="flan_jax_open")
+    opening: dict[int, concurrent.futures.Future] = {}
+    try:
+        while True:
+            draws = rng.choice(len(names), size=_RATE_DRAWS, p=probabilities)
+            for choice in dict.fromkeys(draws.tolist()):
+                if choice not in streams and choice not in opening:
+                    opening[choice] = opener.submit(open_stream, choice)
+            for choice in draws:
+                if choice not in streams:
+                    streams[choice] = opening.pop(choice).result()
+                pair = next(streams[choice], None)
+                if pair is None:
+                    raise ValueError(f"task {names[choice]!r} has no {split!r} examples (shard {shard_index} of "
+                                     f"{num_shards}); remove it from {mixture_or_task_name!r}")
+                yield pair
+    finally:
+        opener.shutdown(wait=False, cancel_futures=True)
 
 
 def packed_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,

@@ -106,18 +106,21 @@ def time_native(num_examples: int, seed: int = 0) -> dict:
   from flan_jax.packing import PackedEncDecFeatureConverter
 
   converter = PackedEncDecFeatureConverter()
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   batches = native_pipeline.packed_batches(MIXTURE, LENGTHS, BATCH, converter, shuffle=True, seed=seed)
   next(batches)
-  first_batch_s = time.perf_counter() - start
+  first_batch_s, first_batch_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
   examples_at_first = converter.stats.examples_in
-  steady_start = time.perf_counter()
+  steady_start, steady_cpu_start = time.perf_counter(), time.process_time()
   for _ in batches:
     if converter.stats.examples_in - examples_at_first >= num_examples:
       break
-  steady_s = time.perf_counter() - steady_start
+  steady_s, steady_cpu_s = time.perf_counter() - steady_start, time.process_time() - steady_cpu_start
   counted = converter.stats.examples_in - examples_at_first
-  return {"first_batch_s": first_batch_s, "examples_per_s": counted / steady_s, "steady_examples": counted,
+  # CPU seconds (all threads) next to wall seconds: on a shared machine the wall figures only get worse.
+  return {"first_batch_s": first_batch_s, "first_batch_cpu_s": first_batch_cpu_s,
+          "examples_per_s": counted / steady_s, "examples_per_cpu_s": counted / steady_cpu_s,
+          "steady_examples": counted,
           "examples_before_first_batch": examples_at_first,
           "encoder_fill": converter.stats.encoder_fill, "segments_per_row": converter.stats.segments_per_row,
           "dropped_or_truncated": converter.stats.truncated + converter.stats.dropped_overlength,
@@ -142,13 +145,16 @@ def run(quick: bool) -> list[dict]:
   num_examples = 20_000 if quick else 100_000
   figures = _child(data_dir, num_examples)
   print(f"[flan_collection] {MIXTURE} native, packed {LENGTHS['inputs']}/{LENGTHS['targets']}: first batch after "
-        f"{figures['first_batch_s']:.1f} s ({figures['examples_before_first_batch']} examples read), then "
-        f"{figures['examples_per_s']:,.0f} examples/s over {figures['steady_examples']}; peak RSS "
+        f"{figures['first_batch_s']:.1f} s ({figures['first_batch_cpu_s']:.1f} CPU s; "
+        f"{figures['examples_before_first_batch']} examples read), then {figures['examples_per_s']:,.0f} examples/s "
+        f"({figures['examples_per_cpu_s']:,.0f} per CPU s) over {figures['steady_examples']}; peak RSS "
         f"{figures['peak_rss_gib']:.2f} GiB; encoder fill {figures['encoder_fill']:.3f}, "
         f"{figures['segments_per_row']:.1f} segments/row; load {common.load_average()}", flush=True)
   return [row(SUITE, "flan2021_native_examples_per_s", figures["examples_per_s"], 2000, "examples/s (vs goal)"),
           row(SUITE, "flan2021_native_first_batch_s (lower is better)", figures["first_batch_s"], 30, "s (vs goal)"),
-          row(SUITE, "flan2021_native_peak_rss_gib (lower is better)", figures["peak_rss_gib"], 4, "GiB (vs goal)")]
+          row(SUITE, "flan2021_native_peak_rss_gib (lower is better)", figures["peak_rss_gib"], 4, "GiB (vs goal)"),
+          row(SUITE, "flan2021_native_examples_per_cpu_s", figures["examples_per_cpu_s"], None, "examples/CPU s"),
+          row(SUITE, "flan2021_native_first_batch_cpu_s", figures["first_batch_cpu_s"], None, "CPU s")]
 
 
 def main(argv=None) -> int:
