@@ -141,7 +141,10 @@ def mixture_token_stream(mixture_or_task_name: str, split: str = "train", *, see
                                      f"{num_shards}); remove it from {mixture_or_task_name!r}")
                 yield pair
     finally:
-        opener.shutdown(wait=False, cancel_futures=True)
+        try:
+            opener.shutdown(wait=False, cancel_futures=True)
+        except AttributeError:  # closed during interpreter teardown, when the queue module is already gone
+            pass
 
 
 def packed_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,

@@ -14,8 +14,10 @@ used for deterministic template choice and to keep a record out of its own few-s
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -141,6 +143,18 @@ def to_python(value: Any) -> Any:
 
 
 _READ_BATCH = 128
+# Readers suspended mid-split (an endless training stream) are closed at exit while TensorFlow is still up: a tf.data
+# iterator left for interpreter teardown can take minutes to be destroyed, or hang.
+_LIVE_READERS: "weakref.WeakSet[Iterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_readers() -> None:
+    for reader in list(_LIVE_READERS):
+        try:
+            reader.close()
+        except Exception:  # pylint: disable=broad-except  (best effort at exit)
+            pass
 
 
 def _batch_to_python(batch: Any) -> Any:
@@ -203,6 +217,11 @@ class TfdsSource(RecordSource):
             return self._datasets[key][batched]
 
     def _iter_split(self, split: str) -> Iterable[Record]:
+        reader = self._read(split)
+        _LIVE_READERS.add(reader)
+        return reader
+
+    def _read(self, split: str) -> Iterator[Record]:
         # Records are fetched from tf.data in ragged batches: one iterator call per batch, not per record (per-record
         # calls cost ~0.5 ms each, most of a task's reading time), then split back into records in file order.
         for batch in self.dataset(split, batched=True):
