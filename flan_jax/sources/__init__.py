@@ -157,6 +157,16 @@ def _close_live_readers() -> None:
             pass
 
 
+def _read_options():
+    """No tf.data autotuning for the per-split readers: a mixture keeps ~100 of them, each autotuned iterator adds
+    a model thread, and destroying one at the end of a pass was seen to block forever waiting for that thread."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
+
+
 def _batch_to_python(batch: Any) -> Any:
     """A ragged tf.data batch (nested dict of Tensor / RaggedTensor) as nested dicts of per-row Python lists."""
     if isinstance(batch, Mapping):
@@ -213,7 +223,7 @@ class TfdsSource(RecordSource):
         with _TFDS_LOAD_LOCK:
             if key not in self._datasets:
                 ds = tfds.load(self.name, split=self.split_map[split], shuffle_files=False, data_dir=self.data_dir)
-                self._datasets[key] = (ds, ds.ragged_batch(_READ_BATCH))
+                self._datasets[key] = (ds, ds.ragged_batch(_READ_BATCH).with_options(_read_options()))
             return self._datasets[key][batched]
 
     def _iter_split(self, split: str) -> Iterable[Record]:
