@@ -14,8 +14,10 @@ used for deterministic template choice and to keep a record out of its own few-s
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -140,6 +142,47 @@ def to_python(value: Any) -> Any:
     return value
 
 
+_READ_BATCH = 128
+# Readers suspended mid-split (an endless training stream) are closed at exit while TensorFlow is still up: a tf.data
+# iterator left for interpreter teardown can take minutes to be destroyed, or hang.
+_LIVE_READERS: "weakref.WeakSet[Iterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_readers() -> None:
+    for reader in list(_LIVE_READERS):
+        try:
+            reader.close()
+        except Exception:  # pylint: disable=broad-except  (best effort at exit)
+            pass
+
+
+def _read_options():
+    """No tf.data autotuning for the per-split readers: a mixture keeps ~100 of them, each autotuned iterator adds
+    a model thread, and destroying one at the end of a pass was seen to block forever waiting for that thread."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
+
+
+def _batch_to_python(batch: Any) -> Any:
+    """A ragged tf.data batch (nested dict of Tensor / RaggedTensor) as nested dicts of per-row Python lists."""
+    if isinstance(batch, Mapping):
+        return {k: _batch_to_python(v) for k, v in batch.items()}
+    values = batch.to_list() if hasattr(batch, "to_list") else batch.numpy()
+    return [to_python(v) for v in values]
+
+
+def _batch_size(columns: Any) -> int:
+    return _batch_size(next(iter(columns.values()))) if isinstance(columns, Mapping) else len(columns)
+
+
+def _row(columns: Any, i: int) -> Any:
+    return {k: _row(v, i) for k, v in columns.items()} if isinstance(columns, Mapping) else columns[i]
+
+
 # tfds.load under tfds.testing.mock_data swaps a process-wide fake filesystem while it builds a dataset, which is not
 # thread-safe; mixtures start several task generators on tf.data threads at once. Loads are rare, so serialize them.
 _TFDS_LOAD_LOCK = threading.Lock()
@@ -163,15 +206,39 @@ class TfdsSource(RecordSource):
         split_map = dict(split_map or {"train": "train", "validation": "validation"})
         super().__init__(tuple(split_map), num_examples)
         self.name, self.split_map, self.map_fn, self.data_dir = name, split_map, map_fn, data_dir
+        self._datasets: dict[tuple, Any] = {}  # (split, TFDS as_dataset) -> tf.data.Dataset, built on first read
 
-    def _iter_split(self, split: str) -> Iterable[Record]:
+    def dataset(self, split: str, batched: bool = False):
+        """The split's tf.data.Dataset (decoded TFDS examples in file order; `batched`: in ragged batches of
+        _READ_BATCH), built once and reused.
+
+        Built lazily, on the first read: registering a task opens nothing. Reused by every later pass over the split
+        (a repeated training stream) and by the other tasks of the same dataset (zero-shot, inversion, few-shot
+        variants share their source), so tfds.load runs once per split, not once per task and pass.
+        The cache is keyed on TFDS's `as_dataset` too: each `tfds.testing.mock_data` context patches it with a new
+        function, so a dataset mocked in one context (e.g. one test's num_examples) is never served in another."""
         import tensorflow_datasets as tfds  # imported lazily: registration must stay cheap
 
+        key = (split, tfds.core.DatasetBuilder.as_dataset)  # the key holds the function: its id is never reused
         with _TFDS_LOAD_LOCK:
-            ds = tfds.load(self.name, split=self.split_map[split], shuffle_files=False, data_dir=self.data_dir)
-        for example in tfds.as_numpy(ds):
-            record = to_python(example)
-            yield self.map_fn(record) if self.map_fn is not None else record
+            if key not in self._datasets:
+                ds = tfds.load(self.name, split=self.split_map[split], shuffle_files=False, data_dir=self.data_dir)
+                self._datasets[key] = (ds, ds.ragged_batch(_READ_BATCH).with_options(_read_options()))
+            return self._datasets[key][batched]
+
+    def _iter_split(self, split: str) -> Iterable[Record]:
+        reader = self._read(split)
+        _LIVE_READERS.add(reader)
+        return reader
+
+    def _read(self, split: str) -> Iterator[Record]:
+        # Records are fetched from tf.data in ragged batches: one iterator call per batch, not per record (per-record
+        # calls cost ~0.5 ms each, most of a task's reading time), then split back into records in file order.
+        for batch in self.dataset(split, batched=True):
+            columns = _batch_to_python(batch)
+            for i in range(_batch_size(columns)):
+                record = _row(columns, i)
+                yield self.map_fn(record) if self.map_fn is not None else record
 
     def describe(self) -> str:
         return f"TfdsSource({self.name})"

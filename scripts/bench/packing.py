@@ -6,9 +6,14 @@ Streams (each example already trimmed to the feature lengths, as seqio.get_datas
   c_lognormal_382_61  lognormal lengths, mean inputs 382 / targets 61, sigma 0.5 / 0.5, lengths 1024/256
   d_heavy_tail_382_61 (full run only) as c with sigma 1.0 / 1.0: 2.7% of targets are cut at 256 and each must sit
                       alone in its row, which caps the encoder fill of ANY packer at 0.948 on this stream
+  e_bimodal           half of the examples as b (zero-shot-like 190/12), half lognormal 600/120 (long, few-shot-like),
+                      shuffled together, sigma 0.5, lengths 1024/256
 Figures per stream: encoder fill, decoder fill (non-padding fraction), rows per 10k examples, examples/s through the
-whole converter (tf.data in, packed feature rows out, batched by 64), after an untimed warm-up pass; the two
-converters alternate twice and each keeps its fastest pass.
+whole converter (tf.data in, packed feature rows out, batched by 64, every example out and the buffer flushed inside
+the timer), after an untimed warm-up pass; the two converters alternate twice and each keeps its fastest pass.
+Rows are also compared with two offline references over the whole stream (scripts/bench/_bounds.py): first-fit-
+decreasing (`rows_vs_offline_ffd`, ours should stay within 1%) and the sum lower bound (`rows_vs_sum_lower_bound`).
+The suite fails if either packer loses an example (examples out, counted from the segment ids, != examples in).
 """
 import os
 import time
@@ -19,7 +24,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from bench import row
+from bench import _bounds, row
 from flan_jax.packing import PackedEncDecFeatureConverter
 
 SUITE = "packing"
@@ -31,6 +36,16 @@ LOGNORMAL_CASES = [  # name, mean inputs, mean targets, sigma inputs, sigma targ
     ("d_heavy_tail_382_61", 382, 61, 1.0, 1.0, True),
 ]
 LOGNORMAL_LENGTHS = {"inputs": 1024, "targets": 256}
+BIMODAL_MODES = ((190, 12), (600, 120))  # (mean inputs, mean targets) of each half, sigma 0.5
+
+
+def bimodal_stream(n, lengths, seed=0):
+  """n examples: half from each of BIMODAL_MODES (lognormal, sigma 0.5), in a seeded random order."""
+  halves = [lognormal_stream(count, mean_in, mean_tg, 0.5, 0.5, lengths, seed=seed + k)
+            for k, ((mean_in, mean_tg), count) in enumerate(zip(BIMODAL_MODES, (n // 2, n - n // 2)))]
+  examples = halves[0] + halves[1]
+  order = np.random.default_rng(seed).permutation(len(examples))
+  return [examples[i] for i in order]
 
 
 def lognormal_stream(n, mean_in, mean_tg, sigma_in, sigma_tg, lengths, seed=0):
@@ -78,16 +93,20 @@ def measure(converter, examples, lengths, repeats):
   seconds = []
   for _ in range(repeats):
     dataset = converter(to_dataset(examples), lengths).batch(64)
-    rows = enc_tokens = dec_tokens = 0
+    rows = enc_tokens = dec_tokens = examples_out = 0
     start = time.perf_counter()
     for batch in dataset.as_numpy_iterator():
       rows += len(batch["encoder_segment_ids"])
       enc_tokens += int((batch["encoder_segment_ids"] > 0).sum())
       dec_tokens += int((batch["decoder_segment_ids"] > 0).sum())
+      examples_out += int(batch["encoder_segment_ids"].max(axis=1).sum())  # segment ids run 1..k in a row
     seconds.append(time.perf_counter() - start)
+    if examples_out != len(examples):
+      raise RuntimeError(f"packing bench: {type(converter).__name__} emitted {examples_out} of {len(examples)} "
+                         "examples")
   return {"encoder_fill": enc_tokens / (rows * lengths["inputs"]),
           "decoder_fill": dec_tokens / (rows * lengths["targets"]),
-          "rows_per_10k_examples": rows * 10_000 / len(examples),
+          "rows_per_10k_examples": rows * 10_000 / len(examples), "rows": rows,
           "examples_per_s": len(examples) / min(seconds)}
 
 
@@ -108,6 +127,14 @@ def compare(case, examples, lengths, repeats):
   rows = [row(SUITE, f"{name} {k}", ours[k], seqio_figures[k], UNITS[k]) for k in UNITS]
   print(f"[packing] {name}: " + ", ".join(f"{k} {ours[k]:.4g} vs seqio {seqio_figures[k]:.4g}" for k in UNITS),
         flush=True)
+  sizes = np.array([(len(i), len(t)) for i, t in examples])
+  capacities = (lengths["inputs"], lengths["targets"])
+  ffd, lower = _bounds.first_fit_decreasing(sizes, capacities), _bounds.sum_lower_bound(sizes, capacities)
+  print(f"[packing] {name}: rows ours {ours['rows']}, seqio {seqio_figures['rows']}, offline FFD {ffd}, "
+        f"sum lower bound {lower}; every example kept by both", flush=True)
+  rows += [row(SUITE, f"{name} rows_vs_offline_ffd (lower is better)", ours["rows"], ffd, "rows"),
+           row(SUITE, f"{name} seqio_rows_vs_offline_ffd (lower is better)", seqio_figures["rows"], ffd, "rows"),
+           row(SUITE, f"{name} rows_vs_sum_lower_bound (lower is better)", ours["rows"], lower, "rows")]
   return rows
 
 
@@ -121,6 +148,7 @@ def run(quick: bool) -> list[dict]:
       continue
     stream = lognormal_stream(n_lognormal, mean_in, mean_tg, sigma_in, sigma_tg, LOGNORMAL_LENGTHS)
     results += compare(case, stream, LOGNORMAL_LENGTHS, repeats)
+  results += compare("e_bimodal", bimodal_stream(n_lognormal, LOGNORMAL_LENGTHS), LOGNORMAL_LENGTHS, repeats)
   stream = mixture_stream(DEFAULT_MIXTURE, DEFAULT_MIXTURE_LENGTHS, n_mixture)
   if stream is not None:
     results += compare("a_default_mixture", stream, DEFAULT_MIXTURE_LENGTHS, repeats)

@@ -1,23 +1,30 @@
 """Pipeline suite: examples/s through templating + tokenizing + packing of the default training mixture.
 
-  ours        `flan_default_train` as registered (flan_jax.registry renders records in Python, in chunks of 128
-              examples per tf.data element) -> seqio tokenize/append EOS -> flan_jax PackedEncDecFeatureConverter.
-  plain seqio what a user writing the same tasks by hand with seqio would run: per task a seqio.FunctionDataSource
-              yielding the same raw records one per element (tf.data.Dataset.from_generator), a map preprocessor
-              that renders each example with tf.py_function (the same template choice and options formatting, so
-              both sides produce identical examples), seqio tokenize/append EOS, a seqio.Mixture with the same rates,
-              and seqio.EncDecFeatureConverter(pack=True).
-  native      train.input_pipeline='native' (flan_jax.native_pipeline): the same examples, rendered, tokenized,
-              mixed and packed in Python without tf.data (reported as its own rows, against the same plain seqio).
-Rendering is Python on both sides (templates pick a random template per example and format option lists, which tf
-string ops alone cannot express without re-implementing the templates); the differences are how records reach
-tf.data (chunked vs one element per record), and the packer.
+Sides (each reads the same N mixture examples, unshuffled, seed 0):
+  ours (seqio path)  `flan_default_train` as registered (flan_jax.registry renders records in Python, in chunks of
+                     128 examples per tf.data element) -> seqio tokenize/append EOS -> Mixture sampling -> flan_jax
+                     PackedEncDecFeatureConverter.
+  native             train.input_pipeline='native' (flan_jax.native_pipeline.mixture_token_stream): the same tasks
+                     rendered, tokenized and mixed in Python without tf.data, then flan_jax.packing.pack_examples.
+  seqio get_dataset  what a FLAN user runs on the registered seqio Mixture: `Mixture.get_dataset` ->
+                     `seqio.EncDecFeatureConverter(pack=True)`, i.e. `seqio.get_dataset(MIXTURE, LENGTHS,
+                     EncDecFeatureConverter(pack=True), shuffle=False, seed=0)` with `.take(N)` between the two steps
+                     so that it stops after N examples like the other sides.
+  plain per-example  what a user writing the same tasks by hand with seqio would run: per task a
+                     seqio.FunctionDataSource yielding the same raw records one per element
+                     (tf.data.Dataset.from_generator), a map preprocessor that renders each example with
+                     tf.py_function (the same template choice and options formatting, so both sides produce identical
+                     examples), seqio tokenize/append EOS, a seqio.Mixture with the same rates, and
+                     seqio.EncDecFeatureConverter(pack=True).
+Rendering is Python on every side (templates pick a random template per example and format option lists, which tf
+string ops alone cannot express without re-implementing the templates).
 
-Both read the mixture unshuffled with the same seed, so they sample the same task sequence; the suite checks that the
-first examples are identical before timing (which also warms both up). Lengths 256/64 (the default CPU run). Timed:
-iterating N mixture examples (quick 4k, full 30k) through the converter, batched by 64, including the start-up of
-the 18 task sources (reported separately as the time to the first batch); the two alternate twice (--quick: once) and each
-keeps its fastest pass. The full run also times rendering + tokenizing alone (no packing).
+Every side is timed to the same point: from iterating the (already built) pipeline to the last batch of 64 rows, with
+every one of the N examples emitted and the packer's buffer flushed inside the timer (the last batch may be short);
+the time to the first batch (which includes opening the 18 task sources) is its own row. The suite checks that the
+first examples of the seqio-path mixtures are identical before timing (which also warms them up). Lengths 256/64
+(the default CPU run). N: quick 4k, full 30k; the sides alternate twice (--quick: once) and each keeps its fastest
+pass. The full run also times rendering + tokenizing alone (no packing).
 """
 from __future__ import annotations
 
@@ -128,19 +135,30 @@ def timed_pass(mixture, converter, num_examples: int) -> tuple[float, float, int
 
 
 def timed_native(num_examples: int) -> tuple[float, float, int]:
-  """(seconds, seconds to the first batch, examples read) for flan_jax.native_pipeline: the same tasks rendered,
-  tokenized, mixed and packed in Python (train.input_pipeline='native'), until the packer has read N examples."""
-  from flan_jax import native_pipeline
-  from flan_jax.packing import PackedEncDecFeatureConverter
+  """(seconds, seconds to the first batch, packed rows) for flan_jax.native_pipeline: the first N examples of the
+  mixture stream (train.input_pipeline='native'), packed to the end (buffer flushed) and batched by 64."""
+  import itertools
 
-  converter = PackedEncDecFeatureConverter()
-  first = None
+  from flan_jax import native_pipeline, packing
+
+  converter = packing.PackedEncDecFeatureConverter()
+  lengths = (LENGTHS["inputs"], LENGTHS["targets"])
+  stats = packing.PackingStats()
+  first, rows, total = None, [], 0
   start = time.perf_counter()
-  for _ in native_pipeline.packed_batches(MIXTURE, LENGTHS, 64, converter, shuffle=False, seed=0):
-    first = first or time.perf_counter() - start
-    if converter.stats.examples_in >= num_examples:
-      break
-  return time.perf_counter() - start, first, converter.stats.examples_in
+  examples = itertools.islice(native_pipeline.mixture_token_stream(MIXTURE, shuffle=False, seed=0), num_examples)
+  for packed in packing.pack_examples(examples, lengths, stats=stats, **converter.packing_options):
+    rows.append(packed)
+    if len(rows) == 64:
+      packing.encdec_feature_batch(rows, lengths, converter.bos_id)
+      first, total, rows = first or time.perf_counter() - start, total + len(rows), []
+  if rows:
+    packing.encdec_feature_batch(rows, lengths, converter.bos_id)
+    first, total = first or time.perf_counter() - start, total + len(rows)
+  seconds = time.perf_counter() - start
+  if stats.examples_packed != num_examples:
+    raise RuntimeError(f"pipeline bench: native packed {stats.examples_packed} of {num_examples} examples")
+  return seconds, first, total
 
 
 def check_same_examples(ours, plain, count: int = 64) -> None:
@@ -153,19 +171,23 @@ def check_same_examples(ours, plain, count: int = 64) -> None:
   print(f"[pipeline] first {count} examples identical on both sides", flush=True)
 
 
-def compare(label, ours_mixture, plain_mixture, make_ours, make_plain, num_examples, rounds=2) -> dict:
-  seconds, firsts, rows = {"ours": [], "plain": []}, {"ours": [], "plain": []}, {}
+def compare(label: str, sides: dict, num_examples: int, rounds: int = 2) -> tuple[dict, dict]:
+  """Alternates the sides {name: () -> (seconds, first-batch seconds, rows)} `rounds` times; each keeps its fastest
+  pass. Returns ({side: examples/s}, {side: first-batch seconds})."""
+  seconds = {side: [] for side in sides}
+  firsts = {side: [] for side in sides}
+  rows = {}
   for _ in range(rounds):
-    for side, mixture, make in (("ours", ours_mixture, make_ours), ("plain", plain_mixture, make_plain)):
-      s, first, rows[side] = timed_pass(mixture, make(), num_examples)
+    for side, timed in sides.items():
+      s, first, rows[side] = timed()
       seconds[side].append(s)
       firsts[side].append(first)
-  print(f"[pipeline] {label}: {num_examples} examples, s min/median/max ours {common.spread(seconds['ours'])} "
-        f"({rows['ours']} rows, first batch after {common.best(firsts['ours']):.2f} s), plain seqio "
-        f"{common.spread(seconds['plain'])} ({rows['plain']} rows, first batch after "
-        f"{common.best(firsts['plain']):.2f} s); load {common.load_average()}", flush=True)
-  return ({side: num_examples / common.best(seconds[side]) for side in seconds},
-          {side: common.best(firsts[side]) for side in firsts})
+  for side in sides:
+    print(f"[pipeline] {label} {side}: {num_examples} examples, s min/median/max {common.spread(seconds[side])} "
+          f"({rows[side]} rows, first batch after {common.best(firsts[side]):.2f} s); load {common.load_average()}",
+          flush=True)
+  return ({side: num_examples / common.best(seconds[side]) for side in sides},
+          {side: common.best(firsts[side]) for side in sides})
 
 
 def run(quick: bool) -> list[dict]:
@@ -181,23 +203,25 @@ def run(quick: bool) -> list[dict]:
   ours = seqio.get_mixture_or_task(MIXTURE)
   plain = register_plain_mixture(MIXTURE)
   check_same_examples(ours, plain)
-  num_examples = 4_000 if quick else 30_000
-  name = f"{MIXTURE}_{LENGTHS['inputs']}_{LENGTHS['targets']}_{num_examples // 1000}k"
-  rates, firsts = compare("render+tokenize+pack", ours, plain, PackedEncDecFeatureConverter,
-                          lambda: seqio.EncDecFeatureConverter(pack=True), num_examples, rounds=1 if quick else 2)
-  results = [row(SUITE, f"{name}_render_tokenize_pack_examples_per_s", rates["ours"], rates["plain"], "examples/s"),
-             row(SUITE, f"{name}_render_tokenize_pack_first_batch_s (lower is better)", firsts["ours"],
-                 firsts["plain"], "s")]
-  native = [timed_native(num_examples) for _ in range(1 if quick else 2)]
-  seconds, first, count = min(native)
-  print(f"[pipeline] native: {count} examples in {seconds:.2f} s (first batch after {first:.2f} s); "
-        f"load {common.load_average()}", flush=True)
-  results += [row(SUITE, f"{name}_native_render_tokenize_pack_examples_per_s", count / seconds, rates["plain"],
-                  "examples/s"),
-              row(SUITE, f"{name}_native_render_tokenize_pack_first_batch_s (lower is better)", first,
-                  firsts["plain"], "s")]
+  n = 4_000 if quick else 30_000
+  name = f"{MIXTURE}_{LENGTHS['inputs']}_{LENGTHS['targets']}_{n // 1000}k"
+  sides = {
+      "native": lambda: timed_native(n),
+      "ours_seqio_path": lambda: timed_pass(ours, PackedEncDecFeatureConverter(), n),
+      "seqio_get_dataset": lambda: timed_pass(ours, seqio.EncDecFeatureConverter(pack=True), n),
+      "plain_per_example": lambda: timed_pass(plain, seqio.EncDecFeatureConverter(pack=True), n),
+  }
+  rates, firsts = compare("render+tokenize+pack", sides, n, rounds=1 if quick else 2)
+  results = []
+  for ours_side in ("native", "ours_seqio_path"):
+    for base in ("seqio_get_dataset", "plain_per_example"):
+      results += [
+          row(SUITE, f"{name}_{ours_side}_vs_{base}_examples_per_s", rates[ours_side], rates[base], "examples/s"),
+          row(SUITE, f"{name}_{ours_side}_vs_{base}_first_batch_s (lower is better)", firsts[ours_side],
+              firsts[base], "s")]
   if not quick:
-    rates, _ = compare("render+tokenize", ours, plain, lambda: None, lambda: None, num_examples)
-    results.append(row(SUITE, f"{name}_render_tokenize_examples_per_s", rates["ours"], rates["plain"],
-                       "examples/s"))
+    rates, _ = compare("render+tokenize", {"ours_seqio_path": lambda: timed_pass(ours, None, n),
+                                           "plain_per_example": lambda: timed_pass(plain, None, n)}, n)
+    results.append(row(SUITE, f"{name}_ours_seqio_path_vs_plain_per_example_render_tokenize_examples_per_s",
+                       rates["ours_seqio_path"], rates["plain_per_example"], "examples/s"))
   return results
