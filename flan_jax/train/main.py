@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import gin
 import seqio
+from etils import epath
 
 from flan_jax import models
 from flan_jax.train import data as data_lib, loop, loss as loss_lib, optim, partitioning, step as step_lib
@@ -236,20 +237,17 @@ def save_vocabulary(cfg) -> Optional[str]:
     vocab = seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
     if not isinstance(vocab, seqio.SentencePieceVocabulary):
         return None
-    path = os.path.join(cfg.model_dir, "vocabulary.model")
-    with open(path, "wb") as f:
-        f.write(vocab.sp_model)
-    return path
+    path = epath.Path(cfg.model_dir) / "vocabulary.model"  # epath: gs:// model dirs too
+    path.write_bytes(vocab.sp_model)
+    return str(path)
 
 
 def train_main(argv: Sequence[str]) -> dict:
     _, cfg = _configured(argv)
-    with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
+    epath.Path(cfg.model_dir, "config.gin").write_text(gin.config_str())
     save_vocabulary(cfg)
     results = loop.run(cfg, feature_converter=make_feature_converter())
-    with open(os.path.join(cfg.model_dir, "config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
+    epath.Path(cfg.model_dir, "config.gin").write_text(gin.operative_config_str())
     return results
 
 
