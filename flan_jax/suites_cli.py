@@ -71,8 +71,7 @@ def _mean(results) -> dict:
 
 def run_main(argv: Sequence[str]) -> int:
     args, gin_argv = _run_parser().parse_known_args(argv)
-    from flan_jax.train import evaluate, main as train_main
-    import seqio
+    from flan_jax.train import main as train_main
     try:
         flags, cfg = train_main.load_config(gin_argv)
     except train_main.ConfigError as e:
@@ -89,10 +88,9 @@ def run_main(argv: Sequence[str]) -> int:
     if args.calibrate and not any(t.kind == "rank" for t in tasks):
         print(f"flan-jax eval-suite: --calibrate applies to rank classification; {args.suite} --mode {mode} "
               "generates, so only raw metrics are reported", file=sys.stderr)
-    state, step = evaluate.restore_state(cfg, flags.checkpoint or cfg.model_dir)
-    vocab = seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
+    params, step, vocab = train_main.restore_trained(cfg, flags.checkpoint)
     from flan_jax.evaluation.suites.runner import RunOptions, SuiteRunner
-    runner = SuiteRunner(cfg.model, state["params"], vocab, RunOptions(
+    runner = SuiteRunner(cfg.model, params, vocab, RunOptions(
         args.batch_size, args.max_input_len, args.max_decode_len, args.calibrate))
     folder = args.output_dir or os.path.join(cfg.model_dir, "eval_suites", f"{args.suite}_{mode}")
     from flan_jax.train.metrics_log import MetricsWriter

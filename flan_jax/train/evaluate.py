@@ -71,19 +71,13 @@ def _niv2_ids(task_name: str, n: int):
     return ids[:n] if len(ids) >= n else None
 
 
-def restore_state(cfg: loop.TrainConfig, checkpoint: str) -> tuple[dict, int]:
-    """(train state, step) restored from a checkpoint_<step> dir or a MODEL_DIR's latest, on cfg's mesh."""
+def restore_params(cfg: loop.TrainConfig, checkpoint: str) -> tuple[dict, int]:
+    """(params, step) of a checkpoint_<step> dir or a MODEL_DIR's latest checkpoint, laid out on cfg's mesh."""
     mesh = partitioning.make_mesh(cfg.mesh)
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
     abstract, _ = loop._abstract_state(cfg, optimizer, mesh)
     directory, step = _resolve(checkpoint)
     state, _ = checkpointing.Checkpointer(directory, async_save=False).restore(abstract, step=step)
-    return state, step
-
-
-def restore_params(cfg: loop.TrainConfig, checkpoint: str) -> tuple[dict, int]:
-    """(params, step) of a checkpoint_<step> dir or a MODEL_DIR's latest checkpoint, laid out on cfg's mesh."""
-    state, step = restore_state(cfg, checkpoint)
     return state["params"], step
 
 

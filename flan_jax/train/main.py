@@ -257,14 +257,19 @@ def eval_main(argv: Sequence[str]) -> dict:
     return run_eval(cfg, args.checkpoint or cfg.model_dir, predictions_dir=args.predictions_dir)
 
 
+def restore_trained(cfg, checkpoint: Optional[str]):
+    """(params, step, vocabulary) of a checkpoint (default: MODEL_DIR's latest), restored as `flan-jax eval` does."""
+    from flan_jax.train.evaluate import restore_params
+    params, step = restore_params(cfg, checkpoint or cfg.model_dir)
+    vocab = seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
+    return params, step, vocab
+
+
 def load_trained_model(argv: Sequence[str]):
     """(TrainConfig, params, step, vocabulary) from eval-style flags (--gin_file ... --checkpoint PATH): the public
     way for inference tools (flan_jax.generation) to load a checkpoint exactly as `flan-jax eval` does."""
     args, cfg = _configured(argv)
-    from flan_jax.train.evaluate import restore_params
-    params, step = restore_params(cfg, args.checkpoint or cfg.model_dir)
-    vocab = seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
-    return cfg, params, step, vocab
+    return (cfg, *restore_trained(cfg, args.checkpoint))
 
 
 def _cli(fn, name: str, argv) -> int:
