@@ -81,7 +81,7 @@ def attention_check(heads: int, head_dim: int, length: int = 1024, batch: int = 
 def run(from_npz: str, smoke: bool = False) -> list[dict]:
   import jax
 
-  from flan_jax.models import t5
+  from flan_jax import models as model_interface
 
   device = jax.devices()[0]
   if device.platform != "gpu" and not smoke:
@@ -96,7 +96,7 @@ def run(from_npz: str, smoke: bool = False) -> list[dict]:
   models = (("tiny", 2, "none"),) if smoke else MODELS
   for preset, batch, remat in models:
     overrides = {"vocab_size": 32128} if smoke else {}  # the exported rows hold T5 vocabulary ids
-    config = t5.T5Config.preset(preset, dtype="bfloat16", param_dtype="float32", remat=remat, **overrides)
+    config = model_interface.T5Config.preset(preset, dtype="bfloat16", param_dtype="float32", remat=remat, **overrides)
     model_rows = train_bench.gpu_model(f"t5_{preset}", config, int(os.environ.get("FLAN_BENCH_GPU_BATCH", batch)),
                                        rows_np, measured, 1 if smoke else STEPS)
     results += model_rows
