@@ -320,8 +320,11 @@ def adapter(p: Optional[Mapping], h: jax.Array) -> jax.Array:
     return h + jnp.dot(down, p['up']['kernel'].astype(h.dtype)) + p['up']['bias'].astype(h.dtype)
 
 
-def insert_prompt(prompt: jax.Array, x: jax.Array, slots) -> jax.Array:
-    """x [B, L, d] with position l replaced by prompt[slots[.., l]] wherever 0 <= slot < prompt_length."""
+def insert_prompt(prompt: Optional[jax.Array], x: jax.Array, slots) -> jax.Array:
+    """x [B, L, d] with position l replaced by prompt[slots[.., l]] wherever 0 <= slot < prompt_length; prompt None
+    (no prompt tuning) => x unchanged."""
+    if prompt is None:
+        return x
     length = prompt.shape[0]
     slots = jnp.asarray(slots, jnp.int32)
     inside = (slots >= 0) & (slots < length)
@@ -329,9 +332,11 @@ def insert_prompt(prompt: jax.Array, x: jax.Array, slots) -> jax.Array:
     return jnp.where(jnp.broadcast_to(inside, x.shape[:2])[..., None], rows, x)
 
 
-def with_prefix(prefix: Mapping, k: jax.Array, v: jax.Array, mask, bias=None):
+def with_prefix(prefix: Optional[Mapping], k: jax.Array, v: jax.Array, mask, bias=None):
     """Keys/values [B, Lk, heads, hd] with the prefix [P, heads * hd] prepended; the mask ([.., Lk] bool) lets every
-    query see the prefix; the bias ([.., Lk] float) gives it 0."""
+    query see the prefix; the bias ([.., Lk] float) gives it 0. prefix None (no prefix here) => all unchanged."""
+    if prefix is None:
+        return k, v, mask, bias
     batch, _, heads, head_dim = k.shape
     length = prefix['key'].shape[0]
 
