@@ -232,3 +232,34 @@ def test_prompt_init_from_vocabulary_labels_and_file(tmp_path):
     np.testing.assert_array_equal(models.load_prompt(str(tmp_path / 'prompt.npy'), tuned), labelled)
     with pytest.raises(ValueError, match=r'shape \(4, 32\).*wants \(5, 32\)'):
         models.load_prompt(str(tmp_path / 'prompt.npy'), _with(DEC, method='prompt', prompt_length=5))
+
+
+# ---------------------------------------------------------------------------------------------- prefix tuning
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_prefix_tuning_packed_equals_unpacked_and_decoding_honours_it(name):
+    config = FAMILIES[name]
+    tuned, base, params = _base_and_peft(config, method='prefix', prefix_length=3)
+    blocks = {p.rsplit('/', 2)[0] for p in _peft_paths(params)}
+    assert blocks == ({'layers_0/attention', 'layers_1/attention'} if name == 'decoder' else
+                      {'encoder/layers_0/attention', 'encoder/layers_1/attention',
+                       'decoder/layers_0/self_attention', 'decoder/layers_1/self_attention'})
+    params = {**params, 'peft': jax.tree.map(lambda x: 30 * x, params['peft'])}   # prefixes that matter
+    _assert_packed_equals_unpacked(tuned, params)
+    assert _unpacked_losses(tuned, params) != _unpacked_losses(config, base)
+    _assert_decoding_agrees_with_forward(tuned, params)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_folded_prefix_mlp_equals_unfolded(name):
+    config = FAMILIES[name]
+    tuned, _, params = _base_and_peft(config, method='prefix', prefix_length=3, prefix_mlp_dim=16)
+    assert sorted(params['peft']) == ['prefix_mlp']
+    params = {**params, 'peft': _randomize(params['peft'], jax.random.PRNGKey(3), 'kernel')}
+    folded_config, folded = models.fold_peft(tuned, params)
+    assert folded_config.peft.prefix_mlp_dim == 0 and 'prefix_mlp' not in folded['peft']
+    assert jax.tree.map(jnp.shape, folded) == jax.tree.map(lambda s: s.shape, models.param_shapes(folded_config))
+    np.testing.assert_allclose(_forward(tuned, params, _batch(config)),
+                               _forward(folded_config, folded, _batch(config)), atol=1e-5)
+    with pytest.raises(ValueError, match="'prefix'.*only 'lora' merges"):
+        models.merge_peft(folded_config, folded)
