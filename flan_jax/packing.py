@@ -400,14 +400,6 @@ class _BestFitPackingMixin:
     self._rows_per_yield = rows_per_yield
     self.stats = PackingStats()  # replaced by a fresh object per converted dataset
 
-  def _unpacked(self, ds, task_feature_lengths):
-    """pack=False: the parent's padding, after the prompt slots (if any) are put before the inputs."""
-    slots = self.packing_options.get("prompt_slots", 0)
-    if slots:
-      ds = ds.map(lambda ex: {**ex, "inputs": tf.concat([tf.fill([slots], tf.cast(PROMPT_SLOT_ID, ex["inputs"].dtype)),
-                                                         ex["inputs"]], 0)}, num_parallel_calls=tf.data.AUTOTUNE)
-    return super()._convert_features(ds, task_feature_lengths)
-
   def _validate_dataset(self, ds, expected_features, expected_lengths, strict, error_label):
     if self.pack and error_label == "input_validation":
       expected_lengths = {}  # over-length examples reach the packer, which truncates or drops and counts them
@@ -458,7 +450,7 @@ class PackedEncDecFeatureConverter(_BestFitPackingMixin, seqio.EncDecFeatureConv
 
   def _convert_features(self, ds, task_feature_lengths):
     if not self.pack:
-      return self._unpacked(ds, task_feature_lengths)
+      return super()._convert_features(ds, task_feature_lengths)
     lengths = (task_feature_lengths["inputs"], task_feature_lengths["targets"])
     return self._best_fit_pack(ds, ("inputs", "targets"), lengths, False,
                                lambda rows: encdec_feature_batch(rows, lengths, self.bos_id),
@@ -497,7 +489,7 @@ class PackedPrefixLMFeatureConverter(_BestFitPackingMixin, seqio.PrefixLMFeature
 
   def _convert_features(self, ds, task_feature_lengths):
     if not self.pack:
-      return self._unpacked(ds, task_feature_lengths)
+      return super()._convert_features(ds, task_feature_lengths)
     lengths = (task_feature_lengths["inputs"], task_feature_lengths["targets"])
     row_length = sum(lengths)
     return self._best_fit_pack(

@@ -17,9 +17,20 @@ T5 = models.T5Config(vocab_size=61, emb_dim=32, num_heads=2, head_dim=8, mlp_dim
 DEC = models.DecoderConfig(vocab_size=61, emb_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                            mlp_dim=48)
 FAMILIES = {'t5': T5, 'decoder': DEC}
-INPUTS = np.array([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]], np.int32)
-TARGETS = np.array([[11, 12, 1], [13, 1, 0]], np.int32)
-OPTIONS = np.array([[[11, 12, 1], [14, 1, 0]], [[13, 1, 0], [15, 16, 1]]], np.int32)
+EXAMPLES = [(np.array([5, 6, 7, 1]), np.array([11, 12, 1])), (np.array([8, 9, 10, 14, 15, 1]), np.array([13, 1])),
+            (np.array([16, 1]), np.array([17, 18, 19, 1])), (np.array([20, 21, 22, 1]), np.array([23, 1]))]
+
+
+def _padded(arrays, length):
+    out = np.zeros((len(arrays), length), np.int32)
+    for n, a in enumerate(arrays):
+        out[n, :len(a)] = a
+    return out
+
+
+# Every unpacked check runs through option_logits on these shapes, so each config compiles it once.
+INPUTS, TARGETS = _padded([i for i, _ in EXAMPLES], 8), _padded([t for _, t in EXAMPLES], 5)
+LORA = dict(method='lora', rank=4, alpha=8.0, targets=r'.*(attention/(query|key|value|out)|mlp/w\w+)/kernel')
 
 
 _forward = jax.jit(models.forward, static_argnums=0)
@@ -30,13 +41,9 @@ def _with(config, **peft):
     return dataclasses.replace(config, peft=models.PeftConfig(**peft))
 
 
-def _batch(config, inputs=INPUTS, targets=TARGETS):
-    """An unpacked batch in the family's feature names (option_logits' layout for the decoder family)."""
-    if models.is_encoder_decoder(config):
-        return {'encoder_input_tokens': jnp.asarray(inputs), 'decoder_target_tokens': jnp.asarray(targets),
-                'decoder_input_tokens': models.shift_right(jnp.asarray(targets))}
-    from flan_jax.models import lm_inputs
-    return lm_inputs.prompt_and_targets(jnp.asarray(inputs), jnp.asarray(targets))
+def _scores(config, params, targets=TARGETS):
+    """Logits [N, 5, vocab] of TARGETS (or `targets`) after INPUTS, each example alone (raw, slot-free inputs)."""
+    return _option_logits(config, params, INPUTS, jnp.asarray(targets)[:, None])
 
 
 def _randomize(tree, key, name):
@@ -48,11 +55,21 @@ def _randomize(tree, key, name):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _assert_decoding_agrees_with_forward(config, params, steps=4):
+def _forward_unpacked(config, params):
+    """Logits [N, 5, vocab] of TARGETS from models.forward on an unpacked batch in the family's layout."""
+    if models.is_encoder_decoder(config):
+        batch = {'encoder_input_tokens': jnp.asarray(INPUTS), 'decoder_target_tokens': jnp.asarray(TARGETS),
+                 'decoder_input_tokens': models.shift_right(jnp.asarray(TARGETS))}
+        return _forward(config, params, batch)
+    from flan_jax.models import lm_inputs
+    features = lm_inputs.prompt_and_targets(jnp.asarray(INPUTS), jnp.asarray(TARGETS))
+    return lm_inputs.target_part(_forward(config, params, features), features, TARGETS.shape[1])
+
+
+def _assert_decoding_agrees_with_forward(config, params):
     """KV-cache greedy decoding picks, at every step, the argmax of a full forward over its own output."""
-    got = decoding.greedy_decode(config, params, jnp.asarray(INPUTS), steps, eos_id=-1)
-    logits = _option_logits(config, params, INPUTS, got[:, None, :])
-    np.testing.assert_array_equal(np.argmax(logits, axis=-1), got)
+    got = decoding.greedy_decode(config, params, jnp.asarray(INPUTS), TARGETS.shape[1], eos_id=-1)
+    np.testing.assert_array_equal(np.argmax(_scores(config, params, got), axis=-1), got)
 
 
 def _peft_paths(params):
@@ -69,31 +86,18 @@ def _base_and_peft(config, **peft):
 # ---------------------------------------------------------------------------------------------- LoRA
 
 @pytest.mark.parametrize('name', FAMILIES)
-def test_lora_with_zero_b_gives_the_base_logits(name):
+def test_lora_with_zero_b_gives_the_base_logits_and_merged_equals_unmerged(name):
     config = FAMILIES[name]
-    tuned, base, params = _base_and_peft(config, method='lora', rank=4, targets=r'.*(query|value|wi_0)/kernel')
+    tuned, base, params = _base_and_peft(config, **LORA)
     assert {k: v for k, v in params.items() if k != 'peft'}.keys() == base.keys()
     jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in params.items() if k != 'peft'}, base)
-    np.testing.assert_array_equal(_forward(tuned, params, _batch(config)),
-                                  _forward(config, base, _batch(config)))
-    np.testing.assert_array_equal(_option_logits(tuned, params, INPUTS, OPTIONS),
-                                  _option_logits(config, base, INPUTS, OPTIONS))
-
-
-@pytest.mark.parametrize('name', FAMILIES)
-def test_merged_lora_equals_unmerged(name):
-    config = FAMILIES[name]
-    tuned, base, params = _base_and_peft(config, method='lora', rank=4, alpha=8.0,
-                                         targets=r'.*(attention/(query|key|value|out)|mlp/w\w+)/kernel')
+    np.testing.assert_array_equal(_scores(tuned, params), _scores(config, base))   # B = 0
     params = {**params, 'peft': _randomize(params['peft'], jax.random.PRNGKey(3), 'lora_b')}
     merged_config, merged = models.merge_peft(tuned, params)
     assert merged_config == config and 'peft' not in merged
-    unmerged_logits = _forward(tuned, params, _batch(config))
-    assert float(jnp.max(jnp.abs(unmerged_logits - _forward(config, base, _batch(config))))) > 1e-3
-    np.testing.assert_allclose(unmerged_logits, _forward(config, merged, _batch(config)), atol=1e-5)
-    np.testing.assert_allclose(_option_logits(tuned, params, INPUTS, OPTIONS),
-                               _option_logits(config, merged, INPUTS, OPTIONS), atol=1e-5)
-    _assert_decoding_agrees_with_forward(tuned, params)
+    unmerged = _scores(tuned, params)
+    assert float(jnp.max(jnp.abs(unmerged - _scores(config, base)))) > 1e-3
+    np.testing.assert_allclose(unmerged, _scores(config, merged), atol=1e-5)
 
 
 def test_lora_targets_pick_the_matching_kernels_and_unknown_targets_fail_clearly():
@@ -115,14 +119,16 @@ def test_lora_targets_pick_the_matching_kernels_and_unknown_targets_fail_clearly
         models.param_shapes(_with(T5, method='lora', targets='.*/qkv/kernel'))
 
 
-def test_lora_dropout_changes_training_logits_only():
+def test_lora_dropout_applies_to_the_lora_input_only_when_training():
+    from flan_jax.models import peft
     tuned, _, params = _base_and_peft(DEC, method='lora', rank=4, dropout=0.5)
-    params = {**params, 'peft': _randomize(params['peft'], jax.random.PRNGKey(3), 'lora_b')}
-    batch = _batch(DEC)
-    eval_logits = _forward(tuned, params, batch)
-    train_logits = _forward(tuned, params, batch, dropout_rng=jax.random.PRNGKey(5))
-    assert float(jnp.max(jnp.abs(eval_logits - train_logits))) > 1e-4
-    np.testing.assert_array_equal(eval_logits, _forward(tuned, params, batch))
+    assert 'lora_rng' not in peft.view(tuned, params)['layers_0']['attention']['query']
+    block = peft.view(tuned, params, jax.random.PRNGKey(5))['layers_0']['attention']['query']
+    block = {**block, 'lora_a': jnp.eye(DEC.emb_dim, 4), 'lora_b': jnp.eye(4, 7)}
+    x = jnp.ones((3, DEC.emb_dim))
+    y = peft.lora(block, x, jnp.zeros((3, 7)), jnp.float32)   # dropout(x)[:, :4] in the first 4 columns
+    assert set(np.unique(np.asarray(y[:, :4]))) <= {0.0, 2.0} and {0.0, 2.0} <= set(np.asarray(y[:, :4]).ravel().tolist())
+    np.testing.assert_array_equal(y[:, 4:], 0.0)
 
 
 def test_merge_refuses_methods_that_add_parameters():
@@ -139,18 +145,13 @@ def test_adapters_start_as_identity_and_decoding_honours_them(name):
     tuned, base, params = _base_and_peft(config, method='adapter', adapter_dim=4)
     layers = 2 if name == 'decoder' else 4
     assert len(_peft_paths(params)) == layers * 2 * 4      # (attention, mlp) x (down, up) x (kernel, bias)
-    np.testing.assert_array_equal(_forward(tuned, params, _batch(config)), _forward(config, base, _batch(config)))
+    np.testing.assert_array_equal(_scores(tuned, params), _scores(config, base))
     params = {**params, 'peft': _randomize(params['peft'], jax.random.PRNGKey(3), 'kernel')}
-    changed = _forward(tuned, params, _batch(config))
-    assert float(jnp.max(jnp.abs(changed - _forward(config, base, _batch(config))))) > 1e-3
+    assert float(jnp.max(jnp.abs(_scores(tuned, params) - _scores(config, base)))) > 1e-3
     _assert_decoding_agrees_with_forward(tuned, params)
 
 
 # ---------------------------------------------------------------------------------------------- prompt tuning
-
-EXAMPLES = [(np.array([5, 6, 7, 1]), np.array([11, 12, 1])), (np.array([8, 9, 10, 14, 15, 1]), np.array([13, 1])),
-            (np.array([16, 1]), np.array([17, 18, 19, 1])), (np.array([20, 21, 22, 1]), np.array([23, 1]))]
-
 
 def _token_losses(logits, targets):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None].astype(jnp.int32), -1)[..., 0]
@@ -178,12 +179,8 @@ def _packed_losses(config, params, prompt_slots, lengths=(24, 12)):
 
 def _unpacked_losses(config, params):
     """{targets: summed loss} of each example alone, through option_logits on raw (slot-free) inputs."""
-    inputs = np.zeros((len(EXAMPLES), 8), np.int32)
-    targets = np.zeros((len(EXAMPLES), 5), np.int32)
-    for n, (i, t) in enumerate(EXAMPLES):
-        inputs[n, :len(i)], targets[n, :len(t)] = i, t
-    losses = _token_losses(_option_logits(config, params, inputs, targets[:, None]), jnp.asarray(targets))
-    sums = jnp.sum(losses * (targets != 0), axis=1)
+    losses = _token_losses(_scores(config, params), jnp.asarray(TARGETS))
+    sums = jnp.sum(losses * (TARGETS != 0), axis=1)
     return {tuple(t.tolist()): float(s) for (_, t), s in zip(EXAMPLES, sums)}
 
 
@@ -200,6 +197,8 @@ def test_prompt_tuning_packed_equals_unpacked_per_example_loss(name):
     tuned, base, params = _base_and_peft(config, method='prompt', prompt_length=3)
     assert params['peft']['prompt'].shape == (3, config.emb_dim)
     _assert_packed_equals_unpacked(tuned, params, prompt_slots=3)
+    # forward on an unpacked batch inserts the slots itself, like option_logits
+    np.testing.assert_allclose(_forward_unpacked(tuned, params), _scores(tuned, params), atol=1e-5)
     assert _unpacked_losses(tuned, params) != _unpacked_losses(config, base)   # the prompt is live
     _assert_decoding_agrees_with_forward(tuned, params)
 
@@ -259,7 +258,6 @@ def test_folded_prefix_mlp_equals_unfolded(name):
     folded_config, folded = models.fold_peft(tuned, params)
     assert folded_config.peft.prefix_mlp_dim == 0 and 'prefix_mlp' not in folded['peft']
     assert jax.tree.map(jnp.shape, folded) == jax.tree.map(lambda s: s.shape, models.param_shapes(folded_config))
-    np.testing.assert_allclose(_forward(tuned, params, _batch(config)),
-                               _forward(folded_config, folded, _batch(config)), atol=1e-5)
+    np.testing.assert_allclose(_scores(tuned, params), _scores(folded_config, folded), atol=1e-5)
     with pytest.raises(ValueError, match="'prefix'.*only 'lora' merges"):
         models.merge_peft(folded_config, folded)
