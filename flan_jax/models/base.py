@@ -6,12 +6,13 @@ config's type) and never a family module, so a new family is one `Family` entry 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from flan_jax.models import decoder, t5, t5_cache
+from flan_jax.models import decoder, peft, t5, t5_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,27 @@ def _decoder_option_logits(config, params, inputs, options):
     return lm_inputs.target_part(logits, features, length)
 
 
+def _peft_aware(fn: Callable, reserves_prompt: bool = False) -> Callable:
+    """fn(config, params, ...) run on peft.view(params) when config.peft is set (else called as it is); with
+    reserves_prompt the raw inputs (first argument after params) get their prompt slots first."""
+    @functools.wraps(fn)
+    def wrapped(config, params, *args, **kwargs):
+        if getattr(config, 'peft', None) is None:
+            return fn(config, params, *args, **kwargs)
+        viewed = peft.view(config, params, kwargs.get('dropout_rng'))
+        if reserves_prompt:
+            args = (peft.reserve_prompt_slots(config, args[0]),) + args[1:]
+        return fn(config, viewed, *args, **kwargs)
+    return wrapped
+
+
+def _family(name, config_type, module, option_logits, decode_start, decode_step, converter, encoder_decoder):
+    return Family(name, config_type, module.init_params, module.param_logical_axes, module.param_shapes,
+                  module.count_params, _peft_aware(module.forward), module.count_flops_per_example,
+                  _peft_aware(option_logits, True), _peft_aware(decode_start, True), _peft_aware(decode_step),
+                  converter, encoder_decoder)
+
+
 def _t5_converter(**options):
     from flan_jax import packing
     return packing.PackedEncDecFeatureConverter(**options)
@@ -66,13 +88,12 @@ def _decoder_converter(**options):
     return packing.PackedPrefixLMFeatureConverter(**options)
 
 
-T5 = Family('t5', t5.T5Config, t5.init_params, t5.param_logical_axes, t5.param_shapes, t5.count_params, t5.forward,
-            t5.count_flops_per_example, _t5_option_logits, t5_cache.decode_start, t5_cache.decode_step,
-            _t5_converter, encoder_decoder=True)
-DECODER = Family('decoder', decoder.DecoderConfig, decoder.init_params, decoder.param_logical_axes,
-                 decoder.param_shapes, decoder.count_params, decoder.forward, decoder.count_flops_per_example,
-                 _decoder_option_logits, decoder.decode_start, decoder.decode_step, _decoder_converter,
-                 encoder_decoder=False)
+# forward, option_logits and the decoding hooks honour params['peft'] (see _peft_aware); the param functions give the
+# base tree only (flan_jax.models adds the 'peft' subtree).
+T5 = _family('t5', t5.T5Config, t5, _t5_option_logits, t5_cache.decode_start, t5_cache.decode_step, _t5_converter,
+             encoder_decoder=True)
+DECODER = _family('decoder', decoder.DecoderConfig, decoder, _decoder_option_logits, decoder.decode_start,
+                  decoder.decode_step, _decoder_converter, encoder_decoder=False)
 FAMILIES = (T5, DECODER)
 
 

@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flan_jax.models.t5 import MASK_VALUE, Dropout, dense
+from flan_jax.models import peft as peft_lib
+from flan_jax.models.peft import PeftConfig
+from flan_jax.models.t5 import MASK_VALUE, Dropout, dense, linear
 
 Params = dict
 Batch = Mapping[str, Any]
@@ -51,6 +53,7 @@ class DecoderConfig:
     dtype: str = 'float32'
     param_dtype: str = 'float32'
     remat: str = 'none'
+    peft: Optional[PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
         for key in ('dtype', 'param_dtype'):
@@ -170,7 +173,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, config: DecoderConfig) -> jax
 
 
 def _project(p: Mapping, x: jax.Array, heads: int, config: DecoderConfig) -> jax.Array:
-    y = dense(x, p['kernel'], config.dtype)
+    y = linear(p, x, config.dtype)
     if 'bias' in p:
         y = y + p['bias'].astype(config.dtype)
     return y.reshape(x.shape[:-1] + (heads, config.head_dim))
@@ -187,6 +190,8 @@ def attention(p: Mapping, x: jax.Array, positions: jax.Array, mask: jax.Array, c
         k = jax.lax.dynamic_update_slice(cache['key'], k.astype(cache['key'].dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(cache['value'], v.astype(cache['value'].dtype), (0, index, 0, 0))
         cache = {'key': k, 'value': v}
+    if 'prefix' in p:
+        k, v, mask, _ = peft_lib.with_prefix(p['prefix'], k, v, mask)
     b, lq = q.shape[:2]
     groups = config.num_heads // config.num_kv_heads
     q = q.reshape(b, lq, config.num_kv_heads, groups, config.head_dim)
@@ -194,22 +199,23 @@ def attention(p: Mapping, x: jax.Array, positions: jax.Array, mask: jax.Array, c
     logits = jnp.where(mask[:, None, None], logits / math.sqrt(config.head_dim), MASK_VALUE)
     probs = drop(jax.nn.softmax(logits, axis=-1), broadcast_axes=(-2,)).astype(config.dtype)
     out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v.astype(config.dtype))
-    return dense(out.reshape(b, lq, -1), p['out']['kernel'], config.dtype), cache
+    return linear(p['out'], out.reshape(b, lq, -1), config.dtype), cache
 
 
 def gated_mlp(p: Mapping, x: jax.Array, config: DecoderConfig, drop: Dropout) -> jax.Array:
-    gate = dense(x, p['wi_0']['kernel'], config.dtype)
+    gate = linear(p['wi_0'], x, config.dtype)
     gate = jax.nn.silu(gate) if config.activation == 'silu' else jax.nn.gelu(gate, approximate=True)
-    hidden = drop(gate * dense(x, p['wi_1']['kernel'], config.dtype), broadcast_axes=(-2,))
-    return dense(hidden, p['wo']['kernel'], config.dtype)
+    hidden = drop(gate * linear(p['wi_1'], x, config.dtype), broadcast_axes=(-2,))
+    return linear(p['wo'], hidden, config.dtype)
 
 
 def layer(p: Mapping, x, positions, mask, rng, config: DecoderConfig, cache=None, index=None):
     drop = Dropout(rng, config.dropout_rate)
     attended, cache = attention(p['attention'], rms_norm(x, p['pre_attention_norm']['scale'], config), positions,
                                 mask, config, drop, cache, index)
-    x = x + drop(attended, (-2,))
-    x = x + drop(gated_mlp(p['mlp'], rms_norm(x, p['pre_mlp_norm']['scale'], config), config, drop), (-2,))
+    x = x + drop(peft_lib.adapter(p.get('adapter_attention'), attended), (-2,))
+    mlp_out = gated_mlp(p['mlp'], rms_norm(x, p['pre_mlp_norm']['scale'], config), config, drop)
+    x = x + drop(peft_lib.adapter(p.get('adapter_mlp'), mlp_out), (-2,))
     return x, cache
 
 
@@ -224,7 +230,7 @@ def output_logits(params: Params, y: jax.Array, config: DecoderConfig) -> jax.Ar
     y = rms_norm(y, params['final_norm']['scale'], config)
     if config.tie_embeddings:
         return dense(y, params['token_embedder']['embedding'].T, jnp.float32)
-    return dense(y, params['logits_dense']['kernel'], jnp.float32)
+    return linear(params['logits_dense'], y, jnp.float32)
 
 
 def attention_mask(batch: Batch, config: DecoderConfig) -> jax.Array:
@@ -260,7 +266,10 @@ def forward(config: DecoderConfig, params: Params, batch: Batch, *, dropout_rng=
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     mask = attention_mask(batch, config)
     drop = Dropout(None if dropout_rng is None else jax.random.fold_in(dropout_rng, 10**6), config.dropout_rate)
-    x = drop(embed(params, tokens, config), (-2,))
+    x = embed(params, tokens, config)
+    if 'prompt' in params:   # positions 1..prompt_length of every segment, after its BOS (see peft.py)
+        x = peft_lib.insert_prompt(params['prompt'], x, positions - 1)
+    x = drop(x, (-2,))
     layer_fn = _remat(lambda p, x, r: layer(p, x, positions, mask, r, config)[0], config)
     for i in range(config.num_layers):
         x = layer_fn(params[f'layers_{i}'], x, None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
@@ -304,6 +313,8 @@ def decode_start(config: DecoderConfig, params: Params, prompt_tokens: jax.Array
     empty = jnp.zeros((batch, total, config.num_kv_heads, config.head_dim), config.dtype)
     cache = {'key': [], 'value': []}
     x = embed(params, tokens, config)
+    if 'prompt' in params:
+        x = peft_lib.insert_prompt(params['prompt'], x, jnp.where(real, positions - 1, -1))
     for i in range(config.num_layers):
         x, c = layer(params[f'layers_{i}'], x, positions, mask, None, config, {'key': empty, 'value': empty}, 0)
         cache['key'].append(c['key'])

@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flan_jax.models import peft as peft_lib
+from flan_jax.models.peft import PeftConfig
+
 Params = dict
 Batch = Mapping[str, Any]
 
@@ -57,6 +60,7 @@ class T5Config:
     # positions for contiguous segments (seqio packing) and needs only a [heads, L, L] bias instead of
     # [batch, heads, L, L]. True: use encoder_positions/decoder_positions when the batch has them.
     relative_positions_from_features: bool = False
+    peft: Optional[PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
         for key in ('dtype', 'param_dtype'):
@@ -193,6 +197,12 @@ def dense(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
+def linear(p: Mapping, x: jax.Array, dtype) -> jax.Array:
+    """x @ p['kernel'], plus the LoRA term when the (viewed, see peft.py) block carries LoRA factors."""
+    y = dense(x, p['kernel'], dtype)
+    return peft_lib.lora(p, x, y, dtype) if 'lora_a' in p else y
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, config: T5Config) -> jax.Array:
     """RMSNorm computed in float32 (no mean subtraction, no bias), returned in compute dtype."""
     x32 = x.astype(jnp.float32)
@@ -223,8 +233,8 @@ def _split_heads(x: jax.Array, config: T5Config) -> jax.Array:
 
 def project_kv(p: Mapping, x: jax.Array, config: T5Config):
     """Key and value projections [B, L, heads, head_dim] of `x` for attention block params `p`."""
-    k = dense(x, p['key']['kernel'], config.dtype)
-    v = dense(x, p['value']['kernel'], config.dtype)
+    k = linear(p['key'], x, config.dtype)
+    v = linear(p['value'], x, config.dtype)
     return _split_heads(k, config), _split_heads(v, config)
 
 
@@ -235,7 +245,9 @@ def attend(p: Mapping, x_q: jax.Array, k: jax.Array, v: jax.Array, mask, bias, c
     mask: bool broadcastable to [B, h, Lq, Lk] (or None); bias: float broadcastable (or None).
     Logits and softmax in float32; no 1/sqrt(head_dim) scaling (T5 convention).
     """
-    q = _split_heads(dense(x_q, p['query']['kernel'], config.dtype), config)
+    if 'prefix' in p:
+        k, v, mask, bias = peft_lib.with_prefix(p['prefix'], k, v, mask, bias)
+    q = _split_heads(linear(p['query'], x_q, config.dtype), config)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if bias is not None and bias.shape[0] == 1 and mask is not None:
         logits = _masked_shared_bias_logits(logits, bias, mask)
@@ -248,7 +260,7 @@ def attend(p: Mapping, x_q: jax.Array, k: jax.Array, v: jax.Array, mask, bias, c
     probs = dropout(probs, broadcast_axes=(-2,)).astype(config.dtype)  # T5X shares it across queries
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(config.dtype))
     out = out.reshape(out.shape[:-2] + (config.joined_kv,))
-    return dense(out, p['out']['kernel'], config.dtype)
+    return linear(p['out'], out, config.dtype)
 
 
 @jax.custom_vjp
@@ -278,9 +290,9 @@ _masked_shared_bias_logits.defvjp(_masked_shared_bias_logits_fwd, _masked_shared
 
 
 def gated_mlp(p: Mapping, x: jax.Array, config: T5Config, dropout: Dropout) -> jax.Array:
-    gate = jax.nn.gelu(dense(x, p['wi_0']['kernel'], config.dtype), approximate=True)
-    hidden = dropout(gate * dense(x, p['wi_1']['kernel'], config.dtype), broadcast_axes=(-2,))
-    return dense(hidden, p['wo']['kernel'], config.dtype)
+    gate = jax.nn.gelu(linear(p['wi_0'], x, config.dtype), approximate=True)
+    hidden = dropout(gate * linear(p['wi_1'], x, config.dtype), broadcast_axes=(-2,))
+    return linear(p['wo'], hidden, config.dtype)
 
 
 def relative_position_bucket(relative_position, bidirectional: bool = True, num_buckets: int = 32,
@@ -377,9 +389,10 @@ def _encoder_layer(p, x, mask, bias, rng, config: T5Config):
     drop = Dropout(rng, config.dropout_rate)
     y = rms_norm(x, p['pre_attention_layer_norm']['scale'], config)
     k, v = project_kv(p['attention'], y, config)
-    x = x + drop(attend(p['attention'], y, k, v, mask, bias, config, drop), (-2,))
+    attended = peft_lib.adapter(p.get('adapter_attention'), attend(p['attention'], y, k, v, mask, bias, config, drop))
+    x = x + drop(attended, (-2,))
     y = rms_norm(x, p['pre_mlp_layer_norm']['scale'], config)
-    return x + drop(gated_mlp(p['mlp'], y, config, drop), (-2,))
+    return x + drop(peft_lib.adapter(p.get('adapter_mlp'), gated_mlp(p['mlp'], y, config, drop)), (-2,))
 
 
 def encode(config: T5Config, params: Params, batch: Batch, *, dropout_rng=None) -> jax.Array:
@@ -398,7 +411,10 @@ def encode(config: T5Config, params: Params, batch: Batch, *, dropout_rng=None) 
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0)
     drop = Dropout(None if rng is None else jax.random.fold_in(rng, 10**6), config.dropout_rate)
 
-    x = drop(embed(params, tokens, config), (-2,))
+    x = embed(params, tokens, config)
+    if 'prompt' in params:   # the first prompt_length positions of every segment (see peft.py)
+        x = peft_lib.insert_prompt(params['prompt'], x, batch.get('encoder_positions', np.arange(length)))
+    x = drop(x, (-2,))
     layer_fn = _remat(lambda p, x, r: _encoder_layer(p, x, mask, bias, r, config), config)
     for i in range(config.num_encoder_layers):
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -411,7 +427,8 @@ def _decoder_layer(p, y, encoded, self_mask, self_bias, cross_mask, rows_per_inp
     drop = Dropout(rng, config.dropout_rate)
     z = rms_norm(y, p['pre_self_attention_layer_norm']['scale'], config)
     k, v = project_kv(p['self_attention'], z, config)
-    y = y + drop(attend(p['self_attention'], z, k, v, self_mask, self_bias, config, drop), (-2,))
+    attended = attend(p['self_attention'], z, k, v, self_mask, self_bias, config, drop)
+    y = y + drop(peft_lib.adapter(p.get('adapter_attention'), attended), (-2,))
 
     z = rms_norm(y, p['pre_cross_attention_layer_norm']['scale'], config)
     # K/V once per encoder row; the `rows_per_input` decoder rows sharing it become one long query row.
@@ -421,7 +438,7 @@ def _decoder_layer(p, y, encoded, self_mask, self_bias, cross_mask, rows_per_inp
     y = y + drop(cross.reshape(z.shape), (-2,))
 
     z = rms_norm(y, p['pre_mlp_layer_norm']['scale'], config)
-    return y + drop(gated_mlp(p['mlp'], z, config, drop), (-2,))
+    return y + drop(peft_lib.adapter(p.get('adapter_mlp'), gated_mlp(p['mlp'], z, config, drop)), (-2,))
 
 
 def decode(config: T5Config, params: Params, encoded: jax.Array, batch: Batch, *, dropout_rng=None,
@@ -475,7 +492,7 @@ def decode(config: T5Config, params: Params, encoded: jax.Array, batch: Batch, *
 
 def output_logits(params: Params, y: jax.Array) -> jax.Array:
     """Untied output projection in float32 (T5X computes logits_dense in float32 for stability)."""
-    return dense(y, params['decoder']['logits_dense']['kernel'], jnp.float32)
+    return linear(params['decoder']['logits_dense'], y, jnp.float32)
 
 
 def forward(config: T5Config, params: Params, batch: Batch, *, dropout_rng=None) -> jax.Array:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flan_jax.models import peft as peft_lib
 from flan_jax.models import t5
 
 
@@ -31,15 +32,16 @@ def _step_at(config: t5.T5Config, params, tokens, position, fixed, cache, rows_p
         new_cache['key'].append(k_cache)
         new_cache['value'].append(v_cache)
         shape = (rows, max_len, config.num_heads, config.head_dim)
-        y = y + t5.attend(p['self_attention'], z, k_cache.reshape(shape), v_cache.reshape(shape), mask, bias,
-                          config, no_dropout)
+        attended = t5.attend(p['self_attention'], z, k_cache.reshape(shape), v_cache.reshape(shape), mask, bias,
+                             config, no_dropout)
+        y = y + peft_lib.adapter(p.get('adapter_attention'), attended)
         z = t5.rms_norm(y, p['pre_cross_attention_layer_norm']['scale'], config)
         grouped = z.reshape((rows // rows_per_input, rows_per_input, z.shape[-1]))
         cross = t5.attend(p['encoder_decoder_attention'], grouped, *cross_kv[i], cross_mask, None, config,
                           no_dropout)
         y = y + cross.reshape(z.shape)
         z = t5.rms_norm(y, p['pre_mlp_layer_norm']['scale'], config)
-        y = y + t5.gated_mlp(p['mlp'], z, config, no_dropout)
+        y = y + peft_lib.adapter(p.get('adapter_mlp'), t5.gated_mlp(p['mlp'], z, config, no_dropout))
     y = t5.rms_norm(y, params['decoder']['decoder_norm']['scale'], config)
     return t5.output_logits(params, y)[:, 0], new_cache
 
