@@ -17,7 +17,8 @@ commands:
     train     train from gin configs        (flan-jax train --gin_file=gin_configs/runs/default_cpu.gin)
     eval      evaluate a checkpoint          (flan-jax eval --gin_file=... --checkpoint=runs/default)
     data      list / show / stats of tasks   (flan-jax data list --collection default)
-    convert   checkpoint conversion          (flan-jax convert --from t5x|hf --to hf|orbax IN OUT)
+    convert   checkpoint conversion          (flan-jax convert --from t5x|hf --to hf|orbax IN OUT;
+              a PEFT run merged into its base: flan-jax convert --merge-peft --gin_file=RUN/config.gin OUT)
     self-instruct  generate instruction data (flan-jax self-instruct --gin_file=... --checkpoint=... --out=DIR)
     eval-suite  BBH / MMLU / TyDiQA / MGSM   (flan-jax eval-suite run --suite bbh --data_dir DIR --gin_file=...)
 """
@@ -42,6 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from flan_jax.data_cli import main as data
         return data(rest)
     if command == "convert":
+        if "--merge-peft" in rest:  # PEFT run -> base-shaped checkpoint (needs the trainer's config and restore)
+            from flan_jax.train.peft import merge_main
+            return merge_main(rest)
         from flan_jax.checkpoints.convert import main as convert
         return convert(rest)
     if command == "self-instruct":

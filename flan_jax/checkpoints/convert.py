@@ -1,6 +1,8 @@
 """Checkpoint conversion: T5X (legacy or orbax) or HF in, HF or T5X-style orbax out.
 
     flan-jax convert --from t5x|hf --to hf|orbax IN OUT
+
+A PEFT run merged into base shapes (LoRA): `flan-jax convert --merge-peft ...` (flan_jax/train/peft.py, merge_main).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from flan_jax.evaluation.evaluator import Evaluator
-from flan_jax.train import checkpointing, loop, optim, partitioning
+from flan_jax.train import checkpointing, loop, optim, partitioning, peft
 from flan_jax.train.metrics_log import MetricsWriter
 
 
@@ -77,7 +77,9 @@ def restore_params(cfg: loop.TrainConfig, checkpoint: str) -> tuple[dict, int]:
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
     abstract, _ = loop._abstract_state(cfg, optimizer, mesh)
     directory, step = _resolve(checkpoint)
-    state, _ = checkpointing.Checkpointer(directory, async_save=False).restore(abstract, step=step)
+    state, meta = checkpointing.Checkpointer(directory, async_save=False).restore(abstract, step=step)
+    if peft.enabled(cfg.model):  # a PEFT checkpoint holds the PEFT params; the base comes from its recorded reference
+        return peft.with_base(cfg.model, cfg.mesh, mesh, state["params"], meta, checkpoint), step
     return state["params"], step
 
 

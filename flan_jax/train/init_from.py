@@ -1,4 +1,5 @@
-"""Start finetuning from a public checkpoint (T5X legacy/orbax, or a Hugging Face `save_pretrained` directory).
+"""Start finetuning from a checkpoint: T5X (legacy/orbax), a Hugging Face `save_pretrained` directory, or one of our
+own runs (a MODEL_DIR, meaning its latest checkpoint, or a checkpoint_<step> directory; its params only).
 
 Default: load the parameters only and start a fresh Adafactor state at step 0. Restoring T5X's Adafactor slots and step
 (`restore_optimizer_state=True`, T5X checkpoints only) reproduces T5X's finetuning exactly: at step ~1.1M the decay
@@ -9,6 +10,7 @@ optimizer state, so the fresh state is the default that works for every source.
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import jax
@@ -24,10 +26,52 @@ def _flat(tree):
     return flatten(tree).items()
 
 
+def own_checkpoint(path: str) -> Optional[tuple[str, int]]:
+    """(manager dir, step) if `path` is one of our MODEL_DIRs (its latest step) or checkpoint_<step> dirs, else None."""
+    from flan_jax.train.checkpointing import STEP_PREFIX
+    path = os.path.abspath(path.rstrip("/"))
+    is_step_dir = lambda p: os.path.isdir(os.path.join(p, "state"))
+    m = re.fullmatch(rf"{STEP_PREFIX}_(\d+)", os.path.basename(path))
+    if m and is_step_dir(path):
+        return os.path.dirname(path), int(m.group(1))
+    names = os.listdir(path) if os.path.isdir(path) else []
+    steps = [int(m.group(1)) for m in (re.fullmatch(rf"{STEP_PREFIX}_(\d+)", n) for n in names)
+             if m and is_step_dir(os.path.join(path, m.group(0)))]
+    return (path, max(steps)) if steps else None
+
+
+def restore_own_params(directory: str, step: int, params_abstract) -> dict:
+    """Only the `params` of one of our train-state checkpoints (its optimizer state is never read). Leaves of
+    `params_abstract` with a sharding are restored onto it, others as numpy arrays."""
+    import orbax.checkpoint as ocp
+    from flan_jax.train.checkpointing import STEP_PREFIX
+    where = f"{directory}/{STEP_PREFIX}_{step}"
+    mngr = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+        step_prefix=STEP_PREFIX, read_only=True))
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(f"checkpoint {where} does not exist")
+    item = {"params": params_abstract}
+    args = lambda a: (ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
+                      if getattr(a, "sharding", None) is not None else ocp.RestoreArgs(restore_type=np.ndarray))
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=jax.tree.map(args, item), partial_restore=True)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {where} does not fit the model config: {str(e).strip().splitlines()[0]}") from e
+    return restored["state"]["params"]
+
+
 def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool = False):
     """(params, slots or None, step or None), checked against model_cfg's parameter shapes by name."""
     from flan_jax import checkpoints
-    if os.path.exists(os.path.join(path, "config.json")):
+    own = own_checkpoint(path)
+    if own is not None:
+        if with_optimizer_state:
+            raise ValueError(f"INIT_CHECKPOINT={path} is one of our own runs: restore_optimizer_state is for T5X "
+                             "checkpoints (to continue that run, use its directory as MODEL_DIR)")
+        params = restore_own_params(*own, models.param_shapes(model_cfg))
+        slots = step = None
+    elif os.path.exists(os.path.join(path, "config.json")):
         if with_optimizer_state:
             raise ValueError(f"INIT_CHECKPOINT={path} is a Hugging Face checkpoint: it has no Adafactor state "
                              "to restore (set train.restore_optimizer_state = False)")

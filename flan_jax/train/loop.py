@@ -13,7 +13,7 @@ import numpy as np
 import seqio
 
 from flan_jax import models
-from flan_jax.train import checkpointing, data as data_lib, optim, partitioning, step as step_lib
+from flan_jax.train import checkpointing, data as data_lib, optim, partitioning, peft, step as step_lib
 from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
 
 
@@ -60,6 +60,8 @@ def seen_base_tasks(mixture_or_task_name: str) -> set:
 
 
 def _abstract_state(cfg: TrainConfig, optimizer, mesh):
+    if peft.enabled(cfg.model):  # PEFT params and their optimizer state only (train/peft.py)
+        return peft.abstract_train_state(cfg.model, optimizer, cfg.mesh, mesh)[:2]
     return abstract_train_state(cfg.model, optimizer, cfg.mesh, mesh)
 
 
@@ -123,14 +125,21 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
                                                                         best_metric=cfg.best_metric)
     writer = MetricsWriter(cfg.model_dir)
-    state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt)
-    meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s)}
+    base = None  # PEFT: the frozen base beside the trainable state (train/peft.py)
+    if peft.enabled(cfg.model):
+        state, shardings, start, base = peft.init_or_restore(cfg, optimizer, mesh, ckpt)
+    else:
+        state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt)
+    meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s), **peft.meta(base)}
 
     batch_sharding = partitioning.batch_sharding(mesh)
-    train_step = jax.jit(
-            step_lib.make_train_step(cfg.model, optimizer, cfg.loss, num_microbatches=cfg.num_microbatches,
-                                                              seed=cfg.seed, skip_nonfinite_updates=cfg.skip_nonfinite_updates),
-            in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=(0,))
+    step_fn = step_lib.make_train_step(cfg.model, optimizer, cfg.loss, num_microbatches=cfg.num_microbatches,
+                                       seed=cfg.seed, skip_nonfinite_updates=cfg.skip_nonfinite_updates)
+    if base is not None:
+        train_step = peft.jit_train_step(step_fn, shardings, batch_sharding, base)
+    else:
+        train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                             donate_argnums=(0,))
     shard = partitioning.data_shard(mesh)
     fingerprint = dict(data_lib.input_fingerprint(cfg.input, shard),
                        packing=repr(sorted(getattr(converter, "packing_options", {}).items())))
@@ -159,6 +168,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     from flan_jax.train.flops import measure_matmul_peak_tflops
     peak_tflops = cfg.peak_tflops or measure_matmul_peak_tflops(cfg.model.dtype) * jax.device_count()
     progress = ProgressPrinter(cfg.train_steps)
+    parameter_counts = peft.parameter_counts(cfg.model)
     last_eval: dict = {}
 
     def check_finite(step):
@@ -172,7 +182,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
 
     def evaluate(step):
         nonlocal last_eval
-        results = evaluator.evaluate(state["params"])
+        results = evaluator.evaluate(peft.full_params(state, base))
         flat = _log_eval(writer, step, results)
         last_eval = results
         check_finite(step)
@@ -220,6 +230,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                 values["mfu"] = values["tflops_per_sec"] / peak_tflops
                 values.update({k: float(np.mean([s[k] for s in window_stats])) for k in window_stats[0]})
                 values.update(data_lib.pipeline_counters(converter))
+                values.update(parameter_counts)
                 writer.write(step, "train", "all", values)
                 for task, errors in data_lib.data_errors_by_task().items():
                     writer.write(step, "train", task, errors)

@@ -25,6 +25,8 @@ REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.p
 
 gin.external_configurable(models.T5Config, name="T5Config")
 gin.external_configurable(models.DecoderConfig, name="DecoderConfig")
+if hasattr(models, "PeftConfig"):  # gin_configs/peft/*.gin: train.peft = @PeftConfig()
+    gin.external_configurable(models.PeftConfig, name="PeftConfig")
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,8 +93,15 @@ def train_config(
     restore_optimizer_state: bool = False,
     peak_tflops: Optional[float] = None,
     adafactor_multiply_by_parameter_scale: bool = True,
+    adafactor_weight_decay_rate: Optional[float] = None,
+    peft=None,
 ) -> loop.TrainConfig:
-    """Collects the gin bindings into a TrainConfig (no work is done here; validation.py checks the values)."""
+    """Collects the gin bindings into a TrainConfig (no work is done here; validation.py checks the values).
+
+    peft: a PeftConfig (gin_configs/peft/*.gin) set on the model config, whichever family it is."""
+    if peft is not None:
+        import dataclasses
+        model = dataclasses.replace(model, peft=peft)
     return loop.TrainConfig(
             model_dir=model_dir, model=model,
             input=data_lib.InputConfig(mixture_or_task_name, task_feature_lengths, batch_size, seed=seed,
@@ -106,7 +115,8 @@ def train_config(
             best_metric=best_metric, log_period=log_period, seed=seed, skip_nonfinite_updates=skip_nonfinite_updates,
             async_checkpointing=async_checkpointing, init_checkpoint=init_checkpoint,
             restore_optimizer_state=restore_optimizer_state, peak_tflops=peak_tflops,
-            adafactor=optim.AdafactorConfig(multiply_by_parameter_scale=adafactor_multiply_by_parameter_scale))
+            adafactor=optim.AdafactorConfig(multiply_by_parameter_scale=adafactor_multiply_by_parameter_scale,
+                                            weight_decay_rate=adafactor_weight_decay_rate))
 
 
 def _mesh_shape(mesh_shape):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +38,16 @@ def _split_microbatches(batch: dict, num_microbatches: int) -> dict:
 
 def make_train_step(model_cfg, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
                                         *, num_microbatches: int = 1, seed: int = 0, skip_nonfinite_updates: bool = False) -> Callable:
-    """Returns step(state, batch) -> (state, metrics). Pure; the caller jits it with shardings."""
+    """Returns step(state, batch, frozen=None) -> (state, metrics). Pure; the caller jits it with shardings.
+
+    frozen: for PEFT, the frozen base parameters joined to state['params'] in the forward pass only."""
     base_rng = jax.random.PRNGKey(seed)
     use_dropout = model_cfg.dropout_rate > 0
 
-    def loss_fn(params, batch, rng):
-        logits = models.forward(model_cfg, params, batch, dropout_rng=rng if use_dropout else None)
+    def loss_fn(params, batch, rng, frozen=None):
+        # PEFT: `params` is the trainable {'peft': ...} tree; the frozen base is an input, never differentiated.
+        full = params if frozen is None else {**frozen, **params}
+        logits = models.forward(model_cfg, full, batch, dropout_rng=rng if use_dropout else None)
         total, denom, aux = loss_lib.summed_loss(
                 logits, batch, z_loss=loss_cfg.z_loss, label_smoothing=loss_cfg.label_smoothing,
                 normalizer=loss_cfg.normalizer)
@@ -51,17 +55,17 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, loss_cfg
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: dict, batch: dict):
+    def step(state: dict, batch: dict, frozen: Optional[dict] = None):
         params = state["params"]
         rng = jax.random.fold_in(base_rng, state["step"])  # dropout noise is a function of the step: resume is exact
         if num_microbatches == 1:
-            (total, (denom, aux)), grads = grad_fn(params, batch, rng)
+            (total, (denom, aux)), grads = grad_fn(params, batch, rng, frozen)
         else:
             micro = _split_microbatches(batch, num_microbatches)
 
             def body(carry, xs):
                 i, mb = xs
-                (t, (d, a)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                (t, (d, a)), g = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
                 acc_g, acc_t, acc_d, acc_a = carry
                 return (jax.tree.map(jnp.add, acc_g, g), acc_t + t, acc_d + d, jax.tree.map(jnp.add, acc_a, a)), None
 

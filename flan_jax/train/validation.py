@@ -104,6 +104,9 @@ def validate_config(cfg, num_devices: int) -> None:
     for flag in ("skip_nonfinite_updates", "async_checkpointing", "restore_optimizer_state"):
         _need(isinstance(getattr(cfg, flag), bool), f"train.{flag}={getattr(cfg, flag)!r}: expected True or False")
     check_model(cfg.model)
+    if getattr(cfg.model, "peft", None) is not None:
+        _need(not cfg.restore_optimizer_state, "train.restore_optimizer_state=True with train.peft: the optimizer "
+              "holds state for the PEFT parameters only, so a base checkpoint's Adafactor slots have no place")
 
     lengths = cfg.input.task_feature_lengths
     _need(isinstance(lengths, dict) and {"inputs", "targets"} <= set(lengths),

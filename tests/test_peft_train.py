@@ -1,0 +1,204 @@
+"""Training side of PEFT (flan_jax/train/peft.py) on tiny_test.gin: only params['peft'] trains, has optimizer state
+and is checkpointed; the base is reloaded from the recorded reference on resume, eval and --merge-peft."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flan_jax import models
+from flan_jax.train import checkpointing, init_from, loop, main as train_main, optim, partitioning, peft, step as step_lib
+from flan_jax.train.metrics_log import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "gin_configs", "runs", "tiny_test.gin")
+LORA = os.path.join(REPO, "gin_configs", "peft", "lora.gin")
+BASE_STEP = 7
+# No eval, no matmul probe: what these tests measure is the parameters, not the metrics.
+QUICK = ("--gin.EVAL_MIXTURE_OR_TASK_NAME=None", "--gin.BEST_METRIC=None", "--gin.train.peak_tflops=1.0",
+         "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_PERIOD=2", "--gin.LOG_PERIOD=1")
+
+
+def _flags(model_dir, *extra, peft_gin=LORA, base=None):
+    files = [f"--gin_file={TINY}"] + ([f"--gin_file={peft_gin}"] if peft_gin else [])
+    base_flag = [f"--gin.INIT_CHECKPOINT={base}"] if base else []
+    return [*files, f"--gin.MODEL_DIR={model_dir}", *QUICK, *base_flag, *extra]
+
+
+def _config(model_dir, *extra, **kw):
+    return train_main._configured(_flags(model_dir, *extra, **kw))[1]
+
+
+def _leaves_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A base run directory of ours: a (random, non-zero) tiny T5 train state saved as checkpoint_7."""
+    d = str(tmp_path_factory.mktemp("base"))
+    cfg = _config(d, peft_gin=None)
+    optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
+    state = step_lib.init_state(cfg.model, optimizer, jax.random.PRNGKey(3))
+    ckpt = checkpointing.Checkpointer(d, async_save=False)
+    ckpt.save(BASE_STEP, state, {"step": BASE_STEP, "seed": 0, "batches_consumed": BASE_STEP})
+    ckpt.close()
+    return d, jax.device_get(state["params"])
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_dir, tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("lora"))
+    train_main.train_main(_flags(d, base=base_dir[0]))
+    return d
+
+
+def _restored(model_dir, base):
+    cfg = _config(model_dir, base=base)
+    from flan_jax.train.evaluate import restore_params
+    return cfg, restore_params(cfg, model_dir)
+
+
+def test_train_steps_leave_the_frozen_base_bitwise_unchanged(base_dir, tmp_path):
+    """The loop's PEFT step (peft.jit_train_step) run three times: the base it was given is bitwise the checkpoint's,
+    and only params['peft'] (with its optimizer state) comes back."""
+    cfg = _config(str(tmp_path / "steps"), base=base_dir[0])
+    optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
+    mesh = partitioning.make_mesh(cfg.mesh)
+    state, shardings, start, base = peft.init_or_restore(cfg, optimizer, mesh, checkpointing.Checkpointer(cfg.model_dir))
+    assert start == 0 and set(state["params"]) == {"peft"}
+    rng = np.random.default_rng(0)
+    targets = rng.integers(2, 100, (2, 8))
+    batch = {"encoder_input_tokens": rng.integers(2, 100, (2, 16)), "decoder_target_tokens": targets,
+             "decoder_input_tokens": np.asarray(models.shift_right(jnp.asarray(targets))),
+             "decoder_loss_weights": np.ones((2, 8), np.float32)}
+    step_fn = step_lib.make_train_step(cfg.model, optimizer, cfg.loss)
+    train_step = peft.jit_train_step(step_fn, shardings, partitioning.batch_sharding(mesh), base)
+    for _ in range(3):
+        state, metrics = train_step(state, batch)
+    assert float(metrics["grad_norm"]) > 0 and int(state["step"]) == 3
+    assert _leaves_equal(base.params, base_dir[1])
+
+
+def test_frozen_base_bitwise_unchanged_after_training(lora_run, base_dir):
+    base_path, base_params = base_dir
+    cfg, (params, step) = _restored(lora_run, base_path)
+    assert step == 4
+    trainable, frozen = peft.split_params(jax.device_get(params))
+    assert _leaves_equal(frozen, base_params)
+    # LoRA B starts at zero (the model starts as the base) and moved: the PEFT parameters trained.
+    b_leaves = [v for k, v in jax.tree_util.tree_flatten_with_path(trainable)[0] if "lora_b" in jax.tree_util.keystr(k)]
+    assert b_leaves and all(np.abs(x).max() > 0 for x in b_leaves)
+
+
+def _bytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def test_optimizer_state_holds_peft_parameters_only(base_dir):
+    cfg = _config("unused", base=base_dir[0])
+    optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
+    mesh = partitioning.make_mesh(cfg.mesh)
+    abstract, _, frozen = peft.abstract_train_state(cfg.model, optimizer, cfg.mesh, mesh)
+    full, _ = loop.abstract_train_state(peft.base_config(cfg.model), optimizer, cfg.mesh, mesh)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract["opt_state"])[0]]
+    per_param = [p for p in paths if "'" in p]  # counts have no dict key
+    assert per_param and all("['peft']" in p for p in per_param), per_param[:5]
+    peft_bytes, full_bytes = _bytes(abstract["opt_state"]), _bytes(full["opt_state"])
+    # Adafactor state of exactly the PEFT parameters, a small fraction of full finetuning's.
+    assert peft_bytes == _bytes(jax.eval_shape(optimizer.init, abstract["params"]))
+    assert peft_bytes < full_bytes / 5, (peft_bytes, full_bytes)
+    assert set(abstract["params"]) == {"peft"} and _bytes(frozen) == _bytes(full["params"])
+
+
+def test_checkpoint_holds_peft_params_and_base_reference(lora_run, base_dir):
+    base_path, _ = base_dir
+    import orbax.checkpoint as ocp
+    ckpt_dir = os.path.join(lora_run, "checkpoint_4")
+    tree = ocp.PyTreeCheckpointer().metadata(os.path.join(ckpt_dir, "state")).item_metadata.tree
+    assert set(tree["params"]) == {"peft"}
+    param_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree["opt_state"])[0]]
+    assert not any("encoder" in p and "peft" not in p for p in param_paths)
+    meta = json.load(open(os.path.join(ckpt_dir, "meta", "metadata")))
+    want = {"path": os.path.abspath(base_path), "step": BASE_STEP, "format": "flan_jax"}
+    assert meta["peft_base"] == want
+    assert json.load(open(os.path.join(lora_run, "peft_base.json"))) == want
+    size = lambda d: sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+    assert size(ckpt_dir) < size(os.path.join(base_path, f"checkpoint_{BASE_STEP}")) / 2
+
+
+def test_metrics_carry_parameter_counts(lora_run):
+    rows = [r for r in read_metrics(lora_run) if r["split"] == "train" and r["task"] == "all"]
+    trainable = {r["value"] for r in rows if r["metric"] == "trainable_parameters"}
+    total = {r["value"] for r in rows if r["metric"] == "total_parameters"}
+    cfg = _config(lora_run)
+    assert trainable == {float(models.count_peft_params(cfg.model))}
+    assert total == {float(models.count_params(cfg.model))} and max(trainable) < max(total) / 5
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_identical(lora_run, base_dir, tmp_path):
+    d = str(tmp_path / "resumed")
+    cfg = _config(d, base=base_dir[0])
+    loop.run(cfg, feature_converter=train_main.make_feature_converter(), stop_after_steps=2)
+    # Resume needs no INIT_CHECKPOINT: the checkpoint names its base.
+    train_main.train_main(_flags(d))
+    losses = lambda m: {r["step"]: r["value"] for r in read_metrics(m) if r["metric"] == "loss"}
+    assert losses(d) == losses(lora_run) and sorted(losses(d)) == [1, 2, 3, 4]
+    (_, (a, _)), (_, (b, _)) = _restored(d, None), _restored(lora_run, None)
+    assert _leaves_equal(a, b)
+
+
+def test_resume_on_another_base_is_an_error(lora_run, tmp_path):
+    other = tmp_path / "other_base"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not the base this PEFT run was trained on"):
+        loop.run(_config(lora_run, base=str(other)))
+
+
+def test_peft_without_base_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="INIT_CHECKPOINT"):
+        loop.run(_config(str(tmp_path / "nobase")))
+
+
+@pytest.mark.slow
+def test_eval_loads_base_plus_peft(lora_run, base_dir):
+    task = "parity_zs_opt"
+    results = train_main.eval_main(_flags(lora_run, f"--gin.EVAL_MIXTURE_OR_TASK_NAME='{task}'",
+                                          "--gin.EVAL_EXAMPLES_PER_TASK=4") + [f"--checkpoint={lora_run}"])
+    assert 0.0 <= results[task]["accuracy"] <= 1.0
+    # What eval scores is base + PEFT: the LoRA run's logits differ from the base's.
+    cfg, (params, _) = _restored(lora_run, None)
+    tokens = jnp.asarray(np.arange(2, 18).reshape(1, 16))
+    batch = {"encoder_input_tokens": tokens, "decoder_input_tokens": tokens[:, :8]}
+    with_lora = models.forward(cfg.model, params, batch)
+    base_only = models.forward(peft.base_config(cfg.model), base_dir[1], batch)
+    assert float(jnp.abs(with_lora - base_only).max()) > 0
+
+
+def test_merge_peft_checkpoint_gives_the_unmerged_logits(lora_run, tmp_path):
+    from flan_jax.train.evaluate import restore_params
+    out = str(tmp_path / "merged")
+    assert peft.merge_main(["--merge-peft", *_flags(lora_run), out]) == 0
+    cfg, (params, step) = _restored(lora_run, None)
+    base_cfg = _config(out, peft_gin=None)
+    merged, merged_step = restore_params(base_cfg, out)
+    assert merged_step == step and "peft" not in merged
+    tokens = jnp.asarray(np.arange(2, 34).reshape(2, 16))
+    batch = {"encoder_input_tokens": tokens, "decoder_input_tokens": tokens[:, :8]}
+    np.testing.assert_allclose(models.forward(base_cfg.model, merged, batch), models.forward(cfg.model, params, batch),
+                               atol=1e-5, rtol=1e-5)
+    # A merged checkpoint is a full model of ours: it can be the base of another run.
+    assert init_from.own_checkpoint(out) == (os.path.abspath(out), step)
+
+
+def test_prompt_tuning_defaults_follow_lester_et_al():
+    cfg = _config("unused", peft_gin=os.path.join(REPO, "gin_configs", "peft", "prompt.gin"), base="x")
+    assert cfg.model.peft.method == "prompt" and cfg.model.peft.prompt_length == 100
+    assert cfg.schedule == optim.ScheduleConfig("constant", 0.3, 0)
+    assert cfg.adafactor.multiply_by_parameter_scale is False and cfg.adafactor.weight_decay_rate == 1e-5
+    assert cfg.adafactor.decay_rate == 0.8 and cfg.adafactor.step_offset == 0
