@@ -2,9 +2,10 @@
 
 Each process reads the data shard its devices hold in the mesh (seqio ShardInfo by `partitioning.DataShard`) and
 yields those rows of the global batch; the loop assembles global arrays. The stream is a deterministic function of
-(mixture, seed). Resuming at step s on the native pipeline continues from the position saved with checkpoint s (cost
-independent of s); on the seqio path the iterator is replayed past the s batches already consumed. Both see exactly
-the batches an uninterrupted run would have seen.
+(mixture, seed). Resuming at step s continues from the input position saved with checkpoint s, without reading the
+earlier examples again: the native pipeline's cursors and buffers, or on the seqio path the tf.data iterator's
+checkpoint (train/seqio_input.py). Only a seqio pipeline that cannot be checkpointed (tasks from outside the
+registry) is replayed past the s batches. All see exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ INPUT_SHARDINGS = ("per_process_shard", "global_stream")
 
 
 class HostBatches:
-    """Iterator of this process's batches; `state()` is its input position (native pipeline) or None (seqio)."""
+    """Iterator of this process's batches; `state()` is its input position, or None (a replayed seqio pipeline)."""
 
     def __init__(self, source, rows: Optional[slice] = None):
         self._source, self._rows = source, rows
@@ -78,7 +79,7 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
 
     shard: this process's `partitioning.DataShard` (from the mesh); None means one shard per process. Processes that
     share a shard (a model-parallel group spanning hosts) read the same seqio shard and so feed identical rows.
-    input_state: a native pipeline's saved `state()`; it continues there (no skipping) and `skip_batches` is ignored.
+    input_state: a saved `state()`; it continues there (no skipping) and `skip_batches` is ignored.
     """
     if cfg.input_sharding not in INPUT_SHARDINGS:
         raise ValueError(f"INPUT_SHARDING={cfg.input_sharding!r}: expected one of {INPUT_SHARDINGS}")
@@ -98,12 +99,12 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
             for _ in range(skip_batches):
                 next(batches)
     else:
-        ds = seqio.get_dataset(
-                cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
-                feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
-                shard_info=seqio.ShardInfo(index=index, num_shards=count) if per_shard else None, seed=cfg.seed,
-                batch_size=batch_size, verbose=False, trim_output_features=not counts_truncation)
-        batches = ds.skip(skip_batches).as_numpy_iterator()
+        from flan_jax.train import seqio_input
+        batches = seqio_input.seqio_batches(
+                cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter, split=cfg.split,
+                shuffle=cfg.shuffle, seed=cfg.seed,
+                shard_info=seqio.ShardInfo(index=index, num_shards=count) if per_shard else None,
+                trim_output_features=not counts_truncation, skip_batches=skip_batches, state=input_state)
     rows = slice(index * local, (index + 1) * local) if not per_shard and count > 1 else None
     return HostBatches(batches, rows)
 
