@@ -128,6 +128,7 @@ class TaskInfo:
 _SPECS: dict[str, TaskSpec] = {}
 _INFOS: dict[str, TaskInfo] = {}
 _DATA_ERRORS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+_SPLIT_ERRORS: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
 _ERRORS_LOCK = threading.Lock()
 _POOLS: dict[tuple[str, str], list[tuple[int, dict]]] = {}
 _BUILD_COUNT = 0
@@ -231,9 +232,10 @@ def exemplar_pool(spec: TaskSpec) -> list[tuple[int, dict]]:
     return _POOLS[key]
 
 
-def _count_error(task_name: str, reason: str) -> None:
+def _count_error(task_name: str, split: str, reason: str) -> None:
     with _ERRORS_LOCK:
         _DATA_ERRORS[task_name][reason] += 1
+        _SPLIT_ERRORS[task_name, split][reason] += 1
 
 
 def _render_record(spec: TaskSpec, variant: str, split: str, index: int, record: Any, pool) -> dict | None:
@@ -246,7 +248,7 @@ def _render_record(spec: TaskSpec, variant: str, split: str, index: int, record:
         if spec.record_policy == "fail_fast":
             raise MalformedRecordError(e.reason, e.detail, f"task {task_name!r}, split {split!r}, "
                                                            f"record {index}") from None
-        _count_error(task_name, e.reason)
+        _count_error(task_name, split, e.reason)
         return None
 
 
@@ -386,17 +388,35 @@ def datasets_built() -> int:
     return _BUILD_COUNT
 
 
-def data_error_counts(task: str | None = None) -> dict:
-    """{seqio task name: {reason: count}} of skipped records (counted on every pass over the data)."""
+def data_error_counts(task: str | None = None, split: str | None = None) -> dict:
+    """{seqio task name: {reason: count}} of skipped records (counted on every pass over the data); of one split's
+    records only when `split` is given; of one task when `task` is (then just {reason: count})."""
     with _ERRORS_LOCK:
-        if task is not None:
-            return dict(_DATA_ERRORS.get(task, {}))
-        return {name: dict(counter) for name, counter in _DATA_ERRORS.items() if counter}
+        if split is None:
+            counts = {name: dict(c) for name, c in _DATA_ERRORS.items() if c}
+        else:
+            counts = {name: dict(c) for (name, s), c in _SPLIT_ERRORS.items() if s == split and c}
+    return counts.get(task, {}) if task is not None else counts
+
+
+def restore_data_error_counts(counts: Mapping[str, Mapping[str, int]], split: str) -> None:
+    """Sets one split's counts to saved ones (a resumed input pipeline does not read those records again)."""
+    with _ERRORS_LOCK:
+        for (name, s), counter in list(_SPLIT_ERRORS.items()):
+            if s == split:
+                _DATA_ERRORS[name].subtract(counter)
+                counter.clear()
+        for name, reasons in counts.items():
+            _SPLIT_ERRORS[name, split].update(reasons)
+            _DATA_ERRORS[name].update(reasons)
+        for name in list(_DATA_ERRORS):
+            _DATA_ERRORS[name] = +_DATA_ERRORS[name]  # drop reasons whose count fell to 0
 
 
 def reset_data_error_counts() -> None:
     with _ERRORS_LOCK:
         _DATA_ERRORS.clear()
+        _SPLIT_ERRORS.clear()
 
 
 def _available_variants(spec: TaskSpec) -> list[str]:

@@ -222,7 +222,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                 values.update({k: float(np.mean([s[k] for s in window_stats])) for k in window_stats[0]})
                 values.update(data_lib.pipeline_counters(converter))
                 writer.write(step, "train", "all", values)
-                for task, errors in data_lib.data_errors_by_task().items():
+                for task, errors in data_lib.data_errors_by_task(cfg.input.split).items():
                     writer.write(step, "train", task, errors)
                 progress.line(step, values["loss"], sps)
                 window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
