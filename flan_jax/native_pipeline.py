@@ -203,12 +203,15 @@ class PackedBatches:
     The converter supplies the packing options and receives the `.stats` counters (as on the seqio path).
     `state()` (the mixture's position, the packer with its buffer and counters, rows not yet batched) is plain
     picklable data; `state=` resumes bitwise where it was taken.
+
+    examples: another (inputs, targets) stream with its own `state()` (the seqio path's); by default the mixture's
+    MixtureStream. Given, it must already stand at state["examples"].
     """
 
     def __init__(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
                  converter: Optional[packing.PackedEncDecFeatureConverter] = None, *, split: str = "train",
                  seed: int = 0, shuffle: bool = True, shard_index: int = 0, num_shards: int = 1,
-                 state: Optional[dict] = None):
+                 state: Optional[dict] = None, examples=None):
         converter = converter or packing.PackedEncDecFeatureConverter()
         self._prefix_lm = isinstance(converter, packing.PackedPrefixLMFeatureConverter)  # decoder-only models
         if not isinstance(converter, (packing.PackedEncDecFeatureConverter, packing.PackedPrefixLMFeatureConverter)) \
@@ -218,9 +221,9 @@ class PackedBatches:
         self.lengths = (int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"]))
         self.batch_size, self._bos = batch_size, converter.bos_id
         self._loss_on_targets_only = getattr(converter, "loss_on_targets_only", True)
-        self._examples = MixtureStream(mixture_or_task_name, split, seed=seed, shuffle=shuffle,
-                                       shard_index=shard_index, num_shards=num_shards,
-                                       state=None if state is None else state["examples"])
+        self._examples = examples if examples is not None else MixtureStream(
+                mixture_or_task_name, split, seed=seed, shuffle=shuffle, shard_index=shard_index,
+                num_shards=num_shards, state=None if state is None else state["examples"])
         if state is None:
             self._packer = packing.ExamplePacker(self.lengths, concatenate=self._prefix_lm,
                                                  **converter.packing_options)

@@ -48,6 +48,7 @@ import random
 import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -127,6 +128,7 @@ class TaskInfo:
 _SPECS: dict[str, TaskSpec] = {}
 _INFOS: dict[str, TaskInfo] = {}
 _DATA_ERRORS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+_SPLIT_ERRORS: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
 _ERRORS_LOCK = threading.Lock()
 _POOLS: dict[tuple[str, str], list[tuple[int, dict]]] = {}
 _BUILD_COUNT = 0
@@ -230,9 +232,24 @@ def exemplar_pool(spec: TaskSpec) -> list[tuple[int, dict]]:
     return _POOLS[key]
 
 
-def _count_error(task_name: str, reason: str) -> None:
+def _count_error(task_name: str, split: str, reason: str) -> None:
     with _ERRORS_LOCK:
         _DATA_ERRORS[task_name][reason] += 1
+        _SPLIT_ERRORS[task_name, split][reason] += 1
+
+
+def _render_record(spec: TaskSpec, variant: str, split: str, index: int, record: Any, pool) -> dict | None:
+    """One record rendered, or None after counting why it was skipped (fail_fast: raises, naming the record)."""
+    try:
+        values = normalize_record(spec, record, need_rationale=(variant == "cot"))
+        return render_example(spec, variant, split, index, values, pool)
+    except MalformedRecordError as e:
+        task_name = f"{spec.name}_{variant}"
+        if spec.record_policy == "fail_fast":
+            raise MalformedRecordError(e.reason, e.detail, f"task {task_name!r}, split {split!r}, "
+                                                           f"record {index}") from None
+        _count_error(task_name, split, e.reason)
+        return None
 
 
 def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0, num_shards: int = 1, *,
@@ -242,7 +259,6 @@ def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0
     start_record: records with a smaller index are passed over unread by normalize/render (a resumed input pipeline
     continues from its cursor); with_index: yield (record index, example) pairs.
     """
-    task_name = f"{spec.name}_{variant}"
     pool = exemplar_pool(spec) if variant.startswith("fs_") else ()
     cap = spec.max_examples.get(split)
     for index, record in spec.source.records(split, shard_index, num_shards):
@@ -250,45 +266,86 @@ def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0
             break
         if index < start_record:
             continue
-        try:
-            values = normalize_record(spec, record, need_rationale=(variant == "cot"))
-            example = render_example(spec, variant, split, index, values, pool)
-        except MalformedRecordError as e:
-            if spec.record_policy == "fail_fast":
-                raise MalformedRecordError(e.reason, e.detail, f"task {task_name!r}, split {split!r}, "
-                                                               f"record {index}") from None
-            _count_error(task_name, e.reason)
-            continue
-        # outside the try: closing a suspended stream (e.g. at exit) must not run the except clause
-        yield (index, example) if with_index else example
+        example = _render_record(spec, variant, split, index, record, pool)
+        if example is not None:  # outside the renderer's try: closing a suspended stream must not count an error
+            yield (index, example) if with_index else example
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # seqio glue
 # ----------------------------------------------------------------------------------------------------------------
 
-# The generator yields chunks of examples (one Python->TF conversion per chunk instead of per example, ~3x faster);
-# options are padded to the chunk's widest list and trimmed back after unbatching.
-_CHUNK_SIZE = 128
-_CHUNK_SIGNATURE = {
-    "inputs": tf.TensorSpec([None], tf.string),
-    "targets": tf.TensorSpec([None], tf.string),
-    "options": tf.TensorSpec([None, None], tf.string),
-    "num_options": tf.TensorSpec([None], tf.int32),
-    "template_index": tf.TensorSpec([None], tf.int32),
-}
+# The source is a tf.data range of chunk numbers mapped through one Python call per chunk (one Python->TF
+# conversion per chunk instead of per example, ~3x faster). Unlike a from_generator stream, a range and its
+# position are tf.data state: an iterator over a Task or Mixture built on it can be checkpointed
+# (tf.train.Checkpoint, external state ignored: the chunk call is a pure function of the chunk number), and
+# restoring it reads no earlier chunk again. Options are padded to the chunk's widest list and trimmed after
+# unbatching.
+CHUNK_SIZE = 128
+_CHUNK_DTYPES = (tf.string, tf.string, tf.string, tf.int32, tf.int32, tf.bool)
+_CHUNK_KEYS = ("inputs", "targets", "options", "num_options", "template_index")
 
 
-def _chunks(examples: Iterator[dict], size: int = _CHUNK_SIZE) -> Iterator[dict]:
-    while True:
-        chunk = list(itertools.islice(examples, size))
-        if not chunk:
-            return
-        width = max(len(e["options"]) for e in chunk)
-        batch = {key: [e[key] for e in chunk] for key in ("inputs", "targets", "template_index")}
-        batch["options"] = [e["options"] + [""] * (width - len(e["options"])) for e in chunk]
-        batch["num_options"] = [len(e["options"]) for e in chunk]
-        yield batch
+class RecordChunks:
+    """chunk k -> the rendered valid examples among this shard's records [k*C, (k+1)*C) as column arrays, plus
+    `done` (no records left in the split or under its cap).
+
+    Sequential chunks continue one open record iterator. Any other chunk (the next pass of a repeat, or the first
+    chunk after a restored tf.data iterator) reopens the source and passes over the earlier records without
+    normalizing or rendering them."""
+
+    def __init__(self, spec: TaskSpec, variant: str, split: str, shard_index: int = 0, num_shards: int = 1):
+        self.spec, self.variant, self.split = spec, variant, split
+        self.shard_index, self.num_shards = shard_index, num_shards
+        self._records, self._next_chunk = None, None
+        self._lock = threading.Lock()
+
+    def _open_at(self, chunk: int):
+        cap = self.spec.max_examples.get(self.split)
+        records = self.spec.source.records(self.split, self.shard_index, self.num_shards)
+        if cap is not None:
+            records = itertools.takewhile(lambda pair: pair[0] < cap, records)
+        self._records = itertools.islice(records, chunk * CHUNK_SIZE, None)
+
+    def __call__(self, chunk) -> tuple:
+        chunk = int(chunk)
+        with self._lock:
+            if chunk != self._next_chunk:
+                self._open_at(chunk)
+            records = list(itertools.islice(self._records, CHUNK_SIZE))
+            self._next_chunk = chunk + 1
+        pool = exemplar_pool(self.spec) if self.variant.startswith("fs_") and records else ()
+        examples = [e for e in (_render_record(self.spec, self.variant, self.split, i, r, pool) for i, r in records)
+                    if e is not None]
+        width = max((len(e["options"]) for e in examples), default=0)
+        return (np.array([e["inputs"].encode() for e in examples], dtype=object).reshape([-1]),
+                np.array([e["targets"].encode() for e in examples], dtype=object).reshape([-1]),
+                np.array([[o.encode() for o in e["options"]] + [b""] * (width - len(e["options"]))
+                          for e in examples], dtype=object).reshape([len(examples), width]),
+                np.array([len(e["options"]) for e in examples], np.int32),
+                np.array([e["template_index"] for e in examples], np.int32),
+                np.array(not records))
+
+
+def chunked_dataset(chunks: Callable) -> tf.data.Dataset:
+    """Examples of `chunks` (a RecordChunks) as a checkpointable tf.data pipeline, chunk 0 onwards until done."""
+
+    @tf.autograph.experimental.do_not_convert
+    def call(k):
+        columns = tf.py_function(chunks, [k], _CHUNK_DTYPES)
+        for column, shape in zip(columns, ([None], [None], [None, None], [None], [None], [])):
+            column.set_shape(shape)
+        return dict(zip(_CHUNK_KEYS + ("done",), columns))
+
+    @tf.autograph.experimental.do_not_convert
+    def not_done(chunk):
+        return tf.logical_not(chunk["done"])
+
+    @tf.autograph.experimental.do_not_convert
+    def examples(chunk):
+        return {k: chunk[k] for k in _CHUNK_KEYS}
+
+    return tf.data.Dataset.range(2 ** 62).map(call).take_while(not_done).map(examples).unbatch().map(_trim_options)
 
 
 @tf.autograph.experimental.do_not_convert
@@ -323,11 +380,7 @@ class RenderedSource(seqio.DataSource):
         _BUILD_COUNT += 1
         self.spec.source.check_split(split)
         shard_index, num_shards = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
-        spec, variant = self.spec, self.variant
-        chunks = tf.data.Dataset.from_generator(
-            lambda: _chunks(iter_examples(spec, variant, split, shard_index, num_shards)),
-            output_signature=_CHUNK_SIGNATURE)
-        return chunks.unbatch().map(_trim_options)
+        return chunked_dataset(RecordChunks(self.spec, self.variant, split, shard_index, num_shards))
 
 
 def datasets_built() -> int:
@@ -335,17 +388,35 @@ def datasets_built() -> int:
     return _BUILD_COUNT
 
 
-def data_error_counts(task: str | None = None) -> dict:
-    """{seqio task name: {reason: count}} of skipped records (counted on every pass over the data)."""
+def data_error_counts(task: str | None = None, split: str | None = None) -> dict:
+    """{seqio task name: {reason: count}} of skipped records (counted on every pass over the data); of one split's
+    records only when `split` is given; of one task when `task` is (then just {reason: count})."""
     with _ERRORS_LOCK:
-        if task is not None:
-            return dict(_DATA_ERRORS.get(task, {}))
-        return {name: dict(counter) for name, counter in _DATA_ERRORS.items() if counter}
+        if split is None:
+            counts = {name: dict(c) for name, c in _DATA_ERRORS.items() if c}
+        else:
+            counts = {name: dict(c) for (name, s), c in _SPLIT_ERRORS.items() if s == split and c}
+    return counts.get(task, {}) if task is not None else counts
+
+
+def restore_data_error_counts(counts: Mapping[str, Mapping[str, int]], split: str) -> None:
+    """Sets one split's counts to saved ones (a resumed input pipeline does not read those records again)."""
+    with _ERRORS_LOCK:
+        for (name, s), counter in list(_SPLIT_ERRORS.items()):
+            if s == split:
+                _DATA_ERRORS[name].subtract(counter)
+                counter.clear()
+        for name, reasons in counts.items():
+            _SPLIT_ERRORS[name, split].update(reasons)
+            _DATA_ERRORS[name].update(reasons)
+        for name in list(_DATA_ERRORS):
+            _DATA_ERRORS[name] = +_DATA_ERRORS[name]  # drop reasons whose count fell to 0
 
 
 def reset_data_error_counts() -> None:
     with _ERRORS_LOCK:
         _DATA_ERRORS.clear()
+        _SPLIT_ERRORS.clear()
 
 
 def _available_variants(spec: TaskSpec) -> list[str]:

@@ -99,3 +99,22 @@ def test_rsqrt_schedule_and_momentum_continue_from_the_t5x_step():
     no_momentum = optim.make_adafactor(optim.AdafactorConfig(), schedule)
     with pytest.raises(ValueError, match=r"slot b/m has no place.*beta1"):
         init_from.adafactor_state_from_slots(jax.device_get(no_momentum.init(params)), slots, 1000)
+
+
+def test_logged_learning_rate_follows_the_restored_t5x_step():
+    """After restoring T5X's slots and step 1000, the first finetuning update (loop step 1) uses, and logs, the
+    rsqrt rate of step 1000, not of step 0; without a restore both counters agree."""
+    params = {"w": np.ones((128, 256), np.float32), "b": np.ones((8,), np.float32)}
+    schedule = optim.make_schedule(optim.ScheduleConfig("rsqrt", 1e-2, warmup_steps=10))
+    opt = optim.make_adafactor(optim.AdafactorConfig(), schedule)
+    leaves = jax.tree.leaves(jax.device_get(opt.init(params)), is_leaf=lambda x: hasattr(x, "v_row"))
+    fac = next(x for x in leaves if hasattr(x, "v_row"))
+    slots = {"w": {"v_row": fac.v_row["w"], "v_col": fac.v_col["w"]}, "b": {"v": fac.v["b"]}}
+    grads = jax.tree.map(lambda p: np.full(p.shape, 0.1, np.float32), params)
+    for t5x_step, loop_step in ((1000, 1), (0, 1)):
+        state = init_from.adafactor_state_from_slots(jax.device_get(opt.init(params)), slots, t5x_step)
+        _, state = opt.update(grads, state, params)
+        logged = optim.applied_learning_rate(schedule, state, loop_step)
+        np.testing.assert_allclose(logged, float(schedule(t5x_step)), rtol=1e-6)
+    assert float(schedule(1000)) < float(schedule(0)) / 5  # the two differ: the test can tell them apart
+    assert optim.applied_learning_rate(schedule, {}, 7) == float(schedule(6))  # no counter: the loop's step

@@ -2,9 +2,10 @@
 
 Each process reads the data shard its devices hold in the mesh (seqio ShardInfo by `partitioning.DataShard`) and
 yields those rows of the global batch; the loop assembles global arrays. The stream is a deterministic function of
-(mixture, seed). Resuming at step s on the native pipeline continues from the position saved with checkpoint s (cost
-independent of s); on the seqio path the iterator is replayed past the s batches already consumed. Both see exactly
-the batches an uninterrupted run would have seen.
+(mixture, seed). Resuming at step s continues from the input position saved with checkpoint s, without reading the
+earlier examples again: the native pipeline's cursors and buffers, or on the seqio path the tf.data iterator's
+checkpoint (train/seqio_input.py). Only a seqio pipeline that cannot be checkpointed (tasks from outside the
+registry) is replayed past the s batches. All see exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ INPUT_SHARDINGS = ("per_process_shard", "global_stream")
 
 
 class HostBatches:
-    """Iterator of this process's batches; `state()` is its input position (native pipeline) or None (seqio)."""
+    """Iterator of this process's batches; `state()` is its input position (with the registry's counts of records
+    skipped so far in its split), or None (a replayed seqio pipeline)."""
 
-    def __init__(self, source, rows: Optional[slice] = None):
-        self._source, self._rows = source, rows
+    def __init__(self, source, rows: Optional[slice] = None, split: str = "train"):
+        self._source, self._rows, self._split = source, rows, split
 
     def __iter__(self):
         return self
@@ -69,7 +71,10 @@ class HostBatches:
         return batch if self._rows is None else {k: v[self._rows] for k, v in batch.items()}
 
     def state(self) -> Optional[dict]:
-        return self._source.state() if hasattr(self._source, "state") else None
+        if not hasattr(self._source, "state"):
+            return None
+        from flan_jax import registry
+        return {"position": self._source.state(), "data_errors": registry.data_error_counts(split=self._split)}
 
 
 def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, skip_batches: int = 0,
@@ -78,12 +83,16 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
 
     shard: this process's `partitioning.DataShard` (from the mesh); None means one shard per process. Processes that
     share a shard (a model-parallel group spanning hosts) read the same seqio shard and so feed identical rows.
-    input_state: a native pipeline's saved `state()`; it continues there (no skipping) and `skip_batches` is ignored.
+    input_state: a saved `state()`; it continues there (no skipping) and `skip_batches` is ignored.
     """
     if cfg.input_sharding not in INPUT_SHARDINGS:
         raise ValueError(f"INPUT_SHARDING={cfg.input_sharding!r}: expected one of {INPUT_SHARDINGS}")
     index, count = (jax.process_index(), jax.process_count()) if shard is None else (shard.index, shard.count)
     per_shard = cfg.input_sharding == "per_process_shard" and count > 1
+    if input_state is not None:  # the records before the position are not read again: neither are their errors
+        from flan_jax import registry
+        registry.restore_data_error_counts(input_state["data_errors"], cfg.split)
+        input_state = input_state["position"]
     local = local_batch_size(cfg.global_batch_size, shard)
     # Our packer truncates (or drops) over-length examples itself and counts them; seqio's trimming is silent.
     counts_truncation = hasattr(feature_converter, "stats")
@@ -98,14 +107,14 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
             for _ in range(skip_batches):
                 next(batches)
     else:
-        ds = seqio.get_dataset(
-                cfg.mixture_or_task_name, task_feature_lengths=dict(cfg.task_feature_lengths),
-                feature_converter=feature_converter, dataset_split=cfg.split, shuffle=cfg.shuffle, num_epochs=None,
-                shard_info=seqio.ShardInfo(index=index, num_shards=count) if per_shard else None, seed=cfg.seed,
-                batch_size=batch_size, verbose=False, trim_output_features=not counts_truncation)
-        batches = ds.skip(skip_batches).as_numpy_iterator()
+        from flan_jax.train import seqio_input
+        batches = seqio_input.seqio_batches(
+                cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter, split=cfg.split,
+                shuffle=cfg.shuffle, seed=cfg.seed,
+                shard_info=seqio.ShardInfo(index=index, num_shards=count) if per_shard else None,
+                trim_output_features=not counts_truncation, skip_batches=skip_batches, state=input_state)
     rows = slice(index * local, (index + 1) * local) if not per_shard and count > 1 else None
-    return HostBatches(batches, rows)
+    return HostBatches(batches, rows, cfg.split)
 
 
 def input_fingerprint(cfg: InputConfig, shard) -> dict:
@@ -113,7 +122,7 @@ def input_fingerprint(cfg: InputConfig, shard) -> dict:
     return {"mixture": cfg.mixture_or_task_name, "lengths": dict(cfg.task_feature_lengths),
             "batch": cfg.global_batch_size, "seed": cfg.seed, "split": cfg.split, "shuffle": cfg.shuffle,
             "sharding": cfg.input_sharding, "pipeline": cfg.pipeline,
-            "shard": None if shard is None else [shard.index, shard.count]}
+            "shard": None if shard is None else [shard.index, shard.count], "state_format": 2}
 
 
 def pipeline_counters(feature_converter) -> dict:
@@ -131,14 +140,15 @@ def pipeline_counters(feature_converter) -> dict:
     return out
 
 
-def data_errors_by_task() -> dict:
-    """{task: {"data_errors": total, "data_errors/<reason>": n}} from the registry's skip-and-count policy."""
+def data_errors_by_task(split: Optional[str] = None) -> dict:
+    """{task: {"data_errors": total, "data_errors/<reason>": n}} from the registry's skip-and-count policy, of the
+    records of `split` (all splits if None). Restored with the input position on resume."""
     try:
         from flan_jax import registry
     except ImportError:
         return {}
     result = {}
-    for task, reasons in registry.data_error_counts().items():
+    for task, reasons in registry.data_error_counts(split=split).items():
         values = {"data_errors": float(sum(reasons.values()))}
         values.update({f"data_errors/{r}": float(n) for r, n in reasons.items()})
         result[task] = values

@@ -223,8 +223,9 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                 sps = window_steps / elapsed
                 n_proc_tokens = (window_tokens[0] + window_tokens[1]) * shard.count  # processes sharing a shard: same rows
                 values = {k: float(v) for k, v in m.items() if k != "finite"}
-                values.update({"steps_per_sec": sps, "tokens_per_sec": n_proc_tokens / elapsed,
-                                              "learning_rate": float(schedule(step - 1)),
+                # The schedule's own count: after a T5X restore it continues from T5X's step, not the loop's.
+                lr = optim.applied_learning_rate(schedule, state["opt_state"], step)
+                values.update({"steps_per_sec": sps, "tokens_per_sec": n_proc_tokens / elapsed, "learning_rate": lr,
                                               "tflops_per_sec": flops_per_row * cfg.input.global_batch_size * sps / 1e12})
                 # MFU counts the FLOPs of every token slot of the packed rows against the measured peak.
                 values["mfu"] = values["tflops_per_sec"] / peak_tflops
@@ -232,7 +233,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                 values.update(data_lib.pipeline_counters(converter))
                 values.update(parameter_counts)
                 writer.write(step, "train", "all", values)
-                for task, errors in data_lib.data_errors_by_task().items():
+                for task, errors in data_lib.data_errors_by_task(cfg.input.split).items():
                     writer.write(step, "train", task, errors)
                 progress.line(step, values["loss"], sps)
                 window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []

@@ -36,6 +36,22 @@ def make_schedule(cfg: ScheduleConfig) -> optax.Schedule:
     raise ValueError(f"schedule kind={cfg.kind!r}: expected constant, warmup_constant or rsqrt")
 
 
+def schedule_count(opt_state) -> Optional[jax.Array]:
+    """The learning-rate schedule's own step counter in an optimizer state (None if it has none).
+
+    It equals the loop's step, except after a T5X restore with its optimizer state: then it continues from T5X's
+    step (train/init_from.py), and so does the schedule."""
+    is_count = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    counts = [x.count for x in jax.tree.leaves(opt_state, is_leaf=is_count) if is_count(x)]
+    return counts[0] if counts else None
+
+
+def applied_learning_rate(schedule: optax.Schedule, opt_state, loop_step: int) -> float:
+    """The learning rate of the update that brought the optimizer to `opt_state` (the loop's step-th update)."""
+    count = schedule_count(opt_state)
+    return float(schedule((loop_step if count is None else int(count)) - 1))  # int(): replicated, fine multi-host
+
+
 @dataclasses.dataclass(frozen=True)
 class AdafactorConfig:
     decay_rate: float = 0.8
