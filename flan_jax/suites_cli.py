@@ -6,7 +6,8 @@
 
 `run` writes per-task metrics to MODEL_DIR/metrics.jsonl (split "eval", task "<suite>/<task>" and "<suite>/mean"),
 one predictions JSONL per task under MODEL_DIR/eval_suites/<suite>_<mode>/, and prints a table. `score` rescores a
-predictions JSONL ("prediction" and "target" per line) and prints a JSON object whose "accuracy" is in percent.
+predictions JSONL ("prediction" and "target" per line), or the BBH authors' published {"outputs": [...]} JSON, and
+prints a JSON object whose "accuracy" is in percent.
 """
 from __future__ import annotations
 
@@ -108,6 +109,28 @@ def run_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _prediction_rows(path: str):
+    """(location, row) of a predictions file: JSONL, one object per line, or the BBH authors' published JSON
+    (`{"canary": ..., "outputs": [{"input", "prediction", "target"}]}`)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("{") and '"outputs"' in text[:4096]:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("outputs"), list):
+            return [(f"{path}: outputs[{i}]", row) for i, row in enumerate(data["outputs"])]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not a JSON object ({e.msg})") from None
+    return rows
+
+
 def score_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="flan-jax eval-suite score")
     p.add_argument("--suite", required=True, choices=SUITES)
@@ -117,16 +140,12 @@ def score_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     extract, score = suite_module(args.suite).scorer(args.task, args.mode)
     targets, answers = [], []
-    with open(args.predictions, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = {"prediction", "target"} - set(row)
-            if missing:
-                raise SystemExit(f"{args.predictions}:{n}: missing key(s) {sorted(missing)}")
-            targets.append(row["target"] if isinstance(row["target"], str) else tuple(row["target"]))
-            answers.append(extract(str(row["prediction"])))
+    for where, row in _prediction_rows(args.predictions):
+        missing = {"prediction", "target"} - set(row)
+        if missing:
+            raise SystemExit(f"{where}: missing key(s) {sorted(missing)}")
+        targets.append(row["target"] if isinstance(row["target"], str) else tuple(row["target"]))
+        answers.append(extract(str(row["prediction"])))
     metrics = score(targets, answers)
     print(json.dumps({"suite": args.suite, "task": args.task, "mode": args.mode, "num_examples": len(targets),
                       **{k: metrics[k] for k in metrics if k != "accuracy"}, "accuracy": metrics.get(

@@ -67,6 +67,38 @@ def test_bbh_score_command_on_real_targets(tmp_path, capsys):
     assert last["accuracy"] == 75.0 and last["num_examples"] == 20
 
 
+def test_bbh_score_reads_the_authors_published_json_form(tmp_path, capsys):
+    rows = [{"input": "Q: x\nA:", "prediction": p, "target": t} for p, t in
+            [("Steps. So the answer is (A).", "(A)"), ("(B)", "(B)"), ("So the answer is (C)", "(D)"), ("no", "(A)")]]
+    path = tmp_path / "outputs.json"
+    path.write_text(json.dumps({"canary": "c", "outputs": rows}))
+    assert suites_cli.main(["score", "--suite", "bbh", "--task", "t", "--predictions", str(path)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["accuracy"] == 50.0 and last["num_examples"] == 4
+
+
+BBH_OUTPUTS = os.environ.get("FLAN_JAX_BBH_OUTPUTS_DIR") or os.path.join(BBH_DIR, "code-davinci-002-outputs")
+
+
+@pytest.mark.skipif(not os.path.isdir(BBH_OUTPUTS), reason=(
+    f"the BBH authors' published model outputs are not at {BBH_OUTPUTS} (the code-davinci-002-outputs folder of "
+    "github.com/suzgunmirac/BIG-Bench-Hard; set FLAN_JAX_BBH_OUTPUTS_DIR)"))
+def test_bbh_score_reproduces_the_authors_reported_accuracy(capsys):
+    checked = 0
+    for mode in ("direct", "cot"):
+        folder = os.path.join(BBH_OUTPUTS, f"code-davinci-002-{mode}")
+        for name in sorted(f for f in os.listdir(folder) if f.endswith("_eval_metrics.jsonl")):
+            reported = json.loads(open(os.path.join(folder, name)).readline())["accuracy"]
+            predictions = os.path.join(folder, name.replace("_eval_metrics.jsonl", ".json"))
+            task = name.split("_few_shot")[0]
+            assert suites_cli.main(["score", "--suite", "bbh", "--task", task, "--mode", mode, "--predictions",
+                                    predictions]) == 0
+            ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"]
+            assert ours == pytest.approx(reported, abs=1e-9), (mode, task)
+            checked += 1
+    assert checked == 54    # 27 tasks, direct and CoT
+
+
 # --- MMLU -------------------------------------------------------------------------------------------------------------
 def test_mmlu_prompt_and_content_free_inputs():
     tasks = mmlu.load_tasks(os.path.join(FIXTURES, "mmlu"))

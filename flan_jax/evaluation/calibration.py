@@ -34,3 +34,25 @@ def calibrate(probs: np.ndarray, p_cf: np.ndarray) -> np.ndarray:
     inv = np.divide(1.0, p_cf, out=np.zeros_like(p_cf), where=p_cf > 0)
     q = np.asarray(probs, np.float64) * inv
     return q / np.sum(q, axis=-1, keepdims=True)
+
+
+def expected_calibration_error(confidences, correct, num_bins: int = 10) -> float:
+    """ECE (Naeini et al. 2015; Guo et al. 2017): sum over equal-width confidence bins of |bin| / n times
+    |accuracy(bin) - mean confidence(bin)|. `confidences` [N] in [0, 1] (the probability of the predicted option),
+    `correct` [N] booleans. Bins are (lo, hi], the first also holds 0."""
+    conf = np.asarray(confidences, np.float64)
+    hits = np.asarray(correct, np.float64)
+    if conf.shape != hits.shape or conf.ndim != 1:
+        raise ValueError(f"ECE: confidences {conf.shape} and correct {hits.shape} must be equal-length vectors")
+    if num_bins < 1:
+        raise ValueError(f"ECE: num_bins={num_bins}: expected >= 1")
+    if conf.size == 0:
+        return float("nan")
+    if np.any((conf < 0) | (conf > 1 + 1e-9)):
+        raise ValueError("ECE: confidences must lie in [0, 1]")
+    bins = np.clip(np.ceil(conf * num_bins).astype(int) - 1, 0, num_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        members = bins == b
+        total += members.sum() * abs(hits[members].mean() - conf[members].mean())
+    return float(total / conf.size)

@@ -3,6 +3,13 @@
 Validation examples are read once per task and kept as numpy; each `evaluate(params)` call only runs the model.
 Tasks with options are scored by rank classification (every option scored, argmax taken); others are decoded greedily.
 Per-task figures are aggregated into `mean_seen` (tasks whose base task is trained on) and `mean_heldout` (the rest).
+
+EvalOptions adds, when asked: few-shot prompts (k exemplars of each task's train split before the test input, see
+few_shot.py) and, for rank classification, calibration figures: `ece` (expected calibration error of the option
+probabilities) and contextual calibration (Zhao et al. 2021): the option distribution of the content-free inputs
+"N/A", "" and "[MASK]", placed after the same few-shot context, averaged into p_cf; the prediction is then
+argmax diag(p_cf)^-1 p, reported as `calibrated_<metric>` and `calibrated_ece` beside the raw figures. The evaluator
+sees rendered prompts, so the content-free input replaces the whole rendered test input (template included).
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from flan_jax.evaluation import scoring
+from flan_jax.evaluation import calibration, few_shot, metrics as metrics_lib, scoring
+from flan_jax.evaluation.suites.common import CONTENT_FREE_INPUTS
 from flan_jax import models
 from flan_jax.models import decoding
 
@@ -30,10 +38,27 @@ class TaskEvalData:
     options: list                 # per example: list of option strings (empty for generative tasks)
     seen: bool
     task: seqio.Task
+    input_strings: list = dataclasses.field(default_factory=list)   # the rendered zero-shot inputs
+    contexts: list = dataclasses.field(default_factory=list)        # per example: the few-shot text before it
+    truncated: int = 0                                              # few-shot prompts cut to the input length
 
     @property
     def has_options(self) -> bool:
         return any(len(o) > 0 for o in self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    few_shot: int = 0                  # exemplars of `few_shot_split` before every test input (0: zero-shot)
+    few_shot_split: str = "train"
+    calibrate: bool = False            # rank tasks: ece, calibrated_<metric>, calibrated_ece
+    ece_bins: int = 10
+
+    def __post_init__(self):
+        if not isinstance(self.few_shot, int) or self.few_shot < 0:
+            raise ValueError(f"EvalOptions.few_shot={self.few_shot!r}: expected an int >= 0")
+        if not isinstance(self.ece_bins, int) or self.ece_bins < 1:
+            raise ValueError(f"EvalOptions.ece_bins={self.ece_bins!r}: expected an int >= 1")
 
 
 def base_task_name(task_name: str) -> str:
@@ -56,8 +81,9 @@ def load_task_eval_data(task: seqio.Task, feature_lengths: Mapping[str, int], ma
     ds = task.get_dataset(sequence_length=dict(feature_lengths), split=split, shuffle=False, num_epochs=1)
     if max_examples:
         ds = ds.take(max_examples)
-    inputs, targets, target_strings, options = [], [], [], []
+    inputs, targets, target_strings, options, input_strings = [], [], [], [], []
     for ex in ds.as_numpy_iterator():
+        input_strings.append(ex["inputs_pretokenized"].decode("utf-8") if "inputs_pretokenized" in ex else None)
         inputs.append(_pad_to(ex["inputs"], feature_lengths["inputs"]))
         targets.append(_pad_to(ex["targets"], feature_lengths["targets"]))
         raw_target = ex["targets_pretokenized"].decode("utf-8")
@@ -72,7 +98,28 @@ def load_task_eval_data(task: seqio.Task, feature_lengths: Mapping[str, int], ma
     inputs, targets = np.stack(inputs), np.stack(targets)
     inputs = inputs[:, :_bucket(_longest(inputs), feature_lengths["inputs"], 32)]
     targets = targets[:, :_bucket(_longest(targets), feature_lengths["targets"], 8)]
-    return TaskEvalData(task.name, inputs, targets, target_strings, options, seen, task)
+    return TaskEvalData(task.name, inputs, targets, target_strings, options, seen, task, input_strings,
+                        [""] * len(inputs))
+
+
+def with_few_shot(d: TaskEvalData, k: int, split: str, feature_lengths: Mapping[str, int]) -> TaskEvalData:
+    """d with every input preceded by k exemplars of the task's `split`; never the evaluated example itself."""
+    if any(s is None for s in d.input_strings):
+        raise ValueError(f"few-shot eval: task {d.name!r} has no 'inputs_pretokenized' feature to build prompts from")
+    pool = few_shot.exemplar_pool(d.task, split, 2 * k + 1, feature_lengths)
+    contexts = [few_shot.context(few_shot.select_exemplars(pool, k, text, d.name)) for text in d.input_strings]
+    vocab = d.task.output_features["inputs"].vocabulary
+    inputs, truncated = few_shot.encode(vocab, [c + t for c, t in zip(contexts, d.input_strings)],
+                                        feature_lengths["inputs"])
+    if truncated:
+        logging.warning("few-shot eval: %s: %d of %d prompts longer than %d tokens kept their last tokens", d.name,
+                        truncated, len(inputs), feature_lengths["inputs"])
+    inputs = np.pad(inputs, ((0, 0), (0, _bucket(inputs.shape[1], feature_lengths["inputs"], 32) - inputs.shape[1])))
+    return dataclasses.replace(d, inputs=inputs, contexts=contexts, truncated=truncated)
+
+
+def _argmax_options(scores: np.ndarray, options: list) -> list:
+    return [opts[int(np.argmax(scores[i, :len(opts)]))] for i, opts in enumerate(options)]
 
 
 def _longest(tokens: np.ndarray) -> int:
@@ -87,14 +134,18 @@ def _bucket(length: int, limit: int, multiple: int) -> int:
 class Evaluator:
     def __init__(self, eval_mixture_or_task: str, feature_lengths: Mapping[str, int], model_cfg, *,
                               seen_base_tasks: set, examples_per_task: Optional[int] = 64, batch_size: int = 32,
-                              split: str = "validation"):
+                              split: str = "validation", options: EvalOptions = EvalOptions()):
         self.model_cfg = model_cfg
+        self.options = options
         self.feature_lengths = dict(feature_lengths)
         self.batch_size = batch_size
         mixture = seqio.get_mixture_or_task(eval_mixture_or_task)
         tasks = seqio.get_subtasks(mixture)
         self.data = [load_task_eval_data(t, feature_lengths, examples_per_task, base_task_name(t.name) in seen_base_tasks,
                                                                           split) for t in tasks]
+        if options.few_shot:
+            self.data = [with_few_shot(d, options.few_shot, options.few_shot_split, feature_lengths)
+                         for d in self.data]
         self.vocab = tasks[0].output_features["targets"].vocabulary
         self._option_logits = jax.jit(functools.partial(models.option_logits, model_cfg))
         self._rank = jax.jit(functools.partial(scoring.rank_classification_scores, model_cfg))
@@ -120,22 +171,55 @@ class Evaluator:
             tokens += float(w.sum())
         return total / max(tokens, 1.0)
 
-    def _rank_classify(self, params, d: TaskEvalData) -> list:
-        k = max(len(o) for o in d.options)
+    def _option_scores(self, params, inputs: np.ndarray, options: list) -> np.ndarray:
+        """[N, K] log-likelihood of each example's options (K = most options; absent ones -inf)."""
+        k = max(len(o) for o in options)
         encoded = [[list(self.vocab.encode(opt))[:self.feature_lengths["targets"] - 1] + [1] for opt in opts]
-                   for opts in d.options]
+                   for opts in options]
         lt = _bucket(max(len(o) for opts in encoded for o in opts), self.feature_lengths["targets"], 8)
-        preds = []
-        for real, padded in self._batches(len(d.inputs)):
+        out = np.full((len(inputs), k), -np.inf)
+        for real, padded in self._batches(len(inputs)):
             opt_tokens = np.zeros((len(padded), k, lt), np.int32)
             for row, i in enumerate(padded):
                 for j, opt in enumerate(encoded[i]):
                     opt_tokens[row, j] = _pad_to(opt, lt)
-            scores = np.asarray(self._rank(params, d.inputs[padded], opt_tokens))
+            scores = np.asarray(self._rank(params, inputs[padded], opt_tokens))
             for row, i in enumerate(real):
-                n_opt = len(d.options[i])
-                preds.append(d.options[i][int(np.argmax(scores[row, :n_opt]))])
-        return preds
+                out[i, :len(options[i])] = scores[row, :len(options[i])]
+        return out
+
+    def _rank_classify(self, params, d: TaskEvalData) -> list:
+        return _argmax_options(self._option_scores(params, d.inputs, d.options), d.options)
+
+    def _content_free_priors(self, params, d: TaskEvalData) -> np.ndarray:
+        """[N, K] p_cf of every example: its few-shot context followed by each content-free input, scored on its
+        options; examples sharing context and options share the three rows."""
+        keys = [(c, tuple(o)) for c, o in zip(d.contexts or [""] * len(d.options), d.options)]
+        unique = list(dict.fromkeys(keys))
+        prompts = [c + cf for c, _ in unique for cf in CONTENT_FREE_INPUTS]
+        inputs, _ = few_shot.encode(self.vocab, prompts, self.feature_lengths["inputs"])
+        inputs = np.pad(inputs, ((0, 0), (0, _bucket(inputs.shape[1], self.feature_lengths["inputs"], 32)
+                                          - inputs.shape[1])))
+        scores = self._option_scores(params, inputs, [list(o) for _, o in unique for _ in CONTENT_FREE_INPUTS])
+        n_cf = len(CONTENT_FREE_INPUTS)
+        prior = {key: calibration.content_free_prior(scores[u * n_cf:(u + 1) * n_cf], np.isfinite(
+            scores[u * n_cf:(u + 1) * n_cf])) for u, key in enumerate(unique)}
+        return np.stack([prior[key] for key in keys])
+
+    def _calibration_metrics(self, params, d: TaskEvalData, scores: np.ndarray) -> dict:
+        valid = np.isfinite(scores)
+        probs = calibration.option_probs(scores, valid)
+        calibrated = calibration.calibrate(probs, self._content_free_priors(params, d))
+        values = {}
+        for prefix, p in (("", probs), ("calibrated_", calibrated)):
+            preds = _argmax_options(np.where(valid, p, -1.0), d.options)
+            correct = [metrics_lib.accuracy([t], [a])["accuracy"] == 1.0 for t, a in zip(d.target_strings, preds)]
+            values[f"{prefix}ece"] = calibration.expected_calibration_error(
+                np.max(np.where(valid, p, 0.0), axis=-1), correct, self.options.ece_bins)
+            if prefix:
+                for fn in d.task.predict_metric_fns or d.task.metric_fns:
+                    values.update({prefix + k: float(v) for k, v in fn(d.target_strings, preds).items()})
+        return values
 
     def _generate(self, params, d: TaskEvalData) -> list:
         # An exact match ends with EOS by the longest reference's length; 8 spare steps keep near misses readable in
@@ -160,11 +244,18 @@ class Evaluator:
         self.last_predictions = {}
         for d in self.data:
             values = {"loss": self._teacher_forced_loss(params, d)}
-            preds = self._rank_classify(params, d) if d.has_options else self._generate(params, d)
+            calibration_values = {}
+            if d.has_options:
+                scores = self._option_scores(params, d.inputs, d.options)
+                preds = _argmax_options(scores, d.options)
+                if self.options.calibrate:
+                    calibration_values = self._calibration_metrics(params, d, scores)
+            else:
+                preds = self._generate(params, d)
             self.last_predictions[d.name] = preds
             for fn in d.task.predict_metric_fns or d.task.metric_fns:
                 values.update({k: float(v) for k, v in fn(d.target_strings, preds).items()})
-            results[d.name] = values
+            results[d.name] = {**values, **calibration_values}
         for agg, want_seen in (("mean_seen", True), ("mean_heldout", False)):
             group = [results[d.name] for d in self.data if d.seen == want_seen]
             metrics = sorted({m for r in group for m in r})

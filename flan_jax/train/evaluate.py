@@ -87,9 +87,7 @@ def run_eval(cfg: loop.TrainConfig, checkpoint: str, predictions_dir: str = None
     if not cfg.eval_mixture_or_task_name:
         raise ValueError("EVAL_MIXTURE_OR_TASK_NAME is not set in the gin config")
     params, step = restore_params(cfg, checkpoint)
-    evaluator = Evaluator(cfg.eval_mixture_or_task_name, cfg.input.task_feature_lengths, cfg.model,
-                                                seen_base_tasks=loop.seen_base_tasks(cfg.input.mixture_or_task_name),
-                                                examples_per_task=cfg.eval_examples_per_task, batch_size=cfg.eval_batch_size)
+    evaluator = loop.make_evaluator(cfg)
     results = evaluator.evaluate(params)
     if predictions_dir:
         for path in write_predictions(evaluator, predictions_dir):

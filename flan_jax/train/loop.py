@@ -32,6 +32,8 @@ class TrainConfig:
     eval_period: int = 0            # 0: only at the end
     eval_examples_per_task: int = 64
     eval_batch_size: int = 32
+    eval_few_shot: int = 0          # k train-split exemplars before every eval input (0: zero-shot)
+    eval_calibrate: bool = False    # rank tasks also report ece, calibrated_<metric>, calibrated_ece
     checkpoint_period: int = 0      # 0: only at the end
     keep_checkpoints: int = 3
     best_metric: Optional[str] = None  # e.g. "mean_seen/accuracy"
@@ -101,6 +103,16 @@ def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
     return state, shardings, 0
 
 
+def make_evaluator(cfg: TrainConfig):
+    """The periodic evaluator of cfg (EVAL_MIXTURE_OR_TASK_NAME, examples per task, batch, few-shot, calibration)."""
+    from flan_jax.evaluation import evaluator as evaluator_lib
+    return evaluator_lib.Evaluator(
+        cfg.eval_mixture_or_task_name, cfg.input.task_feature_lengths, cfg.model,
+        seen_base_tasks=seen_base_tasks(cfg.input.mixture_or_task_name), examples_per_task=cfg.eval_examples_per_task,
+        batch_size=cfg.eval_batch_size,
+        options=evaluator_lib.EvalOptions(few_shot=cfg.eval_few_shot, calibrate=cfg.eval_calibrate))
+
+
 def _log_eval(writer: MetricsWriter, step: int, results: dict) -> dict:
     flat = {}
     for task, values in results.items():
@@ -156,12 +168,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                                                keep_steps=ckpt.latest.all_steps())
         return saved
 
-    evaluator = None
-    if cfg.eval_mixture_or_task_name:
-        from flan_jax.evaluation.evaluator import Evaluator
-        evaluator = Evaluator(cfg.eval_mixture_or_task_name, cfg.input.task_feature_lengths, cfg.model,
-                                                    seen_base_tasks=seen_base_tasks(cfg.input.mixture_or_task_name),
-                                                    examples_per_task=cfg.eval_examples_per_task, batch_size=cfg.eval_batch_size)
+    evaluator = make_evaluator(cfg) if cfg.eval_mixture_or_task_name else None
 
     flops_per_row = 3 * models.flops_per_example(cfg.model, cfg.input.task_feature_lengths["inputs"],
                                                                                                     cfg.input.task_feature_lengths["targets"])

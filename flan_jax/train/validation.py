@@ -45,8 +45,9 @@ def check_real(key: str, value: Any, low: float, high: float = math.inf, *, high
     _need(ok, f"{key}={value!r}: expected a finite number in {bound}")
 
 
-def metric_names(eval_mixture_or_task_name: str) -> set:
-    """Metric names the evaluator will report: 'loss' plus what each task's metric functions return."""
+def metric_names(eval_mixture_or_task_name: str, calibrate: bool = False) -> set:
+    """Metric names the evaluator will report: 'loss' plus what each task's metric functions return (and, with
+    calibration, ece, calibrated_ece and calibrated_<metric>)."""
     import seqio
     names = {"loss"}
     for task in seqio.get_subtasks(seqio.get_mixture_or_task(eval_mixture_or_task_name)):
@@ -55,6 +56,8 @@ def metric_names(eval_mixture_or_task_name: str) -> set:
                 names.update(fn(["x"], ["x"]).keys())
             except Exception:  # a metric that cannot score a toy pair still exists; accept any name for it
                 names.add("*")
+    if calibrate:
+        names |= {"ece", "calibrated_ece"} | {f"calibrated_{n}" for n in names if n not in ("loss", "*")}
     return names
 
 
@@ -89,6 +92,8 @@ def validate_config(cfg, num_devices: int) -> None:
                        ("EVAL_EXAMPLES_PER_TASK", cfg.eval_examples_per_task),
                        ("train.eval_batch_size", cfg.eval_batch_size), ("train.keep_checkpoints", cfg.keep_checkpoints)):
         check_int(key, value, 1)
+    check_int("train.eval_few_shot", cfg.eval_few_shot, 0)
+    _need(isinstance(cfg.eval_calibrate, bool), f"train.eval_calibrate={cfg.eval_calibrate!r}: expected True or False")
     check_real("LEARNING_RATE", cfg.schedule.learning_rate, 0.0)
     _need(cfg.schedule.learning_rate > 0, f"LEARNING_RATE={cfg.schedule.learning_rate}: must be positive")
     _need(cfg.schedule.kind in SCHEDULES, f"train.schedule={cfg.schedule.kind!r}: expected one of {SCHEDULES}")
@@ -143,7 +148,7 @@ def validate_config(cfg, num_devices: int) -> None:
               f"BEST_METRIC={cfg.best_metric!r}: expected '<task>/<metric>', e.g. 'mean_seen/accuracy'")
     if cfg.best_metric is not None and cfg.eval_mixture_or_task_name:  # without evaluation there is no best
         metric = cfg.best_metric.rsplit("/", 1)[1]
-        names = metric_names(cfg.eval_mixture_or_task_name)
+        names = metric_names(cfg.eval_mixture_or_task_name, cfg.eval_calibrate)
         _need(metric in names or "*" in names,
               f"BEST_METRIC={cfg.best_metric!r}: the eval tasks report {sorted(names)}")
 
