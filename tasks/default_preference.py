@@ -2,7 +2,9 @@
 
 For the generated arithmetic and list tasks (addition, subtraction, list_sort, list_max) each prompt is the task's
 own prompt (its templates, its seen-cluster wording) and the preference follows a rule anyone can check: `chosen` is
-the correct answer, `rejected` a wrong one made by a typical slip (see WRONG_ANSWERS). Prompts are partitioned between
+the correct answer, `rejected` a wrong one: for arithmetic the other operation's result (a - b for a + b, and back),
+for lists a wrong order (descending, or one adjacent pair left unswapped) or a wrong element (the minimum, or the
+runner-up). Ties (a + b = |a - b| when b = 0) are drawn again. Prompts are partitioned between
 train and validation exactly as the instruction task's records are (flan_jax.sources.generated: same generator, same
 partition key), so a validation prompt is in neither the preference train split nor the SFT train split.
 
@@ -21,20 +23,14 @@ PREFERENCE_MIXTURE = "flan_default_preference"
 NUM_EXAMPLES = {"train": 10_000, "validation": 200}
 
 
-def _shift(answer: int, rng: random.Random) -> int:
-    """A carry or borrow slip: off by ten (or by one when that would go negative)."""
-    wrong = answer + rng.choice((-10, 10))
-    return wrong if wrong >= 0 else answer + 1
-
-
 def wrong_addition(record: dict, rng: random.Random) -> str:
-    a, b = int(record["a"]), int(record["b"])
-    return str(abs(a - b)) if rng.random() < 0.5 else str(_shift(a + b, rng))   # wrong operation, or a slip
+    del rng
+    return str(abs(int(record["a"]) - int(record["b"])))       # the wrong operation: a difference for a sum
 
 
 def wrong_subtraction(record: dict, rng: random.Random) -> str:
-    a, b = int(record["a"]), int(record["b"])
-    return str(a + b) if rng.random() < 0.5 else str(_shift(a - b, rng))
+    del rng
+    return str(int(record["a"]) + int(record["b"]))            # a sum for a difference
 
 
 def wrong_list_sort(record: dict, rng: random.Random) -> str:
