@@ -30,6 +30,7 @@ class Family:
     decode_step: Callable          # (config, params, tokens, index, fixed, cache, rows_per_input) -> (logits, cache)
     feature_converter: Callable    # (**packing options) -> seqio.FeatureConverter the family trains on
     encoder_decoder: bool          # batches carry encoder_* features
+    hidden_states: Callable        # (config, params, batch, *, dropout_rng=None) -> [B, L, emb_dim] float32
 
 
 def shift_right(targets: jax.Array) -> jax.Array:
@@ -75,11 +76,23 @@ def _peft_aware(fn: Callable, prompt_slots: Optional[str] = None, encoder_decode
     return wrapped
 
 
-def _family(name, config_type, module, option_logits, decode_start, decode_step, converter, encoder_decoder):
+def _family(name, config_type, module, option_logits, decode_start, decode_step, converter, encoder_decoder,
+            hidden_states):
     return Family(name, config_type, module.init_params, module.param_logical_axes, module.param_shapes,
                   module.count_params, _peft_aware(module.forward, 'batch', encoder_decoder),
                   module.count_flops_per_example, _peft_aware(option_logits, 'inputs'),
-                  _peft_aware(decode_start, 'inputs'), _peft_aware(decode_step), converter, encoder_decoder)
+                  _peft_aware(decode_start, 'inputs'), _peft_aware(decode_step), converter, encoder_decoder,
+                  _peft_aware(hidden_states, 'batch', encoder_decoder))
+
+
+def _t5_hidden_states(config, params, batch, *, dropout_rng=None):
+    """Decoder hidden states (after decoder_norm): what logits_dense projects, one row per target position."""
+    encoded = t5.encode(config, params, batch, dropout_rng=dropout_rng)
+    return t5.decode_hidden(config, params, encoded, batch, dropout_rng=dropout_rng).astype(jnp.float32)
+
+
+def _decoder_hidden_states(config, params, batch, *, dropout_rng=None):
+    return decoder.hidden_states(config, params, batch, dropout_rng=dropout_rng).astype(jnp.float32)
 
 
 def _t5_converter(**options):
@@ -95,9 +108,10 @@ def _decoder_converter(**options):
 # forward, option_logits and the decoding hooks honour params['peft'] (see _peft_aware); the param functions give the
 # base tree only (flan_jax.models adds the 'peft' subtree).
 T5 = _family('t5', t5.T5Config, t5, _t5_option_logits, t5_cache.decode_start, t5_cache.decode_step, _t5_converter,
-             encoder_decoder=True)
+             encoder_decoder=True, hidden_states=_t5_hidden_states)
 DECODER = _family('decoder', decoder.DecoderConfig, decoder, _decoder_option_logits, decoder.decode_start,
-                  decoder.decode_step, _decoder_converter, encoder_decoder=False)
+                  decoder.decode_step, _decoder_converter, encoder_decoder=False,
+                  hidden_states=_decoder_hidden_states)
 FAMILIES = (T5, DECODER)
 
 
