@@ -1,0 +1,115 @@
+"""PPO arithmetic (GAE, clipping, masked KL, KL controller, entropy) and a tiny end-to-end PPO update."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flan_jax.train.preference import ppo_math as pm
+
+
+def test_gae_matches_hand_computation_and_ignores_padding():
+    rewards = jnp.array([[1.0, 0.0, 2.0, 5.0]])       # the 5.0 sits on padding
+    values = jnp.array([[0.5, 0.2, 0.1, 9.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+    gamma, lam = 0.9, 0.8
+    # deltas: d2 = 2 - 0.1 = 1.9 (episode ends), d1 = 0 + 0.9*0.1 - 0.2 = -0.11, d0 = 1 + 0.9*0.2 - 0.5 = 0.68
+    # A2 = 1.9, A1 = -0.11 + 0.72*1.9 = 1.258, A0 = 0.68 + 0.72*1.258 = 1.58576
+    adv, ret = pm.gae(rewards, values, mask, gamma, lam)
+    np.testing.assert_allclose(adv[0], [1.58576, 1.258, 1.9, 0.0], rtol=1e-5)
+    np.testing.assert_allclose(ret[0], [2.08576, 1.458, 2.0, 0.0], rtol=1e-5)
+
+
+def test_gae_limits_lambda_one_is_discounted_return_lambda_zero_is_td():
+    rng = np.random.default_rng(0)
+    rewards, values = jnp.asarray(rng.normal(size=(2, 5))), jnp.asarray(rng.normal(size=(2, 5)))
+    mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], jnp.float32)
+    _, ret = pm.gae(rewards, values, mask, 0.95, 1.0)
+    for row in range(2):
+        n = int(mask[row].sum())
+        mc = [sum(0.95 ** (k - t) * float(rewards[row, k]) for k in range(t, n)) for t in range(n)]
+        np.testing.assert_allclose(ret[row, :n], mc, rtol=1e-5)
+    adv, _ = pm.gae(rewards, values, mask, 0.95, 0.0)
+    np.testing.assert_allclose(adv[0, 0], rewards[0, 0] + 0.95 * values[0, 1] - values[0, 0], rtol=1e-5)
+    np.testing.assert_allclose(adv[1, 1], rewards[1, 1] - values[1, 1], rtol=1e-5)   # last real token: no bootstrap
+
+
+def test_policy_clipping_gives_no_gradient_past_the_clip_in_the_advantage_direction():
+    eps = 0.2
+    old = jnp.zeros(4)
+    # ratios 1.5 (A>0, past 1+eps), 0.5 (A<0, past 1-eps): clipped, no gradient.
+    # ratios 1.5 with A<0 and 0.5 with A>0: the pessimistic min keeps the unclipped term, gradient flows.
+    ratios = jnp.array([1.5, 0.5, 1.5, 0.5])
+    adv = jnp.array([1.0, -1.0, -1.0, 1.0])
+    mask = jnp.ones(4)
+    grad = jax.grad(lambda lp: pm.policy_loss(lp, old, adv, mask, eps)[0])(jnp.log(ratios))
+    np.testing.assert_allclose(grad[:2], 0.0)
+    # d/dlogp of -ratio*A/4 = -ratio*A/4
+    np.testing.assert_allclose(grad[2:], -ratios[2:] * adv[2:] / 4, rtol=1e-6)
+    _, clip_fraction = pm.policy_loss(jnp.log(ratios), old, adv, mask, eps)
+    assert float(clip_fraction) == 1.0
+    inside = jax.grad(lambda lp: pm.policy_loss(lp, old, adv, mask, eps)[0])(jnp.log(jnp.array([1.1, 0.9, 1.0, 1.0])))
+    assert np.all(np.abs(inside) > 0)
+
+
+def test_value_loss_clips_towards_old_values():
+    old, returns, mask = jnp.array([0.0, 0.0]), jnp.array([1.0, -1.0]), jnp.ones(2)
+    values = jnp.array([0.5, 0.5])   # row 0 moved +0.5 towards its return (past clip 0.2), row 1 moved away
+    loss, frac = pm.value_loss(values, old, returns, mask, 0.2)
+    # row 0: max((0.5-1)^2, (0.2-1)^2) = 0.64; row 1: max((0.5+1)^2, (0.2+1)^2) = 2.25
+    np.testing.assert_allclose(loss, 0.5 * (0.64 + 2.25) / 2, rtol=1e-6)
+    assert float(frac) == 1.0
+    grad = jax.grad(lambda v: pm.value_loss(v, old, returns, mask, 0.2)[0])(values)
+    assert float(grad[0]) == 0.0 and float(grad[1]) > 0
+
+
+def test_per_token_kl_masks_padding():
+    policy = jnp.array([[-1.0, -2.0, -0.5, -7.0]])
+    reference = jnp.array([[-1.5, -1.0, -0.5, -1.0]])
+    mask = pm.response_mask(jnp.array([[5, 6, 1, 0]]))
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 0]])
+    kl = pm.per_token_kl(policy, reference, mask)
+    np.testing.assert_allclose(kl, [[0.5, -1.0, 0.0, 0.0]])
+    np.testing.assert_allclose(pm.sequence_kl(policy, reference, mask), [-0.5])
+    # a sampled id 0 before EOS is a real token; a row without EOS is all real
+    np.testing.assert_array_equal(pm.response_mask(jnp.array([[0, 4, 1, 0], [3, 3, 3, 3]])),
+                                  [[1, 1, 1, 0], [1, 1, 1, 1]])
+
+
+def test_kl_estimate_is_unbiased_for_the_true_kl():
+    p, q = np.array([0.7, 0.2, 0.1]), np.array([0.4, 0.4, 0.2])
+    samples = np.random.default_rng(0).choice(3, size=200_000, p=p)
+    estimate = pm.per_token_kl(jnp.log(p[samples]), jnp.log(q[samples]), jnp.ones(len(samples))).mean()
+    np.testing.assert_allclose(float(estimate), np.sum(p * np.log(p / q)), atol=5e-3)
+
+
+def test_shaped_rewards_put_the_score_on_the_last_real_token():
+    kl = jnp.array([[0.1, 0.2, 0.3, 0.0], [0.4, 0.0, 0.0, 0.0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]], jnp.float32)
+    r = pm.shaped_rewards(jnp.array([2.0, -1.0]), kl, mask, beta=0.5)
+    np.testing.assert_allclose(r, [[-0.05, -0.1, 2.0 - 0.15, 0.0], [-1.0 - 0.2, 0.0, 0.0, 0.0]], rtol=1e-6)
+
+
+def test_fixed_and_adaptive_kl_controller():
+    fixed = pm.KLController(beta=0.1)
+    assert fixed.update(100.0, 64).beta == 0.1
+    ctl = pm.KLController(beta=0.1, target=6.0, horizon=100)
+    up = ctl.update(12.0, 10)        # error clipped to +0.2: beta * (1 + 0.1 * 0.2 * 10 / 100)
+    np.testing.assert_allclose(up.beta, 0.1 * (1 + 0.002))
+    down = ctl.update(4.5, 10)       # error -0.25 clipped to -0.2
+    np.testing.assert_allclose(down.beta, 0.1 * (1 - 0.002))
+    np.testing.assert_allclose(ctl.update(6.6, 10).beta, 0.1 * (1 + 0.1 * 0.1 * 0.1))
+    with pytest.raises(ValueError, match="target"):
+        pm.KLController(beta=0.1, target=0.0)
+
+
+def test_entropy_and_token_log_probs():
+    logits = jnp.array([[[0.0, 0.0, 0.0, 0.0], [10.0, -10.0, -10.0, -10.0]]])
+    ent = pm.token_entropy(logits)
+    np.testing.assert_allclose(ent[0, 0], np.log(4), rtol=1e-6)
+    assert float(ent[0, 1]) < 1e-6
+    np.testing.assert_allclose(pm.token_log_probs(logits, jnp.array([[2, 0]])), [[-np.log(4), 0.0]], atol=1e-6)
+
+
+def test_masked_whiten_ignores_padding():
+    x, mask = jnp.array([1.0, 3.0, 100.0]), jnp.array([1.0, 1.0, 0.0])
+    np.testing.assert_allclose(pm.masked_whiten(x, mask), [-1.0, 1.0, 0.0], atol=1e-4)
