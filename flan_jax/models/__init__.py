@@ -25,6 +25,12 @@ def forward(config, params, batch, *, dropout_rng=None):
     return family(config).forward(config, params, batch, dropout_rng=dropout_rng)
 
 
+def hidden_states(config, params, batch, *, dropout_rng=None):
+    """Final hidden states [B, L, emb_dim] (float32) after the final norm, before the output projection: for T5 the
+    decoder's (one per target position), for decoder-only the stack's; forward's logits are these projected."""
+    return family(config).hidden_states(config, params, batch, dropout_rng=dropout_rng)
+
+
 def flops_per_example(config, inputs_len: int, targets_len: int) -> float:
     """Forward-pass FLOPs of one example (a train step is ~3x)."""
     return family(config).flops_per_example(config, inputs_len, targets_len)

@@ -29,6 +29,7 @@ class Family:
     decode_step: Callable          # (config, params, tokens, index, fixed, cache, rows_per_input) -> (logits, cache)
     feature_converter: Callable    # (**packing options) -> seqio.FeatureConverter the family trains on
     encoder_decoder: bool          # batches carry encoder_* features
+    hidden_states: Callable        # (config, params, batch, *, dropout_rng=None) -> [B, L, emb_dim] float32
 
 
 def shift_right(targets: jax.Array) -> jax.Array:
@@ -56,6 +57,16 @@ def _decoder_option_logits(config, params, inputs, options):
     return lm_inputs.target_part(logits, features, length)
 
 
+def _t5_hidden_states(config, params, batch, *, dropout_rng=None):
+    """Decoder hidden states (after decoder_norm): what logits_dense projects, one row per target position."""
+    encoded = t5.encode(config, params, batch, dropout_rng=dropout_rng)
+    return t5.decode_hidden(config, params, encoded, batch, dropout_rng=dropout_rng).astype(jnp.float32)
+
+
+def _decoder_hidden_states(config, params, batch, *, dropout_rng=None):
+    return decoder.hidden_states(config, params, batch, dropout_rng=dropout_rng).astype(jnp.float32)
+
+
 def _t5_converter(**options):
     from flan_jax import packing
     return packing.PackedEncDecFeatureConverter(**options)
@@ -68,11 +79,11 @@ def _decoder_converter(**options):
 
 T5 = Family('t5', t5.T5Config, t5.init_params, t5.param_logical_axes, t5.param_shapes, t5.count_params, t5.forward,
             t5.count_flops_per_example, _t5_option_logits, t5_cache.decode_start, t5_cache.decode_step,
-            _t5_converter, encoder_decoder=True)
+            _t5_converter, encoder_decoder=True, hidden_states=_t5_hidden_states)
 DECODER = Family('decoder', decoder.DecoderConfig, decoder.init_params, decoder.param_logical_axes,
                  decoder.param_shapes, decoder.count_params, decoder.forward, decoder.count_flops_per_example,
                  _decoder_option_logits, decoder.decode_start, decoder.decode_step, _decoder_converter,
-                 encoder_decoder=False)
+                 encoder_decoder=False, hidden_states=_decoder_hidden_states)
 FAMILIES = (T5, DECODER)
 
 

@@ -221,7 +221,11 @@ def embed(params: Params, tokens: jax.Array, config: DecoderConfig) -> jax.Array
 
 
 def output_logits(params: Params, y: jax.Array, config: DecoderConfig) -> jax.Array:
-    y = rms_norm(y, params['final_norm']['scale'], config)
+    return project_logits(params, rms_norm(y, params['final_norm']['scale'], config), config)
+
+
+def project_logits(params: Params, y: jax.Array, config: DecoderConfig) -> jax.Array:
+    """The output head (float32) on final-normed hidden states."""
     if config.tie_embeddings:
         return dense(y, params['token_embedder']['embedding'].T, jnp.float32)
     return dense(y, params['logits_dense']['kernel'], jnp.float32)
@@ -252,6 +256,11 @@ def _remat(fn, config: DecoderConfig):
 
 def forward(config: DecoderConfig, params: Params, batch: Batch, *, dropout_rng=None) -> jax.Array:
     """Logits [B, L, vocab] in float32 for a (packed or unpacked) decoder-only / prefix-LM batch."""
+    return project_logits(params, hidden_states(config, params, batch, dropout_rng=dropout_rng), config)
+
+
+def hidden_states(config: DecoderConfig, params: Params, batch: Batch, *, dropout_rng=None) -> jax.Array:
+    """Final hidden states [B, L, emb_dim] (after final_norm, compute dtype): the output head's input."""
     if 'decoder_input_tokens' not in batch:
         raise KeyError(f'decoder forward: batch is missing feature decoder_input_tokens (has {sorted(batch)})')
     tokens = batch['decoder_input_tokens']
@@ -264,7 +273,7 @@ def forward(config: DecoderConfig, params: Params, batch: Batch, *, dropout_rng=
     layer_fn = _remat(lambda p, x, r: layer(p, x, positions, mask, r, config)[0], config)
     for i in range(config.num_layers):
         x = layer_fn(params[f'layers_{i}'], x, None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
-    return output_logits(params, drop(x, (-2,)), config)
+    return rms_norm(drop(x, (-2,)), params['final_norm']['scale'], config)
 
 
 def count_flops_per_example(config: DecoderConfig, inputs_len: int, targets_len: int) -> float:

@@ -426,7 +426,15 @@ def _decoder_layer(p, y, encoded, self_mask, self_bias, cross_mask, rows_per_inp
 
 def decode(config: T5Config, params: Params, encoded: jax.Array, batch: Batch, *, dropout_rng=None,
            decoder_rows_per_input: int = 1) -> jax.Array:
-    """Decoder logits [B * decoder_rows_per_input, Ltgt, vocab] (float32) given `encoded` [B, Lin, d].
+    """Decoder logits [B * decoder_rows_per_input, Ltgt, vocab] (float32): decode_hidden's output projected."""
+    return output_logits(params, decode_hidden(config, params, encoded, batch, dropout_rng=dropout_rng,
+                                               decoder_rows_per_input=decoder_rows_per_input))
+
+
+def decode_hidden(config: T5Config, params: Params, encoded: jax.Array, batch: Batch, *, dropout_rng=None,
+                  decoder_rows_per_input: int = 1) -> jax.Array:
+    """Final decoder hidden states [B * decoder_rows_per_input, Ltgt, d] (after decoder_norm and dropout, compute
+    dtype) given `encoded` [B, Lin, d]; decode projects them to logits.
 
     batch: decoder_input_tokens [B*R, Ltgt]; encoder_input_tokens (or encoder_segment_ids) [B, Lin] for
     the cross-attention mask; optional decoder_segment_ids/decoder_positions (packed; then R must be 1).
@@ -469,8 +477,7 @@ def decode(config: T5Config, params: Params, encoded: jax.Array, batch: Batch, *
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
         y = layer_fn(params['decoder'][f'layers_{i}'], y, encoded, layer_rng)
     y = rms_norm(y, params['decoder']['decoder_norm']['scale'], config)
-    y = drop(y, (-2,))
-    return output_logits(params, y)
+    return drop(y, (-2,))
 
 
 def output_logits(params: Params, y: jax.Array) -> jax.Array:
