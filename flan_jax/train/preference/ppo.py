@@ -11,6 +11,7 @@ common single-model setup; vf_coef keeps that small).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Iterator, Optional
 
 import jax
@@ -207,6 +208,7 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
 
     run_eval(0)
     for iteration in range(1, cfg.iterations + 1):
+        started = time.time()
         index = np_rng.choice(len(train_prompts.tokens), cfg.rollout_batch_size, replace=False)
         prompts, refs = train_prompts.rows(index)
         batch = rollout_lib.collect(model_cfg, state['params'], sft_params, prompts, refs,
@@ -214,7 +216,7 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
                                     cfg.gamma, cfg.lam, cfg.whiten_advantages)
         metrics = rollout_metrics(batch)
         state, update_metrics = train_on_rollout(update_step, state, batch, cfg, np_rng, ptx_batches)
-        metrics.update(update_metrics, beta=controller.beta)
+        metrics.update(update_metrics, beta=controller.beta, seconds=time.time() - started)
         controller = controller.update(metrics['kl'], cfg.rollout_batch_size)
         log(iteration, 'train', metrics)
         if (eval_period and iteration % eval_period == 0) or iteration == cfg.iterations:
