@@ -20,6 +20,7 @@ commands:
     convert   checkpoint conversion          (flan-jax convert --from t5x|hf --to hf|orbax IN OUT)
     self-instruct  generate instruction data (flan-jax self-instruct --gin_file=... --checkpoint=... --out=DIR)
     eval-suite  BBH / MMLU / TyDiQA / MGSM   (flan-jax eval-suite run --suite bbh --data_dir DIR --gin_file=...)
+    preference  reward model / DPO after SFT (flan-jax preference --gin_file=gin_configs/runs/dpo_default_cpu.gin)
 """
 
 
@@ -50,6 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command == "eval-suite":
         from flan_jax.suites_cli import main as eval_suite
         return eval_suite(rest)
+    if command == "preference":
+        from flan_jax.train.preference.main import main as preference
+        return preference(rest)
     print(f"flan-jax: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

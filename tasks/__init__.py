@@ -6,6 +6,7 @@ Collections that need local files register when their directory is configured, t
 with none set these imports register nothing.
 """
 from tasks import default  # noqa: F401
+from tasks import default_preference  # noqa: F401  (the embedded preference tasks)
 from tasks import flan2021  # noqa: F401
 from tasks import cot, niv2, t0  # noqa: F401  (no-ops unless their directories are configured)
 from tasks import selfinstruct  # noqa: F401  (no-op unless FLAN_JAX_SELFINSTRUCT_DIR is set)

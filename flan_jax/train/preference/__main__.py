@@ -1,0 +1,5 @@
+import sys
+
+from flan_jax.train.preference.main import main
+
+sys.exit(main())
