@@ -168,3 +168,27 @@ def test_ptx_term_is_the_sft_loss_and_enters_the_update():
     token_nll = -pm.token_log_probs(logits, targets)
     want = float(jnp.sum(token_nll * (targets > 0)) / 12)
     assert float(ppo.ptx_loss(T5_TINY, params, batch)) == pytest.approx(want, rel=1e-5)
+
+
+def test_learned_reward_reads_a_reward_model_checkpoint_and_scores_at_the_last_real_token(tmp_path):
+    from flan_jax.train import checkpointing
+    from flan_jax.train.preference import reward, reward_adapter
+    backbone = models.init_params(T5_TINY, jax.random.PRNGKey(0))
+    head = {'kernel': jax.random.normal(jax.random.PRNGKey(1), (T5_TINY.emb_dim,)), 'bias': jnp.float32(0.3)}
+    state = {'step': jnp.int32(7), 'params': {'backbone': backbone, 'head': head}, 'opt_state': {'v': jnp.ones(3)}}
+    ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(7, state, {'step': 7})
+    ckpt.close()
+    params = reward_adapter.load_reward_params(str(tmp_path), T5_TINY)
+    responses = np.array([[5, 6, 1, 0], [7, 1, 0, 0], [2, 2, 2, 2], [1, 0, 0, 0]], np.int32)
+    want = reward.rewards(T5_TINY, {'backbone': backbone, 'head': head}, PROMPTS[:4], responses[:, None, :])[:, 0]
+    got = reward_adapter.learned_reward(str(tmp_path), T5_TINY)(PROMPTS[:4], responses, [''] * 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # a sampled id 0 before EOS: the score is still read at the EOS, not at the last non-zero id
+    odd = np.array([[5, 0, 6, 1]], np.int32)
+    hidden = rollout_lib.response_hidden(T5_TINY, backbone, PROMPTS[:1], odd)
+    at_eos = float(hidden[0, 3] @ head['kernel'] + head['bias'])
+    np.testing.assert_allclose(reward_adapter.score_responses(T5_TINY, params, PROMPTS[:1], odd), [at_eos],
+                               rtol=1e-5)
+    with pytest.raises(FileNotFoundError):
+        reward_adapter.load_reward_params(str(tmp_path / 'missing'), T5_TINY)

@@ -1,8 +1,8 @@
-"""PPO prompts from registered seqio tasks: the tokenized `inputs` of a split, and each one's reference answer.
+"""PPO prompts from registered tasks: the tokenized prompts of a split, and each one's reference answer.
 
-The reference is the task's `targets_pretokenized` (an instruction task) or `chosen_pretokenized` (a preference task's
-preferred response), so exact match can be measured on checkable tasks. Prompts longer than `inputs_length` are
-counted and dropped, never silently cut.
+For a preference task (`<name>_pref`, flan_jax.preference_data) the prompt is its rendered template and the reference
+its best response; for an instruction task, its `inputs` and `targets_pretokenized`. Either way exact match can be
+measured on checkable tasks. Prompts longer than `inputs_length` are counted and dropped, never silently cut.
 """
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import logging
 import numpy as np
 import seqio
 
+from flan_jax import preference_data
 from flan_jax.train.preference.ppo import PromptSet
+
+EOS_ID = 1
 
 REFERENCE_FEATURES = ("targets_pretokenized", "chosen_pretokenized", "chosen")
 
@@ -32,24 +35,43 @@ def _task_names(name: str) -> list[str]:
     return [item.name]
 
 
+def _is_preference_task(name: str) -> bool:
+    try:
+        preference_data.preference_spec(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _preference_examples(name: str, split: str):
+    """(prompt token ids ending in EOS, best response text) of a preference task's split, in source order."""
+    vocab = preference_data.preference_spec(name).vocabulary
+    for group in preference_data.iter_groups(name, split):
+        yield np.asarray(list(vocab.encode(group.inputs)) + [EOS_ID], np.int32), group.responses[0]
+
+
+def _instruction_examples(name: str, split: str):
+    task = seqio.get_mixture_or_task(name)
+    for example in task.get_dataset(None, split=split, shuffle=False, use_cached=False).as_numpy_iterator():
+        yield np.asarray(example["inputs"], np.int32), _reference(example, name)
+
+
 def load_prompts(task_or_mixture: str, split: str, num_prompts: int, inputs_length: int) -> tuple[PromptSet, dict]:
     """(PromptSet of up to num_prompts prompts, split evenly over a mixture's tasks, counts {task: {kept, dropped}})."""
     names = _task_names(task_or_mixture)
     per_task = -(-num_prompts // len(names))
     rows, refs, counts = [], [], {}
     for name in names:
-        task = seqio.get_mixture_or_task(name)
-        ds = task.get_dataset(None, split=split, shuffle=False, use_cached=False)
+        examples = _preference_examples(name, split) if _is_preference_task(name) else _instruction_examples(name, split)
         kept = dropped = 0
-        for example in ds.as_numpy_iterator():
+        for tokens, reference in examples:
             if kept >= per_task:
                 break
-            tokens = np.asarray(example["inputs"], np.int32)
             if len(tokens) > inputs_length:
                 dropped += 1
                 continue
             rows.append(np.pad(tokens, (0, inputs_length - len(tokens))))
-            refs.append(_reference(example, name))
+            refs.append(reference)
             kept += 1
         if kept == 0:
             raise ValueError(f"task {name!r} split {split!r}: no prompt fits PROMPT_LENGTH={inputs_length} "
