@@ -192,3 +192,24 @@ def test_learned_reward_reads_a_reward_model_checkpoint_and_scores_at_the_last_r
                                rtol=1e-5)
     with pytest.raises(FileNotFoundError):
         reward_adapter.load_reward_params(str(tmp_path / 'missing'), T5_TINY)
+
+
+def test_ppo_gin_config_parses_into_ppo_and_run_configs():
+    import os
+    import gin
+    from flan_jax.train import main as train_main
+    from flan_jax.train.preference import ppo_main
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = train_main.parse_flags([f'--gin_file={repo}/gin_configs/runs/ppo_default_cpu.gin', '--gin.REWARD=rule',
+                                   '--gin.ppo.iterations=3'])
+    try:
+        train_main.configure_gin(args)
+        cfg, run = ppo_main.ppo_config(), ppo_main.run_config()
+    finally:
+        gin.clear_config()
+    assert cfg.iterations == 3 and cfg.kl_target is not None and cfg.ptx_coef > 0
+    assert run.reward == 'rule' and run.prompt_task == 'flan_default_preference'
+    with pytest.raises(ValueError, match='reward_model_dir'):
+        ppo_main.RunConfig('d', 'sft', 'task', reward='learned', reward_model_dir=None)
+    with pytest.raises(ValueError, match='num_minibatches'):
+        ppo.PPOConfig(rollout_batch_size=10, num_minibatches=4)
