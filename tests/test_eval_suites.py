@@ -232,6 +232,20 @@ def test_pooled_generation_across_tasks_matches_one_task_at_a_time(runner):
 
 
 @pytest.mark.slow
+def test_runner_serves_a_decoder_only_model_through_the_model_interface():
+    from flan_jax import models
+    cfg = models.DecoderConfig(vocab_size=VOCAB.vocab_size, emb_dim=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                               head_dim=8, mlp_dim=32, dtype="float32")
+    run = SuiteRunner(cfg, models.init_params(cfg, jax.random.PRNGKey(0)), VOCAB,
+                      RunOptions(batch_size=2, max_input_len=128, max_decode_len=4, calibrate=True))   # one width
+    rank = run.run(mmlu.load_tasks(os.path.join(FIXTURES, "mmlu"), shots=0, tasks=["world_religions"])[0])
+    assert {"accuracy", "calibrated_accuracy"} <= set(rank.metrics) and len(rank.records) == 2
+    assert all(r["prediction"] in "ABCD" and sum(r["probs"]) == pytest.approx(1.0) for r in rank.records)
+    gen = run.run(mgsm.load_tasks(os.path.join(FIXTURES, "mgsm"), shots=1, tasks=["en"])[0])
+    assert len(gen.records) == 3 and 0 < gen.generated_tokens <= 3 * 4
+
+
+@pytest.mark.slow
 def test_cli_run_from_gin_and_checkpoint_writes_metrics_predictions_and_table(tmp_path, capsys):
     from flan_jax.train import main as train_main_lib
     from flan_jax.train.metrics_log import read_metrics
