@@ -2,12 +2,11 @@
 
 For the generated arithmetic and list tasks (addition, subtraction, list_sort, list_max) each prompt is the task's
 own prompt (its templates, its seen-cluster wording) and the preference follows a rule anyone can check: `chosen` is
-the correct answer, `rejected` a wrong one. Arithmetic: the other operation's result (|a - b| for a + b, a + b for
-a - b) or a carry/borrow slip (off by ten: the carry forgotten where the ones digits carry, or added where they do
-not). Lists: a wrong order (descending, or one adjacent pair left unswapped) or a wrong element (the minimum, or the
-runner-up). A wrong answer equal to the right one (b = 0) is drawn again. Prompts are partitioned between train and
-validation exactly as the instruction task's records are (flan_jax.sources.generated: same generator, same partition
-key), so a validation prompt is in neither the preference train split nor the SFT train split.
+the correct answer, `rejected` a wrong one: for arithmetic the other operation's result (a - b for a + b, and back),
+for lists a wrong order (descending, or one adjacent pair left unswapped) or a wrong element (the minimum, or the
+runner-up). Ties (a + b = |a - b| when b = 0) are drawn again. Prompts are partitioned between
+train and validation exactly as the instruction task's records are (flan_jax.sources.generated: same generator, same
+partition key), so a validation prompt is in neither the preference train split nor the SFT train split.
 
 Mixture flan_default_preference: the four `<task>_pref` seqio tasks, equal rates.
 """
@@ -25,19 +24,13 @@ NUM_EXAMPLES = {"train": 10_000, "validation": 200}
 
 
 def wrong_addition(record: dict, rng: random.Random) -> str:
-    a, b = int(record["a"]), int(record["b"])
-    if rng.random() < 0.5:
-        return str(abs(a - b))                                 # the wrong operation
-    carry = a % 10 + b % 10 >= 10
-    return str(a + b - 10 if carry else a + b + 10)            # a carry slip: forgot it, or carried where none was
+    del rng
+    return str(abs(int(record["a"]) - int(record["b"])))       # the wrong operation: a difference for a sum
 
 
 def wrong_subtraction(record: dict, rng: random.Random) -> str:
-    a, b = int(record["a"]), int(record["b"])
-    if rng.random() < 0.5:
-        return str(a + b)
-    borrow = a % 10 < b % 10
-    return str(a - b + 10 if borrow or a - b < 10 else a - b - 10)   # a borrow slip
+    del rng
+    return str(int(record["a"]) + int(record["b"]))            # a sum for a difference
 
 
 def wrong_list_sort(record: dict, rng: random.Random) -> str:
@@ -90,7 +83,8 @@ def register(seed: int = default.SEED) -> list[str]:
     names = []
     for name, (generate, wrong) in WRONG_ANSWERS.items():
         spec = registry.task_spec(name)
-        source = GeneratedSource(name + "_pref", preference_generator(generate, wrong), seed=seed, num_examples=NUM_EXAMPLES,
+        source = GeneratedSource(name + "_pref", preference_generator(generate, wrong), seed=seed,
+                                 num_examples=NUM_EXAMPLES,
                                  partition_key=instruction_partition_key(generate))
         prompt_fields = [f for f in spec.fields if f != "answer"]
         names.append(preference_data.register_preference_task(

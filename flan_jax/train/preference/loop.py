@@ -96,7 +96,7 @@ def check_vocabulary(cfg: PreferenceConfig, tasks) -> None:
                          f"of task {tasks[0]!r}; the policy would read other token ids")
 
 
-# --- state -------------------------------------------------------------------------------------------------------------
+# --- state --------------------------------------------------------------------------------------------------------
 def state_shardings(params, axes, optimizer, mesh_cfg, mesh):
     shapes = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": optimizer.init(p)},
                             params)
