@@ -247,7 +247,7 @@ def run(cfg: PreferenceConfig, *, stop_after_steps: Optional[int] = None) -> dic
     finally:
         ckpt.close()
         writer.close()
-    summary = {"initial": initial, "final": results, "step": step}
+    summary = {"initial": initial, "final": results, "start_step": start, "step": step}
     (epath.Path(cfg.model_dir) / f"{cfg.kind}_results.json").write_text(json.dumps(summary, indent=1))
     return summary
 

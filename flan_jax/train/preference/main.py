@@ -60,7 +60,8 @@ def preference_main(argv: Sequence[str]) -> dict:
     summary = loop.run(cfg)
     before, after = summary["initial"]["mean"], summary["final"]["mean"]
     what = "reward model" if cfg.kind == "reward" else f"DPO ({cfg.loss_type}, beta {cfg.beta}) policy"
-    print(f"{what}: held-out preference accuracy {before['preference_accuracy']:.3f} at step 0 -> "
+    print(f"{what}: held-out preference accuracy {before['preference_accuracy']:.3f} at step "
+          f"{summary['start_step']} -> "
           f"{after['preference_accuracy']:.3f} at step {summary['step']}", flush=True)
     return summary
 
