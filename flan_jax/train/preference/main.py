@@ -48,9 +48,14 @@ def configure(argv: Sequence[str]) -> loop.PreferenceConfig:
     return cfg
 
 
+def check_init_checkpoint(cfg: loop.PreferenceConfig) -> None:
+    loop.resolve_checkpoint(cfg.init_checkpoint)   # FileNotFoundError naming INIT_CHECKPOINT
+
+
 def preference_main(argv: Sequence[str]) -> dict:
     try:
         cfg = configure(argv)
+        check_init_checkpoint(cfg)
     except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as e:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
         raise sft_main.ConfigError(first) from e
