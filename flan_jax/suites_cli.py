@@ -2,6 +2,7 @@
 
     flan-jax eval-suite run --suite bbh --data_dir DIR --gin_file=... --checkpoint=CKPT [--mode direct|cot]
         [--shots K] [--calibrate] [--tasks a,b] [--batch_size 16] [--max_input_len 2048] [--max_decode_len 256]
+        [--max_batch_tokens 8192]
     flan-jax eval-suite score --suite bbh --task date_understanding [--mode cot] --predictions F.jsonl
 
 `run` writes per-task metrics to MODEL_DIR/metrics.jsonl (split "eval", task "<suite>/<task>" and "<suite>/mean"),
@@ -32,6 +33,8 @@ def _run_parser():
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_input_len", type=int, default=2048)
     p.add_argument("--max_decode_len", type=int, default=256)
+    p.add_argument("--max_batch_tokens", type=int, default=8192,
+                   help="rows per batch = min(--batch_size, this // prompt width): long prompts in smaller batches")
     p.add_argument("--output_dir", default=None, help="predictions folder (default MODEL_DIR/eval_suites/...)")
     return p
 
@@ -91,15 +94,19 @@ def run_main(argv: Sequence[str]) -> int:
               "generates, so only raw metrics are reported", file=sys.stderr)
     params, step, vocab = train_main.restore_trained(cfg, flags.checkpoint)
     from flan_jax.evaluation.suites.runner import RunOptions, SuiteRunner
-    runner = SuiteRunner(cfg.model, params, vocab, RunOptions(
-        args.batch_size, args.max_input_len, args.max_decode_len, args.calibrate))
+    try:
+        options = RunOptions(args.batch_size, args.max_input_len, args.max_decode_len, args.calibrate,
+                             args.max_batch_tokens)
+    except ValueError as e:
+        print(f"flan-jax eval-suite: {e}", file=sys.stderr)
+        return 2
+    runner = SuiteRunner(cfg.model, params, vocab, options)
     folder = args.output_dir or os.path.join(cfg.model_dir, "eval_suites", f"{args.suite}_{mode}")
     from flan_jax.train.metrics_log import MetricsWriter
     writer, results, start = MetricsWriter(cfg.model_dir, enable_tensorboard=False), [], time.perf_counter()
-    for task in tasks:
-        result = runner.run(task)
+    for result in runner.run_many(tasks):
         results.append(result)
-        writer.write(step, "eval", task.name, {**result.metrics, "num_examples": len(result.records)})
+        writer.write(step, "eval", result.name, {**result.metrics, "num_examples": len(result.records)})
         _write_predictions(folder, result)
     writer.write(step, "eval", f"{args.suite}/mean", _mean(results))
     writer.close()

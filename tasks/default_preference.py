@@ -83,7 +83,8 @@ def register(seed: int = default.SEED) -> list[str]:
     names = []
     for name, (generate, wrong) in WRONG_ANSWERS.items():
         spec = registry.task_spec(name)
-        source = GeneratedSource(name + "_pref", preference_generator(generate, wrong), seed=seed, num_examples=NUM_EXAMPLES,
+        source = GeneratedSource(name + "_pref", preference_generator(generate, wrong), seed=seed,
+                                 num_examples=NUM_EXAMPLES,
                                  partition_key=instruction_partition_key(generate))
         prompt_fields = [f for f in spec.fields if f != "answer"]
         names.append(preference_data.register_preference_task(

@@ -197,6 +197,54 @@ def test_bbh_short_run_with_a_tiny_model(runner):
         assert result.metrics["accuracy"] == bbh.score([r["target"] for r in result.records], answers)["accuracy"]
 
 
+def test_width_ladder_and_token_budget_batches_cover_every_row_once():
+    from flan_jax.evaluation.suites.runner import bucket_width
+    assert [bucket_width(n, 2048) for n in (1, 64, 65, 129, 1025, 1281, 1473, 1729, 5000)] == [
+        64, 64, 128, 192, 1280, 1472, 1728, 2048, 2048]
+    assert bucket_width(700, 512) == 512
+    small = SuiteRunner(CONFIG, None, VOCAB, RunOptions(batch_size=8, max_input_len=2048, max_batch_tokens=1024))
+    rng = np.random.default_rng(0)
+    rows = [[5] * int(n) for n in rng.integers(1, 1500, 60)]
+    seen = []
+    for idx, arr in small._batches(rows):
+        assert arr.shape == (small.rows_per_batch(arr.shape[1]), arr.shape[1]) and len(idx) <= len(arr)
+        assert arr.shape[0] == max(1, min(8, 1024 // arr.shape[1]))
+        assert all(len(rows[i]) <= arr.shape[1] for i in idx)
+        assert arr.shape[1] == bucket_width(max(len(rows[i]) for i in idx), 2048)
+        seen += list(idx)
+    assert sorted(seen) == list(range(60))
+    with pytest.raises(ValueError, match="max_batch_tokens=0"):
+        RunOptions(max_batch_tokens=0)
+
+
+def test_pooled_generation_across_tasks_matches_one_task_at_a_time(runner):
+    """Pooling tasks, token-budget batches and padding change nothing in what each example decodes to."""
+    tasks = mgsm.load_tasks(os.path.join(FIXTURES, "mgsm"), shots=1)
+    assert sum(len(t.examples) for t in tasks) >= 4
+    pooled = runner.run_many(tasks)
+    single = SuiteRunner(CONFIG, runner.params, VOCAB, RunOptions(batch_size=1, max_input_len=512, max_decode_len=16))
+    for task, result in zip(tasks, pooled):
+        alone = single.run(task)
+        assert result.name == alone.name == task.name and result.metrics == alone.metrics
+        assert [r["raw"] for r in result.records] == [r["raw"] for r in alone.records]
+        assert [r["input"] for r in result.records] == [e.prompt for e in task.examples]
+        assert result.generated_tokens == alone.generated_tokens > 0 and result.seconds > 0
+
+
+@pytest.mark.slow
+def test_runner_serves_a_decoder_only_model_through_the_model_interface():
+    from flan_jax import models
+    cfg = models.DecoderConfig(vocab_size=VOCAB.vocab_size, emb_dim=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                               head_dim=8, mlp_dim=32, dtype="float32")
+    run = SuiteRunner(cfg, models.init_params(cfg, jax.random.PRNGKey(0)), VOCAB,
+                      RunOptions(batch_size=2, max_input_len=128, max_decode_len=4, calibrate=True))   # one width
+    rank = run.run(mmlu.load_tasks(os.path.join(FIXTURES, "mmlu"), shots=0, tasks=["world_religions"])[0])
+    assert {"accuracy", "calibrated_accuracy"} <= set(rank.metrics) and len(rank.records) == 2
+    assert all(r["prediction"] in "ABCD" and sum(r["probs"]) == pytest.approx(1.0) for r in rank.records)
+    gen = run.run(mgsm.load_tasks(os.path.join(FIXTURES, "mgsm"), shots=1, tasks=["en"])[0])
+    assert len(gen.records) == 3 and 0 < gen.generated_tokens <= 3 * 4
+
+
 @pytest.mark.slow
 def test_cli_run_from_gin_and_checkpoint_writes_metrics_predictions_and_table(tmp_path, capsys):
     from flan_jax.train import main as train_main_lib

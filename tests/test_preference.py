@@ -198,8 +198,8 @@ def _train(loss_fn, params, batch, steps_count, lr):
     return state, history
 
 
-@pytest.mark.parametrize("config", [T5_CFG, DEC_CFG], ids=["t5", "decoder"])
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("config,loss_type", [(T5_CFG, "sigmoid"), (T5_CFG, "ipo"), (DEC_CFG, "sigmoid")],
+                         ids=["t5-dpo", "t5-ipo", "decoder-dpo"])
 def test_dpo_steps_raise_the_margin_over_the_reference(config, loss_type):
     params = models.init_params(config, jax.random.PRNGKey(0))
     batch = _toy_batch()

@@ -96,7 +96,7 @@ def check_vocabulary(cfg: PreferenceConfig, tasks) -> None:
                          f"of task {tasks[0]!r}; the policy would read other token ids")
 
 
-# --- state -------------------------------------------------------------------------------------------------------------
+# --- state --------------------------------------------------------------------------------------------------------
 def state_shardings(params, axes, optimizer, mesh_cfg, mesh):
     shapes = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": optimizer.init(p)},
                             params)
@@ -247,7 +247,7 @@ def run(cfg: PreferenceConfig, *, stop_after_steps: Optional[int] = None) -> dic
     finally:
         ckpt.close()
         writer.close()
-    summary = {"initial": initial, "final": results, "step": step}
+    summary = {"initial": initial, "final": results, "start_step": start, "step": step}
     (epath.Path(cfg.model_dir) / f"{cfg.kind}_results.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -48,9 +48,14 @@ def configure(argv: Sequence[str]) -> loop.PreferenceConfig:
     return cfg
 
 
+def check_init_checkpoint(cfg: loop.PreferenceConfig) -> None:
+    loop.resolve_checkpoint(cfg.init_checkpoint)   # FileNotFoundError naming INIT_CHECKPOINT
+
+
 def preference_main(argv: Sequence[str]) -> dict:
     try:
         cfg = configure(argv)
+        check_init_checkpoint(cfg)
     except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as e:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
         raise sft_main.ConfigError(first) from e
@@ -60,7 +65,8 @@ def preference_main(argv: Sequence[str]) -> dict:
     summary = loop.run(cfg)
     before, after = summary["initial"]["mean"], summary["final"]["mean"]
     what = "reward model" if cfg.kind == "reward" else f"DPO ({cfg.loss_type}, beta {cfg.beta}) policy"
-    print(f"{what}: held-out preference accuracy {before['preference_accuracy']:.3f} at step 0 -> "
+    print(f"{what}: held-out preference accuracy {before['preference_accuracy']:.3f} at step "
+          f"{summary['start_step']} -> "
           f"{after['preference_accuracy']:.3f} at step {summary['step']}", flush=True)
     return summary
 
