@@ -1,4 +1,5 @@
-"""Start finetuning from a public checkpoint (T5X legacy/orbax, or a Hugging Face `save_pretrained` directory).
+"""Start finetuning from a public checkpoint (T5X legacy/orbax, a Hugging Face `save_pretrained` directory) or from
+one of our own training checkpoints (MODEL_DIR/checkpoint_<N>, MODEL_DIR/best, or a MODEL_DIR for its latest).
 
 Default: load the parameters only and start a fresh Adafactor state at step 0. Restoring T5X's Adafactor slots and step
 (`restore_optimizer_state=True`, T5X checkpoints only) reproduces T5X's finetuning exactly: at step ~1.1M the decay
@@ -27,7 +28,15 @@ def _flat(tree):
 def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool = False):
     """(params, slots or None, step or None), checked against model_cfg's parameter shapes by name."""
     from flan_jax import checkpoints
-    if os.path.exists(os.path.join(path, "config.json")):
+    from flan_jax.checkpoints import trained
+    if trained.find_trained_checkpoint(path) is not None:
+        if with_optimizer_state:
+            raise ValueError(f"INIT_CHECKPOINT={path} is one of our training checkpoints: only its params are loaded "
+                             "(set train.restore_optimizer_state = False; to continue that run with its optimizer "
+                             "state, train again with its MODEL_DIR)")
+        params, _ = trained.load_params(path)
+        slots = step = None
+    elif os.path.exists(os.path.join(path, "config.json")):
         if with_optimizer_state:
             raise ValueError(f"INIT_CHECKPOINT={path} is a Hugging Face checkpoint: it has no Adafactor state "
                              "to restore (set train.restore_optimizer_state = False)")

@@ -13,6 +13,7 @@ import numpy as np
 import seqio
 
 from flan_jax import models
+from flan_jax.checkpoints import trained as trained_checkpoints
 from flan_jax.train import checkpointing, data as data_lib, optim, partitioning, step as step_lib
 from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
 
@@ -124,7 +125,9 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
                                                                         best_metric=cfg.best_metric)
     writer = MetricsWriter(cfg.model_dir)
     state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt)
-    meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s)}
+    # The model config rides along so `flan-jax convert` and INIT_CHECKPOINT need nothing but the checkpoint.
+    model_record = trained_checkpoints.model_record(cfg.model)
+    meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s), "model": model_record}
 
     batch_sharding = partitioning.batch_sharding(mesh)
     train_step = jax.jit(
