@@ -73,7 +73,7 @@ def _tokens(seed=1):
     return tokens
 
 
-def _logits(kind, model, config, params, dtype):
+def _logits(kind, model, dtype):
     """(HF logits in `dtype`, real-position mask); ours come from the same tokens."""
     tokens = _tokens()
     mask = tokens != 0
@@ -126,8 +126,8 @@ def test_hf_checkpoint_to_training_and_back_to_hf(kind, tmp_path, monkeypatch):
     assert convert.main(["--from", "t5x", "--to", "hf", str(tmp_path / "run" / "checkpoint_2"), out]) == 0
     model_cls = type(hf_model)
     served = model_cls.from_pretrained(out).eval()
-    hf64, real = _logits(kind, served, config, params, torch.float64)
-    hf32, _ = _logits(kind, served, config, params, torch.float32)
+    hf64, real = _logits(kind, served, torch.float64)
+    hf32, _ = _logits(kind, served, torch.float32)
     ours = _our_logits(kind, config, params)
     ours_err = np.max(np.abs(np.where(real[..., None], ours - hf64, 0)))
     hf_err = np.max(np.abs(np.where(real[..., None], hf32 - hf64, 0)))
