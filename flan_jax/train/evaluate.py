@@ -93,6 +93,6 @@ def run_eval(cfg: loop.TrainConfig, checkpoint: str, predictions_dir: str = None
         for path in write_predictions(evaluator, predictions_dir):
             print(f"wrote {path}")
     writer = MetricsWriter(cfg.model_dir)
-    loop._log_eval(writer, step, results)
+    loop.log_eval(writer, step, results)
     writer.close()
     return results

@@ -71,7 +71,6 @@ def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
     learning-rate schedule's count (a warmup or rsqrt schedule continues from T5X's step rather than from 0). A slot
     with no place in this optimizer (e.g. `m` when AdafactorConfig.beta1 is None) is an error naming it.
     """
-    from optax._src import factorized
     used = set()
 
     def put(kind, tree, slot_kind=None):
@@ -88,7 +87,7 @@ def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
         return jax.tree_util.tree_map_with_path(one, tree)
 
     def fill(state):
-        if isinstance(state, factorized.FactoredState):
+        if isinstance(state, optax.FactoredState):
             return state._replace(count=np.asarray(step, np.int32), v_row=put("v_row", state.v_row),
                                   v_col=put("v_col", state.v_col), v=put("v", state.v))
         if isinstance(state, optax.EmaState):
@@ -97,7 +96,7 @@ def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
             return state._replace(count=np.asarray(step, np.int32))
         return state
 
-    kinds = (factorized.FactoredState, optax.EmaState, optax.ScaleByScheduleState)
+    kinds = (optax.FactoredState, optax.EmaState, optax.ScaleByScheduleState)
     filled = jax.tree.map(fill, opt_state_template, is_leaf=lambda x: isinstance(x, kinds))
     unmapped = sorted(f"{key}/{kind}" for key, per in slots.items() for kind in per if (key, kind) not in used)
     if unmapped:

@@ -100,7 +100,7 @@ def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
     return state, shardings, 0
 
 
-def _log_eval(writer: MetricsWriter, step: int, results: dict) -> dict:
+def log_eval(writer: MetricsWriter, step: int, results: dict) -> dict:
     flat = {}
     for task, values in results.items():
         writer.write(step, "eval", task, values)
@@ -176,7 +176,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     def evaluate(step):
         nonlocal last_eval
         results = evaluator.evaluate(state["params"])
-        flat = _log_eval(writer, step, results)
+        flat = log_eval(writer, step, results)
         last_eval = results
         check_finite(step)
         ckpt.maybe_save_best(step, state, meta(step), flat)
