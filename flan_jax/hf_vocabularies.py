@@ -4,9 +4,11 @@
 Ids. The whole pipeline keeps T5's convention: 0 pads (and starts every decoder segment), 1 ends a sequence. In Llama
 3's and Qwen2's vocabularies 0 and 1 are ordinary tokens ("!" and '"'), so this vocabulary swaps two pairs of ids:
 seqio id 0 <-> the checkpoint's start token (BOS: `<|begin_of_text|>`, Gemma's `<bos>`), seqio id 1 <-> its EOS.
-Every other id is the checkpoint's own. `hf_order` (seqio id -> checkpoint id; its own inverse) puts the embedding and
-output rows into this order: `embedding[hf_order]` (reorder_vocabulary_rows below), and the same call
-puts them back on export. The start token is what a padded-in 0 becomes, so a decoder sees BOS where HF's would.
+Every other id is the checkpoint's own. `hf_order` (seqio id -> checkpoint id) puts the embedding and output rows into
+this order: `embedding[hf_order]` (flan_jax.checkpoints.vocab_rows); its inverse puts them back on export. The start
+token is what a padded-in 0 becomes, so a decoder sees BOS where HF's would. INIT_CHECKPOINT from an HF directory
+reorders the rows when the training task's vocabulary is one of these; training checkpoints record the swaps and
+`flan-jax convert` to HF puts the rows back.
 
 Chat templates are the checkpoint's own Jinja2 template (`chat_template` in tokenizer_config.json), rendered in
 jinja2's ImmutableSandboxedEnvironment (as transformers renders them): templates cannot reach Python attributes,
@@ -22,6 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from flan_jax.checkpoints.vocab_rows import order_from_swaps, reorder_vocabulary_rows  # noqa: F401
 
 TOKENIZER_JSON, TOKENIZER_MODEL, TOKENIZER_CONFIG = 'tokenizer.json', 'tokenizer.model', 'tokenizer_config.json'
 
@@ -109,7 +113,8 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
             raise ValueError(f'HFTokenizerVocabulary({self.path}): start_token and eos_token are both '
                              f'{self.eos_token!r}; pass another start_token')
         self._backend = None
-        self.hf_order = self._order()
+        self.swaps = self._swaps()   # recorded in training checkpoints, so export can put the rows back
+        self.hf_order = order_from_swaps(self.backend.size(), self.swaps)
         self._from_hf = np.argsort(self.hf_order)
 
     # --- ids ---------------------------------------------------------------------------------------------------------
@@ -125,13 +130,14 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
             raise ValueError(f'HFTokenizerVocabulary({self.path}): {key} {token!r} is not in the vocabulary')
         return int(i)
 
-    def _order(self) -> np.ndarray:
-        """seqio id -> checkpoint id: identity with 0 <-> start and 1 <-> EOS swapped."""
-        order = np.arange(self.backend.size(), dtype=np.int64)
+    def _swaps(self) -> tuple:
+        """The transpositions (seqio slot, checkpoint id's current place) that build hf_order from the identity."""
+        order, swaps = np.arange(self.backend.size(), dtype=np.int64), []
         for slot, token, key in ((0, self.start_token, 'start_token'), (1, self.eos_token, 'eos_token')):
             at = int(np.flatnonzero(order == self._hf_id(token, key))[0])
             order[[slot, at]] = order[[at, slot]]
-        return order
+            swaps.append((slot, at))
+        return tuple(swaps)
 
     @property
     def eos_id(self) -> int:
@@ -183,25 +189,6 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
 
     def __getstate__(self):
         return {**self.__dict__, '_backend': None}
-
-
-def reorder_vocabulary_rows(config, params: dict, order: np.ndarray) -> dict:
-    """params with every 'vocab' axis (embedding rows, untied output columns) permuted by `order` (new index ->
-    old). A swap order (HFTokenizerVocabulary.hf_order) is its own inverse: the same call converts back. Rows past
-    len(order) (a model vocab_size padded beyond the tokenizer's) stay where they are."""
-    import jax
-    from flan_jax import models
-    order = np.asarray(order, np.int64)
-
-    def one(axes, value):
-        if 'vocab' not in axes:
-            return value
-        axis = axes.index('vocab')
-        if value.shape[axis] < len(order):
-            raise ValueError(f'model vocab_size {value.shape[axis]} is smaller than the tokenizer\'s {len(order)}')
-        full = np.concatenate([order, np.arange(len(order), value.shape[axis])])
-        return np.take(np.asarray(value), full, axis=axis)
-    return jax.tree.map(one, models.param_logical_axes(config), params, is_leaf=lambda x: isinstance(x, tuple))
 
 
 # --- chat templates ------------------------------------------------------------------------------------------------

@@ -141,3 +141,32 @@ def test_chat_template_is_sandboxed(tmp_path):
         chat.apply("hi", "there")
     with pytest.raises(ValueError, match="chat template: only user turns"):
         hv.ChatFormat("{{ raise_exception('only user turns') }}").apply("hi", "there")
+
+
+def test_init_checkpoint_reorders_rows_and_convert_puts_them_back(tmp_path):
+    """HF dir -> INIT_CHECKPOINT with this vocabulary (rows into seqio ids) -> a training checkpoint recording the
+    swaps -> `flan-jax convert` to HF: the tokenizer's own row order again."""
+    from flan_jax import checkpoints
+    from flan_jax.checkpoints import convert, trained
+    from flan_jax.train import checkpointing, init_from, optim, step as step_lib
+    _byte_level_bpe(tmp_path)
+    vocab = hv.HFTokenizerVocabulary(str(tmp_path))
+    config = models.DecoderConfig(vocab_size=vocab.vocab_size, emb_dim=16, num_layers=1, num_heads=2,
+                                  num_kv_heads=1, head_dim=8, mlp_dim=32, tie_embeddings=False)
+    hf_params = jax.device_get(models.init_params(config, jax.random.PRNGKey(1)))
+    checkpoints.export_hf(config, hf_params, str(tmp_path / "hf"))
+    params, _, _ = init_from.load_checkpoint_params(str(tmp_path / "hf"), config, vocabulary=vocab)
+    emb, hf_emb = params["token_embedder"]["embedding"], hf_params["token_embedder"]["embedding"]
+    np.testing.assert_array_equal(emb[0], hf_emb[vocab.hf_order[0]])          # seqio 0 = the start token's row
+    np.testing.assert_array_equal(params["logits_dense"]["kernel"][:, 1],
+                                  hf_params["logits_dense"]["kernel"][:, vocab.hf_order[1]])
+    np.testing.assert_array_equal(emb[5], hf_emb[5])
+
+    optimizer = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(optim.ScheduleConfig()))
+    state = dict(step_lib.init_state(config, optimizer, jax.random.PRNGKey(0)), params=params)
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "run"), async_save=False)
+    ckpt.save(1, state, {"step": 1, "model": trained.model_record(config, vocab)})
+    ckpt.close()
+    assert convert.main(["--from", "t5x", "--to", "hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    _, back = checkpoints.load_hf(str(tmp_path / "out"))
+    jax.tree.map(np.testing.assert_array_equal, back, hf_params)

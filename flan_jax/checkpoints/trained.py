@@ -22,10 +22,16 @@ STATE_ITEM, META_ITEM = 'state', 'meta'
 
 
 # --- model config record ---------------------------------------------------------------------------------------------
-def model_record(config) -> dict:
-    """JSON-ready {'family', 'config'} of a model config (T5Config, DecoderConfig), saved in each checkpoint's meta."""
+def model_record(config, vocabulary=None) -> dict:
+    """JSON-ready {'family', 'config'} of a model config (T5Config, DecoderConfig), saved in each checkpoint's meta;
+    with an HF tokenizer vocabulary also the id swaps it applies (flan_jax.hf_vocabularies), so that an export can
+    put the vocabulary rows back into the tokenizer's own order."""
     from flan_jax import models
-    return {'family': models.family(config).name, 'config': dataclasses.asdict(config)}
+    record = {'family': models.family(config).name, 'config': dataclasses.asdict(config)}
+    swaps = getattr(vocabulary, 'swaps', None)
+    if swaps:
+        record.update(vocabulary_swaps=[list(map(int, s)) for s in swaps], vocabulary_size=int(vocabulary.vocab_size))
+    return record
 
 
 def model_from_record(record: dict):
@@ -107,24 +113,27 @@ def load_trained(path: str, config=None):
     """(model config, params as numpy, step) of a training checkpoint (see find_trained_checkpoint for `path`).
 
     config: used when given; else the one recorded in the checkpoint's meta; else inferred from the shapes (T5 only).
-    The parameters are checked against the config by name and shape.
+    The parameters are checked against the config by name and shape. Vocabulary rows trained in an HF tokenizer
+    vocabulary's swapped ids are put back into the tokenizer's order (what HF export and serving expect).
     """
-    from flan_jax.checkpoints import t5x
+    from flan_jax.checkpoints import t5x, vocab_rows
     params, step = load_params(path)
     checkpoint_dir, _ = find_trained_checkpoint(path)
     flat = t5x.flatten(params)
-    if config is None:
-        record = read_meta(checkpoint_dir).get('model')
-        if record is not None:
-            config = model_from_record(record)
-        else:
-            try:
-                config = t5x.infer_config(flat)
-            except ValueError as e:
-                raise ValueError(f'{checkpoint_dir} records no model config (written before configs were saved) '
-                                 f'and is not a T5 ({e}); pass --hf_config with the config.json it was '
-                                 'finetuned from') from None
+    record = read_meta(checkpoint_dir).get('model')
+    if config is None and record is not None:
+        config = model_from_record(record)
+    elif config is None:
+        try:
+            config = t5x.infer_config(flat)
+        except ValueError as e:
+            raise ValueError(f'{checkpoint_dir} records no model config (written before configs were saved) '
+                             f'and is not a T5 ({e}); pass --hf_config with the config.json it was '
+                             'finetuned from') from None
     t5x.check_params(flat, config, source=f'training checkpoint {checkpoint_dir}')
+    if record is not None and record.get('vocabulary_swaps'):  # back to the tokenizer's own ids
+        order = vocab_rows.order_from_swaps(record['vocabulary_size'], record['vocabulary_swaps'])
+        params = vocab_rows.reorder_vocabulary_rows(config, params, vocab_rows.inverse(order))
     return config, params, step
 
 

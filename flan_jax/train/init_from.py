@@ -25,8 +25,11 @@ def _flat(tree):
     return flatten(tree).items()
 
 
-def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool = False):
-    """(params, slots or None, step or None), checked against model_cfg's parameter shapes by name."""
+def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool = False, vocabulary=None):
+    """(params, slots or None, step or None), checked against model_cfg's parameter shapes by name.
+
+    vocabulary: the training vocabulary; an HF tokenizer vocabulary (flan_jax.hf_vocabularies) swaps a few ids, and
+    an HF checkpoint's vocabulary rows are then put into those ids."""
     from flan_jax import checkpoints
     from flan_jax.checkpoints import trained
     if trained.find_trained_checkpoint(path) is not None:
@@ -42,6 +45,9 @@ def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool =
                              "to restore (set train.restore_optimizer_state = False)")
         _, params = checkpoints.load_hf(path)
         slots = step = None
+        if getattr(vocabulary, "hf_order", None) is not None:
+            from flan_jax.checkpoints import vocab_rows
+            params = vocab_rows.reorder_vocabulary_rows(model_cfg, params, vocabulary.hf_order)
     elif with_optimizer_state:
         params, opt = checkpoints.load_t5x(path, with_optimizer_state=True)
         slots, step = opt["slots"], opt["step"]
@@ -108,9 +114,9 @@ def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
 
 
 def initial_params_and_opt_state(init_checkpoint: str, model_cfg, opt_state_template,
-                                 restore_optimizer_state: bool):
+                                 restore_optimizer_state: bool, vocabulary=None):
     """(params, opt_state or None, step): what the loop puts into a fresh train state."""
-    params, slots, step = load_checkpoint_params(init_checkpoint, model_cfg,
+    params, slots, step = load_checkpoint_params(init_checkpoint, model_cfg, vocabulary=vocabulary,
                                                  with_optimizer_state=restore_optimizer_state)
     if not restore_optimizer_state:
         return params, None, 0

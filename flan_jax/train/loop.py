@@ -91,7 +91,8 @@ def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
     if cfg.init_checkpoint:
         from flan_jax.train import init_from
         params, opt_state, step = init_from.initial_params_and_opt_state(
-            cfg.init_checkpoint, cfg.model, jax.device_get(state["opt_state"]), cfg.restore_optimizer_state)
+            cfg.init_checkpoint, cfg.model, jax.device_get(state["opt_state"]), cfg.restore_optimizer_state,
+            vocabulary=data_lib.targets_vocabulary(cfg.input))
         cast = lambda tree, ref: jax.tree.map(lambda x, a: np.asarray(x, a.dtype), tree, ref)
         state["params"] = jax.device_put(cast(params, abstract["params"]), shardings["params"])
         if opt_state is not None:
@@ -126,7 +127,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     writer = MetricsWriter(cfg.model_dir)
     state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt)
     # The model config rides along so `flan-jax convert` and INIT_CHECKPOINT need nothing but the checkpoint.
-    model_record = trained_checkpoints.model_record(cfg.model)
+    model_record = trained_checkpoints.model_record(cfg.model, data_lib.targets_vocabulary(cfg.input))
     meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s), "model": model_record}
 
     batch_sharding = partitioning.batch_sharding(mesh)
