@@ -101,21 +101,22 @@ def test_missing_start_token_names_the_argument(tmp_path):
 def test_reordered_rows_give_the_checkpoints_logits_in_seqio_ids(tmp_path):
     _byte_level_bpe(tmp_path)
     vocab = hv.HFTokenizerVocabulary(str(tmp_path))
-    for tie in (False,):  # untied: both the embedding rows and the output columns move
-        config = models.DecoderConfig(vocab_size=vocab.vocab_size + 3, emb_dim=16, num_layers=1, num_heads=2,
-                                      num_kv_heads=1, head_dim=8, mlp_dim=32, tie_embeddings=tie)
-        hf_params = jax.device_get(models.init_params(config, jax.random.PRNGKey(0)))
-        ours = hv.reorder_vocabulary_rows(config, hf_params, vocab.hf_order)
-        ids = np.asarray([[0] + vocab.encode("A great film!")], np.int32)
-        batch = lambda tokens: {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
-                                "decoder_causal_attention": np.zeros_like(tokens)}
-        order = np.concatenate([vocab.hf_order, np.arange(vocab.vocab_size, config.vocab_size)])
-        forward = jax.jit(lambda p, b: models.forward(config, p, b))
-        hf_logits = forward(hf_params, batch(order[ids].astype(np.int32)))
-        our_logits = forward(ours, batch(ids))
-        np.testing.assert_allclose(np.asarray(our_logits), np.asarray(hf_logits)[..., order], rtol=1e-6, atol=1e-6)
-        back = hv.reorder_vocabulary_rows(config, ours, vocab.hf_order)
-        np.testing.assert_array_equal(back["token_embedder"]["embedding"], hf_params["token_embedder"]["embedding"])
+    # untied: both the embedding rows and the output columns move
+    config = models.DecoderConfig(vocab_size=vocab.vocab_size + 3, emb_dim=16, num_layers=1, num_heads=2,
+                                  num_kv_heads=1, head_dim=8, mlp_dim=32, tie_embeddings=False)
+    hf_params = jax.device_get(models.init_params(config, jax.random.PRNGKey(0)))
+    ours = hv.reorder_vocabulary_rows(config, hf_params, vocab.hf_order)
+    ids = np.asarray([[0] + vocab.encode("A great film!")], np.int32)
+    batch = lambda tokens: {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
+                            "decoder_causal_attention": np.zeros_like(tokens)}
+    order = np.concatenate([vocab.hf_order, np.arange(vocab.vocab_size, config.vocab_size)])
+    forward = jax.jit(lambda p, b: models.forward(config, p, b))
+    hf_logits = forward(hf_params, batch(order[ids].astype(np.int32)))
+    our_logits = forward(ours, batch(ids))
+    np.testing.assert_allclose(np.asarray(our_logits), np.asarray(hf_logits)[..., order], rtol=1e-6, atol=1e-6)
+    from flan_jax.checkpoints import vocab_rows
+    back = hv.reorder_vocabulary_rows(config, ours, vocab_rows.inverse(vocab.hf_order))
+    np.testing.assert_array_equal(back["token_embedder"]["embedding"], hf_params["token_embedder"]["embedding"])
 
 
 def test_chat_template_splits_the_exchange_into_inputs_and_targets(tmp_path):
