@@ -400,10 +400,13 @@ class _BestFitPackingMixin:
     self._rows_per_yield = rows_per_yield
     self.stats = PackingStats()  # replaced by a fresh object per converted dataset
 
-  def _validate_dataset(self, ds, expected_features, expected_lengths, strict, error_label):
-    if self.pack and error_label == "input_validation":
-      expected_lengths = {}  # over-length examples reach the packer, which truncates or drops and counts them
-    return super()._validate_dataset(ds, expected_features, expected_lengths, strict, error_label)
+  @staticmethod
+  def _seqio_options(seqio_kwargs) -> dict:
+    """seqio converter arguments: packing on; seqio's length check off while packing, since over-length examples
+    must reach the packer, which truncates or drops and counts them (the packed rows' shapes are fixed by the
+    output signature of _best_fit_pack)."""
+    pack = seqio_kwargs.get("pack", True)
+    return {"pack": True, "apply_length_check": not pack, **seqio_kwargs}
 
   def _best_fit_pack(self, ds, keys, lengths, concatenate, rows_to_features, model_lengths):
     stats = PackingStats()
@@ -444,7 +447,7 @@ class PackedEncDecFeatureConverter(_BestFitPackingMixin, seqio.EncDecFeatureConv
   def __init__(self, *, buffer_size: int = 1000, max_segments_per_row: Optional[int] = None,
                overlength: str = "truncate", lookahead: int = 8, secondary_weight: float = 1.0, seed: int = 0,
                read_batch_size: int = 256, rows_per_yield: int = 32, prompt_slots: int = 0, **seqio_kwargs):
-    super().__init__(**{"pack": True, **seqio_kwargs})
+    super().__init__(**self._seqio_options(seqio_kwargs))
     self._init_packing(buffer_size, max_segments_per_row, overlength, lookahead, secondary_weight, seed,
                        read_batch_size, rows_per_yield, prompt_slots)
 
@@ -463,7 +466,7 @@ class PackedLMFeatureConverter(_BestFitPackingMixin, seqio.LMFeatureConverter):
   def __init__(self, *, buffer_size: int = 1000, max_segments_per_row: Optional[int] = None,
                overlength: str = "truncate", lookahead: int = 8, seed: int = 0, read_batch_size: int = 256,
                rows_per_yield: int = 32, **seqio_kwargs):
-    super().__init__(**{"pack": True, **seqio_kwargs})
+    super().__init__(**self._seqio_options(seqio_kwargs))
     self._init_packing(buffer_size, max_segments_per_row, overlength, lookahead, 0.0, seed, read_batch_size,
                        rows_per_yield)
 
@@ -483,7 +486,7 @@ class PackedPrefixLMFeatureConverter(_BestFitPackingMixin, seqio.PrefixLMFeature
                max_segments_per_row: Optional[int] = None, overlength: str = "truncate", lookahead: int = 8,
                seed: int = 0, read_batch_size: int = 256, rows_per_yield: int = 32, prompt_slots: int = 0,
                **seqio_kwargs):
-    super().__init__(loss_on_targets_only=loss_on_targets_only, **{"pack": True, **seqio_kwargs})
+    super().__init__(loss_on_targets_only=loss_on_targets_only, **self._seqio_options(seqio_kwargs))
     self._init_packing(buffer_size, max_segments_per_row, overlength, lookahead, 0.0, seed, read_batch_size,
                        rows_per_yield, prompt_slots)
 

@@ -253,9 +253,9 @@ def verify_checkpoints(reference_dir: str, outcomes: list, steps: int, checkpoin
     import numpy as np
     from flan_jax.train import checkpointing, loop, main as train_main, optim, partitioning
 
-    _, cfg = train_main._configured(train_argv(reference_dir, steps, checkpoint_period))
+    _, cfg = train_main.load_config(train_argv(reference_dir, steps, checkpoint_period))
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
-    abstract, _ = loop._abstract_state(cfg, optimizer, partitioning.make_mesh(cfg.mesh))
+    abstract, _ = loop.abstract_train_state(cfg.model, optimizer, cfg.mesh, partitioning.make_mesh(cfg.mesh))
 
     def restore(model_dir, step):
         ckpt = checkpointing.Checkpointer(model_dir, keep=None, async_save=False)

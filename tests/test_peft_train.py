@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from flan_jax import models
-from flan_jax.train import checkpointing, init_from, loop, main as train_main, optim, partitioning, peft, step as step_lib
+from flan_jax.checkpoints import trained
+from flan_jax.train import checkpointing, loop, main as train_main, optim, partitioning, peft, step as step_lib
 from flan_jax.train.metrics_log import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +194,7 @@ def test_merge_peft_checkpoint_gives_the_unmerged_logits(lora_run, tmp_path):
     np.testing.assert_allclose(models.forward(base_cfg.model, merged, batch), models.forward(cfg.model, params, batch),
                                atol=1e-5, rtol=1e-5)
     # A merged checkpoint is a full model of ours: it can be the base of another run.
-    assert init_from.own_checkpoint(out) == (os.path.abspath(out), step)
+    assert trained.find_trained_checkpoint(out) == (os.path.join(os.path.abspath(out), f"checkpoint_{step}"), step)
 
 
 def test_prompt_tuning_defaults_follow_lester_et_al():

@@ -46,6 +46,11 @@ def resolve_mixture_or_task(name: str, key: str = "MIXTURE_OR_TASK_NAME"):
                          f"(did you `import tasks`?)") from None
 
 
+def targets_vocabulary(cfg: InputConfig):
+    """The vocabulary of the training mixture's targets (what the model's vocab axis indexes)."""
+    return resolve_mixture_or_task(cfg.mixture_or_task_name).output_features["targets"].vocabulary
+
+
 def local_batch_size(global_batch_size: int, shard=None) -> int:
     count = jax.process_count() if shard is None else shard.count
     if global_batch_size % count:

@@ -2,28 +2,22 @@
 from __future__ import annotations
 
 import os
-import re
 
 import jax
-import orbax.checkpoint as ocp
 
+from flan_jax import models
+from flan_jax.checkpoints import trained
 from flan_jax.evaluation.evaluator import Evaluator
-from flan_jax.train import checkpointing, loop, optim, partitioning, peft
+from flan_jax.train import loop, partitioning, peft
 from flan_jax.train.metrics_log import MetricsWriter
 
 
 def _resolve(path: str) -> tuple[str, int]:
-    """(manager dir, step) from a checkpoint_<step> dir or a MODEL_DIR (its latest checkpoint)."""
-    path = os.path.abspath(path.rstrip("/"))
-    m = re.fullmatch(rf"{checkpointing.STEP_PREFIX}_(\d+)", os.path.basename(path))
-    if m:
-        return os.path.dirname(path), int(m.group(1))
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-            step_prefix=checkpointing.STEP_PREFIX, read_only=True))
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"--checkpoint={path}: no checkpoint_<step> found")
-    return path, step
+    """(checkpoint_<step> dir, step) from that dir, a MODEL_DIR (its latest checkpoint) or MODEL_DIR/best."""
+    found = trained.find_trained_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"--checkpoint={os.path.abspath(path)}: no checkpoint_<step> found")
+    return found
 
 
 def write_predictions(evaluator: Evaluator, out_dir: str) -> list[str]:
@@ -71,16 +65,24 @@ def _niv2_ids(task_name: str, n: int):
     return ids[:n] if len(ids) >= n else None
 
 
+def abstract_params(cfg: loop.TrainConfig, mesh) -> dict:
+    """ShapeDtypeStructs of the params with the shardings training gives them on `mesh`."""
+    shapes = models.param_shapes(cfg.model)
+    shardings = partitioning.param_shardings(shapes, models.param_logical_axes(cfg.model),
+                                             partitioning.logical_rules(cfg.mesh), mesh)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def restore_params(cfg: loop.TrainConfig, checkpoint: str) -> tuple[dict, int]:
-    """(params, step) of a checkpoint_<step> dir or a MODEL_DIR's latest checkpoint, laid out on cfg's mesh."""
+    """(params, step) of a checkpoint_<step> dir, MODEL_DIR/best or a MODEL_DIR's latest, laid out on cfg's mesh.
+    Params only: the optimizer state is neither read nor needed (an eval config may set another optimizer)."""
+    checkpoint_dir, step = _resolve(checkpoint)
     mesh = partitioning.make_mesh(cfg.mesh)
-    optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
-    abstract, _ = loop._abstract_state(cfg, optimizer, mesh)
-    directory, step = _resolve(checkpoint)
-    state, meta = checkpointing.Checkpointer(directory, async_save=False).restore(abstract, step=step)
+    abstract = abstract_params(cfg, mesh)
     if peft.enabled(cfg.model):  # a PEFT checkpoint holds the PEFT params; the base comes from its recorded reference
-        return peft.with_base(cfg.model, cfg.mesh, mesh, state["params"], meta, checkpoint), step
-    return state["params"], step
+        trainable = trained.restore_params(checkpoint_dir, {peft.PEFT_KEY: abstract[peft.PEFT_KEY]})
+        return peft.with_base(cfg.model, cfg.mesh, mesh, trainable, trained.read_meta(checkpoint_dir), checkpoint), step
+    return trained.restore_params(checkpoint_dir, abstract), step
 
 
 def run_eval(cfg: loop.TrainConfig, checkpoint: str, predictions_dir: str = None) -> dict:
@@ -93,6 +95,6 @@ def run_eval(cfg: loop.TrainConfig, checkpoint: str, predictions_dir: str = None
         for path in write_predictions(evaluator, predictions_dir):
             print(f"wrote {path}")
     writer = MetricsWriter(cfg.model_dir)
-    loop._log_eval(writer, step, results)
+    loop.log_eval(writer, step, results)
     writer.close()
     return results

@@ -1,5 +1,5 @@
-"""Start finetuning from a checkpoint: T5X (legacy/orbax), a Hugging Face `save_pretrained` directory, or one of our
-own runs (a MODEL_DIR, meaning its latest checkpoint, or a checkpoint_<step> directory; its params only).
+"""Start finetuning from a public checkpoint (T5X legacy/orbax, a Hugging Face `save_pretrained` directory) or from
+one of our own training checkpoints (MODEL_DIR/checkpoint_<N>, MODEL_DIR/best, or a MODEL_DIR for its latest).
 
 Default: load the parameters only and start a fresh Adafactor state at step 0. Restoring T5X's Adafactor slots and step
 (`restore_optimizer_state=True`, T5X checkpoints only) reproduces T5X's finetuning exactly: at step ~1.1M the decay
@@ -10,7 +10,6 @@ optimizer state, so the fresh state is the default that works for every source.
 from __future__ import annotations
 
 import os
-import re
 from typing import Optional
 
 import jax
@@ -26,50 +25,19 @@ def _flat(tree):
     return flatten(tree).items()
 
 
-def own_checkpoint(path: str) -> Optional[tuple[str, int]]:
-    """(manager dir, step) if `path` is one of our MODEL_DIRs (its latest step) or checkpoint_<step> dirs, else None."""
-    from flan_jax.train.checkpointing import STEP_PREFIX
-    path = os.path.abspath(path.rstrip("/"))
-    is_step_dir = lambda p: os.path.isdir(os.path.join(p, "state"))
-    m = re.fullmatch(rf"{STEP_PREFIX}_(\d+)", os.path.basename(path))
-    if m and is_step_dir(path):
-        return os.path.dirname(path), int(m.group(1))
-    names = os.listdir(path) if os.path.isdir(path) else []
-    steps = [int(m.group(1)) for m in (re.fullmatch(rf"{STEP_PREFIX}_(\d+)", n) for n in names)
-             if m and is_step_dir(os.path.join(path, m.group(0)))]
-    return (path, max(steps)) if steps else None
+def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool = False, vocabulary=None):
+    """(params, slots or None, step or None), checked against model_cfg's parameter shapes by name.
 
-
-def restore_own_params(directory: str, step: int, params_abstract) -> dict:
-    """Only the `params` of one of our train-state checkpoints (its optimizer state is never read). Leaves of
-    `params_abstract` with a sharding are restored onto it, others as numpy arrays."""
-    import orbax.checkpoint as ocp
-    from flan_jax.train.checkpointing import STEP_PREFIX
-    where = f"{directory}/{STEP_PREFIX}_{step}"
-    mngr = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
-        step_prefix=STEP_PREFIX, read_only=True))
-    if step not in mngr.all_steps():
-        raise FileNotFoundError(f"checkpoint {where} does not exist")
-    item = {"params": params_abstract}
-    args = lambda a: (ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
-                      if getattr(a, "sharding", None) is not None else ocp.RestoreArgs(restore_type=np.ndarray))
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=jax.tree.map(args, item), partial_restore=True)))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {where} does not fit the model config: {str(e).strip().splitlines()[0]}") from e
-    return restored["state"]["params"]
-
-
-def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool = False):
-    """(params, slots or None, step or None), checked against model_cfg's parameter shapes by name."""
+    vocabulary: the training vocabulary; an HF tokenizer vocabulary (flan_jax.hf_vocabularies) swaps a few ids, and
+    an HF checkpoint's vocabulary rows are then put into those ids."""
     from flan_jax import checkpoints
-    own = own_checkpoint(path)
-    if own is not None:
+    from flan_jax.checkpoints import trained
+    if trained.find_trained_checkpoint(path) is not None:
         if with_optimizer_state:
-            raise ValueError(f"INIT_CHECKPOINT={path} is one of our own runs: restore_optimizer_state is for T5X "
-                             "checkpoints (to continue that run, use its directory as MODEL_DIR)")
-        params = restore_own_params(*own, models.param_shapes(model_cfg))
+            raise ValueError(f"INIT_CHECKPOINT={path} is one of our training checkpoints: only its params are loaded "
+                             "(set train.restore_optimizer_state = False; to continue that run with its optimizer "
+                             "state, train again with its MODEL_DIR)")
+        params, _ = trained.load_params(path)
         slots = step = None
     elif os.path.exists(os.path.join(path, "config.json")):
         if with_optimizer_state:
@@ -77,6 +45,9 @@ def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool =
                              "to restore (set train.restore_optimizer_state = False)")
         _, params = checkpoints.load_hf(path)
         slots = step = None
+        if getattr(vocabulary, "hf_order", None) is not None:
+            from flan_jax.checkpoints import vocab_rows
+            params = vocab_rows.reorder_vocabulary_rows(model_cfg, params, vocabulary.hf_order)
     elif with_optimizer_state:
         params, opt = checkpoints.load_t5x(path, with_optimizer_state=True)
         slots, step = opt["slots"], opt["step"]
@@ -106,7 +77,6 @@ def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
     learning-rate schedule's count (a warmup or rsqrt schedule continues from T5X's step rather than from 0). A slot
     with no place in this optimizer (e.g. `m` when AdafactorConfig.beta1 is None) is an error naming it.
     """
-    from optax._src import factorized
     used = set()
 
     def put(kind, tree, slot_kind=None):
@@ -123,7 +93,7 @@ def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
         return jax.tree_util.tree_map_with_path(one, tree)
 
     def fill(state):
-        if isinstance(state, factorized.FactoredState):
+        if isinstance(state, optax.FactoredState):
             return state._replace(count=np.asarray(step, np.int32), v_row=put("v_row", state.v_row),
                                   v_col=put("v_col", state.v_col), v=put("v", state.v))
         if isinstance(state, optax.EmaState):
@@ -132,7 +102,7 @@ def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
             return state._replace(count=np.asarray(step, np.int32))
         return state
 
-    kinds = (factorized.FactoredState, optax.EmaState, optax.ScaleByScheduleState)
+    kinds = (optax.FactoredState, optax.EmaState, optax.ScaleByScheduleState)
     filled = jax.tree.map(fill, opt_state_template, is_leaf=lambda x: isinstance(x, kinds))
     unmapped = sorted(f"{key}/{kind}" for key, per in slots.items() for kind in per if (key, kind) not in used)
     if unmapped:
@@ -144,9 +114,9 @@ def adafactor_state_from_slots(opt_state_template, slots: dict, step: int):
 
 
 def initial_params_and_opt_state(init_checkpoint: str, model_cfg, opt_state_template,
-                                 restore_optimizer_state: bool):
+                                 restore_optimizer_state: bool, vocabulary=None):
     """(params, opt_state or None, step): what the loop puts into a fresh train state."""
-    params, slots, step = load_checkpoint_params(init_checkpoint, model_cfg,
+    params, slots, step = load_checkpoint_params(init_checkpoint, model_cfg, vocabulary=vocabulary,
                                                  with_optimizer_state=restore_optimizer_state)
     if not restore_optimizer_state:
         return params, None, 0

@@ -13,6 +13,7 @@ import numpy as np
 import seqio
 
 from flan_jax import models
+from flan_jax.checkpoints import trained as trained_checkpoints
 from flan_jax.train import checkpointing, data as data_lib, optim, partitioning, peft, step as step_lib
 from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
 
@@ -94,7 +95,8 @@ def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
     if cfg.init_checkpoint:
         from flan_jax.train import init_from
         params, opt_state, step = init_from.initial_params_and_opt_state(
-            cfg.init_checkpoint, cfg.model, jax.device_get(state["opt_state"]), cfg.restore_optimizer_state)
+            cfg.init_checkpoint, cfg.model, jax.device_get(state["opt_state"]), cfg.restore_optimizer_state,
+            vocabulary=data_lib.targets_vocabulary(cfg.input))
         cast = lambda tree, ref: jax.tree.map(lambda x, a: np.asarray(x, a.dtype), tree, ref)
         state["params"] = jax.device_put(cast(params, abstract["params"]), shardings["params"])
         if opt_state is not None:
@@ -113,7 +115,7 @@ def make_evaluator(cfg: TrainConfig):
         options=evaluator_lib.EvalOptions(few_shot=cfg.eval_few_shot, calibrate=cfg.eval_calibrate))
 
 
-def _log_eval(writer: MetricsWriter, step: int, results: dict) -> dict:
+def log_eval(writer: MetricsWriter, step: int, results: dict) -> dict:
     flat = {}
     for task, values in results.items():
         writer.write(step, "eval", task, values)
@@ -140,9 +142,12 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     base = None  # PEFT: the frozen base beside the trainable state (train/peft.py)
     if peft.enabled(cfg.model):
         state, shardings, start, base = peft.init_or_restore(cfg, optimizer, mesh, ckpt)
+        extra_meta = peft.meta(base)  # the base reference; the PEFT config comes from the run's gin
     else:
         state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt)
-    meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s), **peft.meta(base)}
+        # The model config rides along so `flan-jax convert` and INIT_CHECKPOINT need nothing but the checkpoint.
+        extra_meta = {"model": trained_checkpoints.model_record(cfg.model, data_lib.targets_vocabulary(cfg.input))}
+    meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s), **extra_meta}
 
     batch_sharding = partitioning.batch_sharding(mesh)
     step_fn = step_lib.make_train_step(cfg.model, optimizer, cfg.loss, num_microbatches=cfg.num_microbatches,
@@ -190,7 +195,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     def evaluate(step):
         nonlocal last_eval
         results = evaluator.evaluate(peft.full_params(state, base))
-        flat = _log_eval(writer, step, results)
+        flat = log_eval(writer, step, results)
         last_eval = results
         check_finite(step)
         ckpt.maybe_save_best(step, state, meta(step), flat)

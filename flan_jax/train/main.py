@@ -33,7 +33,11 @@ if hasattr(models, "PeftConfig"):  # gin_configs/peft/*.gin: train.peft = @PeftC
 def _tolerate_namespace_packages_in_gin() -> None:
     """gin first looks up an include such as 'runs/finetune.gin' as a file inside a Python package named 'runs'. A
     plain folder of that name in the working directory (MODEL_DIR runs/default, say) is a namespace package with no
-    file location, and gin then crashes with a TypeError instead of trying its search paths. Treat it as not found."""
+    file location, and gin then crashes with a TypeError instead of trying its search paths. Treat it as not found.
+
+    Why a private name: gin registers this reader at import, ahead of any reader we could add (the public
+    gin.config.register_file_reader only appends), and has no public way to remove or wrap one; its existence check
+    catches ValueError but not the TypeError, so the parse function is the one place to turn one into the other."""
     from gin import resource_reader
     original = resource_reader._parse_config_path
 

@@ -24,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from flan_jax import models
+from flan_jax.checkpoints import trained
 from flan_jax.train import checkpointing, init_from, partitioning
 
 PEFT_KEY = "peft"
@@ -158,9 +159,9 @@ def meta(base: Optional[FrozenBase]) -> dict:
 # --- the base checkpoint -------------------------------------------------------------------------------------------
 def resolve_base(init_checkpoint: str) -> dict:
     """The reference {"path", "step", "format"} of INIT_CHECKPOINT; a MODEL_DIR is pinned to its latest step now."""
-    own = init_from.own_checkpoint(init_checkpoint)
-    if own is not None:
-        return {"path": own[0], "step": own[1], "format": "flan_jax"}
+    own = trained.find_trained_checkpoint(init_checkpoint)
+    if own is not None:  # pinned as (the manager dir, the step), so a later save in that MODEL_DIR changes nothing
+        return {"path": os.path.dirname(own[0]), "step": own[1], "format": "flan_jax"}
     path = os.path.abspath(init_checkpoint)
     if not os.path.exists(path):
         raise FileNotFoundError(f"INIT_CHECKPOINT={init_checkpoint}: no such checkpoint")
@@ -183,7 +184,10 @@ def load_base(reference: dict, frozen_abstract, model_cfg) -> dict:
     """The base parameters named by `reference`, laid out as `frozen_abstract` (ShapeDtypeStructs with shardings)."""
     path, fmt = reference["path"], reference["format"]
     if fmt == "flan_jax":
-        return init_from.restore_own_params(path, reference["step"], frozen_abstract)
+        checkpoint_dir = os.path.join(path, f"{checkpointing.STEP_PREFIX}_{reference['step']}")
+        if trained.find_trained_checkpoint(checkpoint_dir) is None:
+            raise FileNotFoundError(f"PEFT base checkpoint {checkpoint_dir} does not exist")
+        return trained.restore_params(checkpoint_dir, frozen_abstract)
     params, _, _ = init_from.load_checkpoint_params(path, base_config(model_cfg))
     cast = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), params, frozen_abstract)
     return jax.device_put(cast, _shardings(frozen_abstract))

@@ -18,6 +18,7 @@ CPU (the default): T5 1.1 tiny and small-shaped models, batch 8, feature lengths
     the median round (the machine may be shared), useful tokens/s is total real tokens / total time over the rounds. The matmul peak
     is measured before and after every model and the best figure is kept.
 --quick: a small-shaped model with 1 encoder + 1 decoder layer ("t5_small_1l"), 2 rounds (tiny: full suite only).
+Decoder-only rows (vs HF LlamaForCausalLM, raw / padded / packed via position_ids): see bench/_train_decoder.py.
 
 GPU (jax.devices()[0].platform == 'gpu'): bf16 T5 1.1 base/large/xl (quick: base) packed at 1024/256 from a
 lognormal stream with means 382/61 (the 190/12 stream would leave the 256-slot decoder ~3/4 padding), reporting
@@ -272,10 +273,13 @@ def run_cpu(quick) -> list[dict]:
   peak_seconds = 0.5 if quick else 2.0  # full: 3 measurements x 2 dtypes x 2 frameworks, ~50 s
   peaks.measure(peak_seconds)
   rows, mfu_rows = [], []
-  for label, base_config, rounds in cpu_cases(quick):
+  from bench import _train_decoder  # decoder-only rows vs HF LlamaForCausalLM (see that module)
+  cases = [c + (compare_cpu,) for c in cpu_cases(quick)]
+  cases += [c + (_train_decoder.compare_cpu,) for c in _train_decoder.cpu_cases(quick)]
+  for label, base_config, rounds, compare in cases:
     for dtype in dtypes:
       config = dataclasses.replace(base_config, dtype=dtype)
-      case_rows, achieved = compare_cpu(label, config, rounds)
+      case_rows, achieved = compare(label, config, rounds)
       rows += case_rows
       mfu_rows += [(name, dtype, ours, hf) for name, (ours, hf) in achieved.items()]
     if not quick:  # --quick measures the peak once, before its one model, to stay inside 3 minutes

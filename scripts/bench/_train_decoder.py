@@ -1,0 +1,182 @@
+"""Train suite, decoder-only rows: our jitted step (DecoderConfig, optax Adafactor) vs HF LlamaForCausalLM + transformers
+Adafactor, on CPU. Called by bench/train.py's run_cpu; the MFU rows are divided by its matmul peak.
+
+  - Same start: our initial params exported with flan_jax.checkpoints.export_hf and loaded by transformers.
+  - Same optimizer on both sides as the T5 rows (constant LR 1e-3, parameter scaling, clipping 1.0, decay 0.8, no
+    momentum); bfloat16 = bf16 activations, float32 params and optimizer state on both sides.
+  - Causal LM over inputs ++ targets, loss on the targets (ours: prefix_lm=False, the packed rows' loss weights; HF:
+    labels -100 elsewhere). One row = 512 + 128 = 640 token slots, batch 8.
+  - raw tokens/s: identical shapes (8 x 640 slots) on both sides.
+  - useful tokens/s on the Flan-like stream (mean inputs 190 / targets 12): we pack it best-fit into rows of 640 (no
+    attention across segments); HF takes 8 examples per step padded to the batch's longest ("HF padded") and, as a
+    second baseline, the SAME packed rows with position_ids and no attention mask, which transformers turns into a
+    per-segment mask ("HF packed"; transformers >= 4.5x masking_utils.find_packed_sequence_indices).
+  - Timing as the T5 rows: the sides alternate round by round, each timing the second of two steps on its batch;
+    s/step is the median round, useful tokens/s total real tokens / total time.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from bench import common, row
+
+SUITE = "train"
+LENGTHS = (512, 128)
+ROW_LENGTH = sum(LENGTHS)
+BATCH = 8
+DTYPE_TAGS = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def cpu_cases(quick):
+  from flan_jax import models
+
+  small = dict(vocab_size=32000, emb_dim=512, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1376,
+               tie_embeddings=False, prefix_lm=False)
+  if quick:
+    return [("llama_small_2l", models.DecoderConfig(num_layers=2, **small), 2)]
+  return [("llama_small_8l", models.DecoderConfig(num_layers=8, **small), 3)]
+
+
+def packed_batches(examples, num_batches):
+  """Our input: best-fit packed rows of inputs ++ targets (seqio PrefixLM packed features)."""
+  from flan_jax import packing
+
+  rows = []
+  for r in packing.pack_examples(examples, LENGTHS, concatenate=True):
+    rows.append(r)
+    if len(rows) == BATCH * num_batches:
+      break
+  if len(rows) < BATCH * num_batches:
+    raise ValueError(f"train bench (decoder): the stream packs into {len(rows)} rows; need {BATCH * num_batches}")
+  return [packing.prefix_lm_feature_batch(rows[i:i + BATCH], ROW_LENGTH) for i in range(0, len(rows), BATCH)]
+
+
+def padded_batches(examples, num_batches, dynamic):
+  """One example per row, inputs ++ targets, 0-padded to ROW_LENGTH (fixed) or the batch's longest (dynamic)."""
+  from flan_jax import packing
+
+  out = []
+  for b in range(num_batches):
+    chunk = examples[b * BATCH:(b + 1) * BATCH]
+    length = max(len(i) + len(t) for i, t in chunk) if dynamic else ROW_LENGTH
+    out.append(packing.prefix_lm_feature_batch([[example] for example in chunk], length))
+  return out
+
+
+def hf_inputs(batch, packed):
+  """(input_ids, labels, extra kwargs) for LlamaForCausalLM. Our targets are already shifted (target t is predicted at
+  position t), so they go in as `shift_labels` too, which transformers then uses as they are."""
+  import torch
+
+  labels = torch.from_numpy(np.where(batch["decoder_loss_weights"] > 0, batch["decoder_target_tokens"], -100).astype(np.int64))
+  ids = torch.from_numpy(batch["decoder_input_tokens"].astype(np.int64))
+  extra = {"shift_labels": labels, "use_cache": False}  # with a cache transformers ignores packing
+  if packed:
+    extra["position_ids"] = torch.from_numpy(batch["decoder_positions"].astype(np.int64))
+  else:
+    extra["attention_mask"] = torch.from_numpy((batch["decoder_segment_ids"] > 0).astype(np.int64))
+  return ids, labels, extra
+
+
+def make_hf(config, params, dtype):
+  import torch
+  import transformers
+  from transformers.optimization import Adafactor
+
+  from flan_jax import checkpoints
+
+  with tempfile.TemporaryDirectory() as tmp:
+    checkpoints.export_hf(config, params, tmp)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+  model.train()
+  optimizer = Adafactor(model.parameters(), lr=1e-3, scale_parameter=True, relative_step=False, warmup_init=False,
+                        clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0)
+
+  def run_step(batch, packed=False):
+    ids, labels, extra = hf_inputs(batch, packed)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      loss = model(input_ids=ids, labels=labels, **extra).loss
+    loss.backward()
+    optimizer.step()
+    return loss.detach().item()
+
+  return run_step
+
+
+def real_tokens(batch) -> int:
+  return int((batch["decoder_segment_ids"] > 0).sum())
+
+
+def useful_flops(config, batch) -> float:
+  from flan_jax import models
+
+  lengths = common.segment_lengths(batch["decoder_segment_ids"])
+  return float(sum(models.flops_per_example(config, int(n), 0) for per_row in lengths for n in per_row))
+
+
+def compare_cpu(label, config, rounds, seed=0):
+  """(rows, achieved FLOP/s for the MFU rows) for one model and dtype; see the module doc."""
+  import jax
+
+  from bench import train as t5_train
+
+  examples = common.flan_like_examples(4000, LENGTHS, config.vocab_size, seed=seed)
+  ours_batches = packed_batches(examples, rounds + 1)
+  hf_fixed = padded_batches(examples, rounds + 1, dynamic=False)
+  hf_dynamic = padded_batches(examples[BATCH * (rounds + 1):], rounds + 1, dynamic=True)
+  state, ours_step = t5_train.make_ours(config, seed)
+  hf_step = make_hf(config, jax.tree.map(np.asarray, state["params"]), config.dtype)
+
+  state, ours_loss = ours_step(state, ours_batches[0])  # compile + warm-up
+  hf_loss = hf_step(ours_batches[0], packed=True)
+  hf_step(hf_fixed[0])
+  hf_step(hf_dynamic[0])
+  print(f"[train] {label}: first-step loss ours {ours_loss:.4f} (incl. z-loss) vs HF packed {hf_loss:.4f} "
+        "(same batch)", flush=True)
+  holder = {"state": state}
+
+  def ours(batch):
+    holder["state"], _ = ours_step(holder["state"], batch)
+
+  sides = {"ours": (ours, ours_batches), "hf_fixed": (hf_step, hf_fixed), "hf_dynamic": (hf_step, hf_dynamic),
+           "hf_packed": (lambda b: hf_step(b, packed=True), ours_batches)}
+  times = {side: [] for side in sides}
+  for r in range(1, rounds + 1):
+    for side, (fn, batches) in sides.items():
+      fn(batches[r])
+      start = time.perf_counter()
+      fn(batches[r])
+      times[side].append(time.perf_counter() - start)
+  print(f"[train] {label}: s/step " + ", ".join(f"{s} {common.spread(t)}" for s, t in times.items())
+        + f"; load {common.load_average()}", flush=True)
+
+  timed = slice(1, rounds + 1)
+  useful = {side: sum(real_tokens(b) for b in sides[side][1][timed]) / sum(times[side]) for side in sides}
+  ours_s, hf_s = statistics.median(times["ours"]), statistics.median(times["hf_fixed"])
+  slots = BATCH * ROW_LENGTH
+  name = f"{label}_cpu_{DTYPE_TAGS[config.dtype]}"
+  rows = [
+      row(SUITE, f"{name}_s_per_step (lower is better)", ours_s, hf_s, "s/step"),
+      row(SUITE, f"{name}_tokens_per_s (vs HF LlamaForCausalLM)", slots / ours_s, slots / hf_s, "token slots/s"),
+      row(SUITE, f"{name}_useful_tokens_per_s (vs HF padded)", useful["ours"], useful["hf_dynamic"],
+          "real tokens/s"),
+      row(SUITE, f"{name}_useful_tokens_per_s (vs HF packed, position_ids)", useful["ours"], useful["hf_packed"],
+          "real tokens/s"),
+  ]
+  flops_step = 3 * BATCH * config_flops(config)
+  ours_useful = 3 * sum(useful_flops(config, b) for b in ours_batches[timed]) / sum(times["ours"])
+  hf_useful = 3 * sum(useful_flops(config, b) for b in hf_dynamic[timed]) / sum(times["hf_dynamic"])
+  achieved = {f"{name}_mfu": (flops_step / ours_s, flops_step / hf_s),
+              f"{name}_useful_mfu (vs HF padded)": (ours_useful, hf_useful)}
+  return rows, achieved
+
+
+def config_flops(config) -> float:
+  from flan_jax import models
+
+  return models.flops_per_example(config, *LENGTHS)
