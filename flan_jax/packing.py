@@ -34,6 +34,8 @@ import seqio
 import tensorflow as tf
 
 OVERLENGTH_POLICIES = ("truncate", "drop")
+# Placeholder token of a prompt-tuning slot (`prompt_slots`): any non-zero id; the model replaces its embedding.
+PROMPT_SLOT_ID = 1
 _ABSENT = np.iinfo(np.int64).max // 4  # size of an empty buffer slot: never fits
 
 
@@ -226,10 +228,14 @@ class ExamplePacker:
 
   def __init__(self, lengths: tuple[int, int], *, buffer_size: int = 1000, max_segments_per_row: Optional[int] = None,
                overlength: str = "truncate", lookahead: int = 8, secondary_weight: float = 1.0, seed: int = 0,
-               concatenate: bool = False, stats: Optional[PackingStats] = None):
+               concatenate: bool = False, stats: Optional[PackingStats] = None, prompt_slots: int = 0):
     if overlength not in OVERLENGTH_POLICIES:
       raise ValueError(f"pack_examples: overlength must be one of {OVERLENGTH_POLICIES}, got {overlength!r}")
     self.lengths = (int(lengths[0]), int(lengths[1]))
+    if not 0 <= prompt_slots < self.lengths[0]:
+      raise ValueError(f"pack_examples: prompt_slots={prompt_slots} (the prompt-tuning prompt_length) must leave room "
+                       f"for inputs in the inputs length {self.lengths[0]}")
+    self.prompt_slots = int(prompt_slots)
     self.stats = stats if stats is not None else PackingStats()
     self.overlength, self.concatenate = overlength, concatenate
     self.capacities = (sum(self.lengths),) if concatenate else self.lengths
@@ -255,7 +261,11 @@ class ExamplePacker:
 
   def add(self, inputs, targets) -> list:
     self.stats.examples_in += 1
-    kept = _truncate_or_drop(np.asarray(inputs), np.asarray(targets), self.lengths, self.overlength, self.stats)
+    inputs, targets = np.asarray(inputs), np.asarray(targets)
+    if getattr(self, "prompt_slots", 0) and (len(inputs) or len(targets)):
+      # Prompt tuning: the slots lead the inputs, so truncation cuts (and counts) real input tokens only.
+      inputs = np.concatenate([np.full(self.prompt_slots, PROMPT_SLOT_ID, inputs.dtype), inputs])
+    kept = _truncate_or_drop(inputs, targets, self.lengths, self.overlength, self.stats)
     if kept is None:
       return []
     sizes = (len(kept[0]) + len(kept[1]),) if self.concatenate else (len(kept[0]), len(kept[1]))
@@ -276,7 +286,8 @@ def pack_examples(
   `overlength`; both are counted in `stats`. With concatenate=True (decoder-only / prefix-LM) a segment occupies
   len(inputs) + len(targets) slots of one row of length sum(lengths); otherwise (encoder-decoder) the inputs and
   targets of a row must fit their own lengths jointly. Options: those of ExamplePacker (buffer_size,
-  max_segments_per_row, overlength, lookahead, secondary_weight, seed, concatenate, stats).
+  max_segments_per_row, overlength, lookahead, secondary_weight, seed, concatenate, stats, prompt_slots: that many
+  PROMPT_SLOT_ID placeholders put before every example's inputs, for prompt tuning).
   """
   packer = ExamplePacker(lengths, **options)
   for inputs, targets in examples:
@@ -375,7 +386,7 @@ class _BestFitPackingMixin:
   """Replaces seqio's next-fit packing by `pack_examples`; pack=False keeps the parent's plain padding."""
 
   def _init_packing(self, buffer_size, max_segments_per_row, overlength, lookahead, secondary_weight, seed,
-                    read_batch_size, rows_per_yield):
+                    read_batch_size, rows_per_yield, prompt_slots=0):
     if overlength not in OVERLENGTH_POLICIES:
       raise ValueError(f"{type(self).__name__}: overlength must be one of {OVERLENGTH_POLICIES}, got {overlength!r}")
     BestFitPacker((1,), buffer_size=buffer_size, max_segments_per_row=max_segments_per_row, lookahead=lookahead)
@@ -383,6 +394,8 @@ class _BestFitPackingMixin:
     self.packing_options = dict(buffer_size=buffer_size, max_segments_per_row=max_segments_per_row,
                                 overlength=overlength, lookahead=lookahead, secondary_weight=secondary_weight,
                                 seed=seed)
+    if prompt_slots:
+      self.packing_options["prompt_slots"] = int(prompt_slots)
     self._read_batch_size = read_batch_size
     self._rows_per_yield = rows_per_yield
     self.stats = PackingStats()  # replaced by a fresh object per converted dataset
@@ -430,10 +443,10 @@ class PackedEncDecFeatureConverter(_BestFitPackingMixin, seqio.EncDecFeatureConv
 
   def __init__(self, *, buffer_size: int = 1000, max_segments_per_row: Optional[int] = None,
                overlength: str = "truncate", lookahead: int = 8, secondary_weight: float = 1.0, seed: int = 0,
-               read_batch_size: int = 256, rows_per_yield: int = 32, **seqio_kwargs):
+               read_batch_size: int = 256, rows_per_yield: int = 32, prompt_slots: int = 0, **seqio_kwargs):
     super().__init__(**{"pack": True, **seqio_kwargs})
     self._init_packing(buffer_size, max_segments_per_row, overlength, lookahead, secondary_weight, seed,
-                       read_batch_size, rows_per_yield)
+                       read_batch_size, rows_per_yield, prompt_slots)
 
   def _convert_features(self, ds, task_feature_lengths):
     if not self.pack:
@@ -468,10 +481,11 @@ class PackedPrefixLMFeatureConverter(_BestFitPackingMixin, seqio.PrefixLMFeature
 
   def __init__(self, *, loss_on_targets_only: bool = True, buffer_size: int = 1000,
                max_segments_per_row: Optional[int] = None, overlength: str = "truncate", lookahead: int = 8,
-               seed: int = 0, read_batch_size: int = 256, rows_per_yield: int = 32, **seqio_kwargs):
+               seed: int = 0, read_batch_size: int = 256, rows_per_yield: int = 32, prompt_slots: int = 0,
+               **seqio_kwargs):
     super().__init__(loss_on_targets_only=loss_on_targets_only, **{"pack": True, **seqio_kwargs})
     self._init_packing(buffer_size, max_segments_per_row, overlength, lookahead, 0.0, seed, read_batch_size,
-                       rows_per_yield)
+                       rows_per_yield, prompt_slots)
 
   def _convert_features(self, ds, task_feature_lengths):
     if not self.pack:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -57,25 +57,29 @@ def _decoder_option_logits(config, params, inputs, options):
     return lm_inputs.target_part(logits, features, length)
 
 
-def _peft_aware(fn: Callable, reserves_prompt: bool = False) -> Callable:
-    """fn(config, params, ...) run on peft.view(params) when config.peft is set (else called as it is); with
-    reserves_prompt the raw inputs (first argument after params) get their prompt slots first."""
+def _peft_aware(fn: Callable, prompt_slots: Optional[str] = None, encoder_decoder: bool = True) -> Callable:
+    """fn(config, params, x, ...) run on peft.view(params) when config.peft is set (else called as it is). Prompt
+    tuning: prompt_slots='inputs' puts the slots before raw inputs x; 'batch' before the inputs of an unpacked batch
+    x (packed batches already have them, from models.feature_converter), dropping their logits again."""
     @functools.wraps(fn)
-    def wrapped(config, params, *args, **kwargs):
+    def wrapped(config, params, x, *args, **kwargs):
         if getattr(config, 'peft', None) is None:
-            return fn(config, params, *args, **kwargs)
+            return fn(config, params, x, *args, **kwargs)
         viewed = peft.view(config, params, kwargs.get('dropout_rng'))
-        if reserves_prompt:
-            args = (peft.reserve_prompt_slots(config, args[0]),) + args[1:]
-        return fn(config, viewed, *args, **kwargs)
+        if prompt_slots == 'inputs':
+            return fn(config, viewed, peft.reserve_prompt_slots(config, x), *args, **kwargs)
+        if prompt_slots == 'batch':
+            x, extra_positions = peft.reserve_prompt_slots_in_batch(config, x, encoder_decoder)
+            return fn(config, viewed, x, *args, **kwargs)[:, extra_positions:]
+        return fn(config, viewed, x, *args, **kwargs)
     return wrapped
 
 
 def _family(name, config_type, module, option_logits, decode_start, decode_step, converter, encoder_decoder):
     return Family(name, config_type, module.init_params, module.param_logical_axes, module.param_shapes,
-                  module.count_params, _peft_aware(module.forward), module.count_flops_per_example,
-                  _peft_aware(option_logits, True), _peft_aware(decode_start, True), _peft_aware(decode_step),
-                  converter, encoder_decoder)
+                  module.count_params, _peft_aware(module.forward, 'batch', encoder_decoder),
+                  module.count_flops_per_example, _peft_aware(option_logits, 'inputs'),
+                  _peft_aware(decode_start, 'inputs'), _peft_aware(decode_step), converter, encoder_decoder)
 
 
 def _t5_converter(**options):

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flan_jax.models import peft as peft_lib
-from flan_jax.models.peft import PeftConfig
 from flan_jax.models.t5 import MASK_VALUE, Dropout, dense, linear
 
 Params = dict
@@ -53,7 +52,7 @@ class DecoderConfig:
     dtype: str = 'float32'
     param_dtype: str = 'float32'
     remat: str = 'none'
-    peft: Optional[PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
+    peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
         for key in ('dtype', 'param_dtype'):
@@ -190,8 +189,7 @@ def attention(p: Mapping, x: jax.Array, positions: jax.Array, mask: jax.Array, c
         k = jax.lax.dynamic_update_slice(cache['key'], k.astype(cache['key'].dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(cache['value'], v.astype(cache['value'].dtype), (0, index, 0, 0))
         cache = {'key': k, 'value': v}
-    if 'prefix' in p:
-        k, v, mask, _ = peft_lib.with_prefix(p['prefix'], k, v, mask)
+    k, v, mask, _ = peft_lib.with_prefix(p.get('prefix'), k, v, mask)
     b, lq = q.shape[:2]
     groups = config.num_heads // config.num_kv_heads
     q = q.reshape(b, lq, config.num_kv_heads, groups, config.head_dim)
@@ -267,8 +265,7 @@ def forward(config: DecoderConfig, params: Params, batch: Batch, *, dropout_rng=
     mask = attention_mask(batch, config)
     drop = Dropout(None if dropout_rng is None else jax.random.fold_in(dropout_rng, 10**6), config.dropout_rate)
     x = embed(params, tokens, config)
-    if 'prompt' in params:   # positions 1..prompt_length of every segment, after its BOS (see peft.py)
-        x = peft_lib.insert_prompt(params['prompt'], x, positions - 1)
+    x = peft_lib.insert_prompt(params.get('prompt'), x, positions - 1)   # after each segment's BOS (see peft.py)
     x = drop(x, (-2,))
     layer_fn = _remat(lambda p, x, r: layer(p, x, positions, mask, r, config)[0], config)
     for i in range(config.num_layers):
@@ -313,8 +310,7 @@ def decode_start(config: DecoderConfig, params: Params, prompt_tokens: jax.Array
     empty = jnp.zeros((batch, total, config.num_kv_heads, config.head_dim), config.dtype)
     cache = {'key': [], 'value': []}
     x = embed(params, tokens, config)
-    if 'prompt' in params:
-        x = peft_lib.insert_prompt(params['prompt'], x, jnp.where(real, positions - 1, -1))
+    x = peft_lib.insert_prompt(params.get('prompt'), x, jnp.where(real, positions - 1, -1))
     for i in range(config.num_layers):
         x, c = layer(params[f'layers_{i}'], x, positions, mask, None, config, {'key': empty, 'value': empty}, 0)
         cache['key'].append(c['key'])

@@ -12,12 +12,13 @@ Methods (all parameters float32, whatever the base's param_dtype):
   so the model starts as the base. `merge` adds (alpha / rank) A B to W.
 - 'adapter' (Houlsby et al. 2019): a bottleneck h + up(relu(down(h))) on the output of every self-attention sublayer
   and every MLP, before the residual add (T5 cross-attention has none). The up projection starts at 0 (identity).
-- 'prompt' (Lester et al. 2021): `prompt_length` soft tokens. Packing reserves their slots: the feature converter
-  (models.feature_converter) puts prompt_length placeholder tokens before each example's inputs, so every packed
+- 'prompt' (Lester et al. 2021): `prompt_length` soft tokens. Packing reserves their slots: the packer of
+  models.feature_converter(config) puts prompt_length placeholder tokens before each example's inputs, so every packed
   segment has its own copy, inside that segment (same segment id, its first positions), and the prompt counts toward
   the inputs length (truncation cuts the real inputs' end and is counted by the packer). The model replaces the
   embeddings at those slots: T5 encoder positions 0..P-1 of each segment; decoder-only positions 1..P (after BOS).
-  option_logits / decode_start take raw inputs and reserve the slots themselves (`reserve_prompt_slots`).
+  Unpacked batches (no segment ids), option_logits and decode_start take raw inputs: the slots are inserted there
+  (`reserve_prompt_slots`, `reserve_prompt_slots_in_batch`), so only packed batches must come from that packer.
 - 'prefix' (Li & Liang 2021; P-tuning v2, Liu et al. 2021): `prefix_length` trainable keys and values per layer,
   prepended to the self-attention keys of the T5 encoder and decoder and of every decoder-only layer; every query of
   every segment attends to them (no relative-position bias, no RoPE: they are learned in the rotated space). With
@@ -250,6 +251,29 @@ def reserve_prompt_slots(config, inputs: jax.Array) -> jax.Array:
     return jnp.concatenate([slots, inputs], axis=1)
 
 
+def reserve_prompt_slots_in_batch(config, batch: Mapping, encoder_decoder: bool):
+    """(batch, extra positions) for forward: an unpacked batch (no segment ids) gets the prompt slots inserted where
+    the packer puts them (T5: before the encoder input; decoder-only: after BOS, so its logits gain P leading
+    positions, which the caller drops); a packed batch already has them and comes back as it is."""
+    peft = config.peft
+    segment_key = 'encoder_segment_ids' if encoder_decoder else 'decoder_segment_ids'
+    if peft is None or peft.method != 'prompt' or segment_key in batch:
+        return batch, 0
+    if encoder_decoder:
+        return {**batch, 'encoder_input_tokens': reserve_prompt_slots(config, batch['encoder_input_tokens'])}, 0
+    length = peft.prompt_length
+    after_bos = lambda x, fill: jnp.concatenate([x[:, :1], jnp.broadcast_to(fill, (x.shape[0], length)).astype(x.dtype),
+                                                 x[:, 1:]], axis=1)
+    batch = {**batch, 'decoder_input_tokens': after_bos(batch['decoder_input_tokens'], PROMPT_SLOT_ID)}
+    if 'decoder_causal_attention' in batch:   # the prompt is part of the prefix
+        batch['decoder_causal_attention'] = after_bos(batch['decoder_causal_attention'], 1)
+    if 'decoder_positions' in batch:
+        pos = batch['decoder_positions']
+        batch['decoder_positions'] = jnp.concatenate([pos[:, :1], pos[:, :1] + 1 + jnp.arange(length)[None],
+                                                      pos[:, 1:] + length], axis=1)
+    return batch, length
+
+
 # ----------------------------------------------------------------------------------------------
 # The merged view the families run on, and the hooks they call.
 
@@ -320,8 +344,11 @@ def adapter(p: Optional[Mapping], h: jax.Array) -> jax.Array:
     return h + jnp.dot(down, p['up']['kernel'].astype(h.dtype)) + p['up']['bias'].astype(h.dtype)
 
 
-def insert_prompt(prompt: jax.Array, x: jax.Array, slots) -> jax.Array:
-    """x [B, L, d] with position l replaced by prompt[slots[.., l]] wherever 0 <= slot < prompt_length."""
+def insert_prompt(prompt: Optional[jax.Array], x: jax.Array, slots) -> jax.Array:
+    """x [B, L, d] with position l replaced by prompt[slots[.., l]] wherever 0 <= slot < prompt_length; prompt None
+    (no prompt tuning) => x unchanged."""
+    if prompt is None:
+        return x
     length = prompt.shape[0]
     slots = jnp.asarray(slots, jnp.int32)
     inside = (slots >= 0) & (slots < length)
@@ -329,9 +356,11 @@ def insert_prompt(prompt: jax.Array, x: jax.Array, slots) -> jax.Array:
     return jnp.where(jnp.broadcast_to(inside, x.shape[:2])[..., None], rows, x)
 
 
-def with_prefix(prefix: Mapping, k: jax.Array, v: jax.Array, mask, bias=None):
+def with_prefix(prefix: Optional[Mapping], k: jax.Array, v: jax.Array, mask, bias=None):
     """Keys/values [B, Lk, heads, hd] with the prefix [P, heads * hd] prepended; the mask ([.., Lk] bool) lets every
-    query see the prefix; the bias ([.., Lk] float) gives it 0."""
+    query see the prefix; the bias ([.., Lk] float) gives it 0. prefix None (no prefix here) => all unchanged."""
+    if prefix is None:
+        return k, v, mask, bias
     batch, _, heads, head_dim = k.shape
     length = prefix['key'].shape[0]
 

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flan_jax.models import peft as peft_lib
-from flan_jax.models.peft import PeftConfig
 
 Params = dict
 Batch = Mapping[str, Any]
@@ -60,7 +59,7 @@ class T5Config:
     # positions for contiguous segments (seqio packing) and needs only a [heads, L, L] bias instead of
     # [batch, heads, L, L]. True: use encoder_positions/decoder_positions when the batch has them.
     relative_positions_from_features: bool = False
-    peft: Optional[PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
+    peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
         for key in ('dtype', 'param_dtype'):
@@ -198,9 +197,8 @@ def dense(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
 
 
 def linear(p: Mapping, x: jax.Array, dtype) -> jax.Array:
-    """x @ p['kernel'], plus the LoRA term when the (viewed, see peft.py) block carries LoRA factors."""
-    y = dense(x, p['kernel'], dtype)
-    return peft_lib.lora(p, x, y, dtype) if 'lora_a' in p else y
+    """x @ p['kernel'], plus the LoRA term when the block carries LoRA factors (see peft.view)."""
+    return peft_lib.lora(p, x, dense(x, p['kernel'], dtype), dtype) if 'lora_a' in p else dense(x, p['kernel'], dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, config: T5Config) -> jax.Array:
@@ -245,8 +243,7 @@ def attend(p: Mapping, x_q: jax.Array, k: jax.Array, v: jax.Array, mask, bias, c
     mask: bool broadcastable to [B, h, Lq, Lk] (or None); bias: float broadcastable (or None).
     Logits and softmax in float32; no 1/sqrt(head_dim) scaling (T5 convention).
     """
-    if 'prefix' in p:
-        k, v, mask, bias = peft_lib.with_prefix(p['prefix'], k, v, mask, bias)
+    k, v, mask, bias = peft_lib.with_prefix(p.get('prefix'), k, v, mask, bias)
     q = _split_heads(linear(p['query'], x_q, config.dtype), config)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if bias is not None and bias.shape[0] == 1 and mask is not None:
@@ -406,14 +403,12 @@ def encode(config: T5Config, params: Params, batch: Batch, *, dropout_rng=None) 
         mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
     pos = _positions(batch, 'encoder_positions', length, config)
     bias = relative_position_bias(params['encoder']['relpos_bias']['rel_embedding'], pos, pos, True, config)
-    if bias.ndim == 3:
-        bias = bias[None]
+    bias = bias[None] if bias.ndim == 3 else bias
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0)
     drop = Dropout(None if rng is None else jax.random.fold_in(rng, 10**6), config.dropout_rate)
 
-    x = embed(params, tokens, config)
-    if 'prompt' in params:   # the first prompt_length positions of every segment (see peft.py)
-        x = peft_lib.insert_prompt(params['prompt'], x, batch.get('encoder_positions', np.arange(length)))
+    x = peft_lib.insert_prompt(params.get('prompt'), embed(params, tokens, config),  # first P slots per segment
+                               batch.get('encoder_positions', np.arange(length)))
     x = drop(x, (-2,))
     layer_fn = _remat(lambda p, x, r: _encoder_layer(p, x, mask, bias, r, config), config)
     for i in range(config.num_encoder_layers):
@@ -474,8 +469,7 @@ def decode(config: T5Config, params: Params, encoded: jax.Array, batch: Batch, *
         cross_mask = enc_valid[:, None, None, :]
     pos = _positions(batch, 'decoder_positions', length, config)
     bias = relative_position_bias(params['decoder']['relpos_bias']['rel_embedding'], pos, pos, False, config)
-    if bias.ndim == 3:
-        bias = bias[None]
+    bias = bias[None] if bias.ndim == 3 else bias
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)
     drop = Dropout(None if rng is None else jax.random.fold_in(rng, 10**6), config.dropout_rate)
 
