@@ -202,3 +202,10 @@ def test_prompt_tuning_defaults_follow_lester_et_al():
     assert cfg.schedule == optim.ScheduleConfig("constant", 0.3, 0)
     assert cfg.adafactor.multiply_by_parameter_scale is False and cfg.adafactor.weight_decay_rate == 1e-5
     assert cfg.adafactor.decay_rate == 0.8 and cfg.adafactor.step_offset == 0
+    # The gin-selected packer reserves the prompt's slots in every segment; a packer that does not is refused.
+    converter = train_main.make_feature_converter()
+    assert converter.packing_options["prompt_slots"] == 100
+    peft.check_converter(cfg.model, converter)
+    import seqio
+    with pytest.raises(ValueError, match="prompt_slots"):
+        peft.check_converter(cfg.model, seqio.EncDecFeatureConverter(pack=True))
