@@ -232,7 +232,7 @@ class ExamplePacker:
     if overlength not in OVERLENGTH_POLICIES:
       raise ValueError(f"pack_examples: overlength must be one of {OVERLENGTH_POLICIES}, got {overlength!r}")
     self.lengths = (int(lengths[0]), int(lengths[1]))
-    if not 0 <= prompt_slots < self.lengths[0]:
+    if prompt_slots < 0 or (prompt_slots and prompt_slots >= self.lengths[0]):
       raise ValueError(f"pack_examples: prompt_slots={prompt_slots} (the prompt-tuning prompt_length) must leave room "
                        f"for inputs in the inputs length {self.lengths[0]}")
     self.prompt_slots = int(prompt_slots)

@@ -261,3 +261,35 @@ def test_folded_prefix_mlp_equals_unfolded(name):
     np.testing.assert_allclose(_scores(tuned, params), _scores(folded_config, folded), atol=1e-5)
     with pytest.raises(ValueError, match="'prefix'.*only 'lora' merges"):
         models.merge_peft(folded_config, folded)
+
+
+# ---------------------------------------------------------------------------------------------- interface
+
+@pytest.mark.parametrize('peft', [LORA, dict(method='adapter', adapter_dim=4), dict(method='prompt', prompt_length=3),
+                                  dict(method='prefix', prefix_length=3), dict(method='prefix', prefix_length=3,
+                                                                               prefix_mlp_dim=8)],
+                         ids=['lora', 'adapter', 'prompt', 'prefix', 'prefix_mlp'])
+def test_peft_subtree_has_shapes_axes_and_counts(peft):
+    for config in FAMILIES.values():
+        tuned = _with(config, **peft)
+        params = models.init_params(tuned, jax.random.PRNGKey(0))
+        shapes = models.param_shapes(tuned)
+        assert jax.tree.map(jnp.shape, params) == jax.tree.map(lambda s: s.shape, shapes)
+        axes = models.param_logical_axes(tuned)['peft']
+        jax.tree.map(lambda a, s: len(a) == len(s.shape) or pytest.fail(f'{a} vs {s.shape}'), axes,
+                     shapes['peft'], is_leaf=lambda x: isinstance(x, tuple))
+        trainable = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params['peft']))
+        assert models.count_peft_params(tuned) == trainable > 0
+        assert models.count_params(tuned) == models.count_params(config) + trainable
+        assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params['peft']))
+
+
+def test_bad_peft_configs_fail_clearly():
+    with pytest.raises(ValueError, match="PeftConfig.method='ia3'"):
+        models.PeftConfig(method='ia3')
+    with pytest.raises(ValueError, match='PeftConfig.rank=0'):
+        models.PeftConfig(method='lora', rank=0)
+    with pytest.raises(ValueError, match='not a regular expression'):
+        models.PeftConfig(method='lora', targets='(')
+    with pytest.raises(ValueError, match='peft=None'):
+        models.forward(T5, {**models.init_params(T5, jax.random.PRNGKey(0)), 'peft': {}}, {})

@@ -77,7 +77,10 @@ def fold_peft(config, params):
 
 
 def forward(config, params, batch, *, dropout_rng=None):
-    """Logits [B, L, vocab] (float32) for a batch in the family's feature names (EncDec or PrefixLM)."""
+    """Logits [B, L, vocab] (float32) for a batch in the family's feature names (EncDec or PrefixLM).
+
+    Prompt tuning: packed batches must come from feature_converter(config) (its packer reserves the prompt slots in
+    every segment); unpacked ones (no segment ids) get the slots inserted here."""
     return family(config).forward(config, params, batch, dropout_rng=dropout_rng)
 
 

@@ -64,6 +64,9 @@ def _peft_aware(fn: Callable, prompt_slots: Optional[str] = None, encoder_decode
     @functools.wraps(fn)
     def wrapped(config, params, x, *args, **kwargs):
         if getattr(config, 'peft', None) is None:
+            if 'peft' in params:
+                raise ValueError("params have a 'peft' subtree but the model config has peft=None (set the config's "
+                                 'peft, or models.merge_peft first)')
             return fn(config, params, x, *args, **kwargs)
         viewed = peft.view(config, params, kwargs.get('dropout_rng'))
         if prompt_slots == 'inputs':

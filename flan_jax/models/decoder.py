@@ -310,7 +310,7 @@ def decode_start(config: DecoderConfig, params: Params, prompt_tokens: jax.Array
     empty = jnp.zeros((batch, total, config.num_kv_heads, config.head_dim), config.dtype)
     cache = {'key': [], 'value': []}
     x = embed(params, tokens, config)
-    x = peft_lib.insert_prompt(params.get('prompt'), x, jnp.where(real, positions - 1, -1))
+    x = peft_lib.insert_prompt(params.get('prompt'), x, positions - 1)   # left padding has position 0
     for i in range(config.num_layers):
         x, c = layer(params[f'layers_{i}'], x, positions, mask, None, config, {'key': empty, 'value': empty}, 0)
         cache['key'].append(c['key'])
