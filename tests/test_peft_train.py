@@ -62,6 +62,7 @@ def _restored(model_dir, base):
     return cfg, restore_params(cfg, model_dir)
 
 
+@pytest.mark.slow
 def test_train_steps_leave_the_frozen_base_bitwise_unchanged(base_dir, tmp_path):
     """The loop's PEFT step (peft.jit_train_step) run three times: the base it was given is bitwise the checkpoint's,
     and only params['peft'] (with its optimizer state) comes back."""
