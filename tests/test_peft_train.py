@@ -63,6 +63,7 @@ def _restored(model_dir, base):
     return cfg, restore_params(cfg, model_dir)
 
 
+@pytest.mark.slow
 def test_train_steps_leave_the_frozen_base_bitwise_unchanged(base_dir, tmp_path):
     """The loop's PEFT step (peft.jit_train_step) run three times: the base it was given is bitwise the checkpoint's,
     and only params['peft'] (with its optimizer state) comes back."""
@@ -109,10 +110,26 @@ def test_optimizer_state_holds_peft_parameters_only(base_dir):
     per_param = [p for p in paths if "'" in p]  # counts have no dict key
     assert per_param and all("['peft']" in p for p in per_param), per_param[:5]
     peft_bytes, full_bytes = _bytes(abstract["opt_state"]), _bytes(full["opt_state"])
-    # Adafactor state of exactly the PEFT parameters, a small fraction of full finetuning's.
+    # Adafactor state of exactly the PEFT parameters. tiny_test's kernels (dims < 128) are not factored, so full
+    # finetuning keeps a second moment per weight and PEFT a small fraction of that.
     assert peft_bytes == _bytes(jax.eval_shape(optimizer.init, abstract["params"]))
     assert peft_bytes < full_bytes / 5, (peft_bytes, full_bytes)
     assert set(abstract["params"]) == {"peft"} and _bytes(frozen) == _bytes(full["params"])
+
+
+def test_factored_adafactor_state_of_lora_is_larger_than_full_finetuning():
+    """docs/peft.md: on the default model (emb 128) Adafactor factors every base kernel (v_row + v_col), while a
+    rank-8 LoRA factor has a dim below min_dim_size_to_factor (128) and keeps one second moment per weight: the
+    PEFT optimizer state is then the larger one; the saving is in gradients (PEFT params only)."""
+    default = os.path.join(REPO, "gin_configs", "runs", "default_cpu.gin")
+    cfg = train_main._configured([f"--gin_file={default}", f"--gin_file={LORA}", "--gin.INIT_CHECKPOINT='x'"])[1]
+    optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
+    mesh = partitioning.make_mesh(cfg.mesh)
+    abstract, _, frozen = peft.abstract_train_state(cfg.model, optimizer, cfg.mesh, mesh)
+    full, _ = loop.abstract_train_state(peft.base_config(cfg.model), optimizer, cfg.mesh, mesh)
+    peft_bytes, full_bytes = _bytes(abstract["opt_state"]), _bytes(full["opt_state"])
+    assert peft_bytes >= 4 * models.count_peft_params(cfg.model)  # a float32 second moment per LoRA weight
+    assert full_bytes < peft_bytes < _bytes(frozen) / 5, (peft_bytes, full_bytes, _bytes(frozen))
 
 
 def test_checkpoint_holds_peft_params_and_base_reference(lora_run, base_dir):
@@ -203,3 +220,10 @@ def test_prompt_tuning_defaults_follow_lester_et_al():
     assert cfg.schedule == optim.ScheduleConfig("constant", 0.3, 0)
     assert cfg.adafactor.multiply_by_parameter_scale is False and cfg.adafactor.weight_decay_rate == 1e-5
     assert cfg.adafactor.decay_rate == 0.8 and cfg.adafactor.step_offset == 0
+    # The gin-selected packer reserves the prompt's slots in every segment; a packer that does not is refused.
+    converter = train_main.make_feature_converter()
+    assert converter.packing_options["prompt_slots"] == 100
+    peft.check_converter(cfg.model, converter)
+    import seqio
+    with pytest.raises(ValueError, match="prompt_slots"):
+        peft.check_converter(cfg.model, seqio.EncDecFeatureConverter(pack=True))

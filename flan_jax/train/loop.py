@@ -134,6 +134,7 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     if feature_converter is None:
         feature_converter = models.feature_converter(cfg.model, seed=cfg.seed)
     converter = feature_converter
+    peft.check_converter(cfg.model, converter)
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
     schedule = optim.make_schedule(cfg.schedule)
     ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,

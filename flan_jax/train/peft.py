@@ -134,6 +134,21 @@ def init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
     return state, shardings, 0, base
 
 
+def check_converter(model_cfg, converter) -> None:
+    """Prompt tuning on packed rows needs the packer to reserve the prompt slots in every segment (peft/prompt.gin
+    binds PackedEncDecFeatureConverter / PackedPrefixLMFeatureConverter.prompt_slots = PROMPT_LENGTH)."""
+    method = model_cfg.peft.method if enabled(model_cfg) else None
+    if method != "prompt":
+        return
+    options = getattr(converter, "packing_options", None)
+    packs = options is not None or bool(getattr(converter, "pack", False))
+    slots = (options or {}).get("prompt_slots", 0)
+    if packs and slots != model_cfg.peft.prompt_length:
+        raise ValueError(f"prompt tuning: the feature converter {type(converter).__name__} reserves {slots} prompt "
+                         f"slots per packed segment, PeftConfig.prompt_length is {model_cfg.peft.prompt_length}; set "
+                         "<Converter>.prompt_slots = %PROMPT_LENGTH (peft/prompt.gin does for ours)")
+
+
 def _shardings(abstract):
     return jax.tree.map(lambda a: a.sharding, abstract)
 
