@@ -5,8 +5,8 @@ Per iteration: sample one response per prompt of a rollout batch from the policy
 per-token reward (score at the last token, -beta * KL(policy || SFT) at every token), compute GAE advantages, then run
 `ppo_epochs` passes over shuffled minibatches of that batch. Each minibatch step minimises
     policy_loss + vf_coef * value_loss - entropy_coef * entropy + ptx_coef * SFT cross-entropy (a batch of the mixture).
-The value head reads the policy's own hidden states, so the value loss also shapes the shared backbone (as in the
-common single-model setup; vf_coef keeps that small).
+The value head is linear on the policy's own final hidden states; by default they are read through stop_gradient, so
+the value loss trains the head alone (value_gradient_to_policy=True lets it shape the shared backbone as well).
 """
 from __future__ import annotations
 
@@ -41,8 +41,10 @@ class PPOConfig:
     kl_target: Optional[float] = None    # None: fixed beta; else the adaptive controller's target (nats per response)
     kl_horizon: int = 10_000
     learning_rate: float = 1e-5
+    value_learning_rate: Optional[float] = None   # the value head's Adam rate (None: learning_rate)
     max_grad_norm: float = 1.0
     whiten_advantages: bool = True
+    value_gradient_to_policy: bool = False   # True: the value loss also trains the shared backbone
     sampling: rollout_lib.SamplingConfig = rollout_lib.SamplingConfig()
     seed: int = 0
 
@@ -61,7 +63,14 @@ class PPOConfig:
 
 
 def make_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.learning_rate))
+    """Adam after global-norm clipping; the value head may run at its own rate (it starts from zero and must track
+    returns within a few iterations, while the policy should move slowly)."""
+    value_lr = cfg.learning_rate if cfg.value_learning_rate is None else cfg.value_learning_rate
+    labels = lambda params: {'policy': jax.tree.map(lambda _: 'policy', params['policy']),
+                             'value_head': jax.tree.map(lambda _: 'value', params['value_head'])}
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                       optax.multi_transform({'policy': optax.adam(cfg.learning_rate), 'value': optax.adam(value_lr)},
+                                             labels))
 
 
 def ptx_loss(model_cfg, policy_params, batch: dict) -> jax.Array:
@@ -75,7 +84,7 @@ def ppo_loss(model_cfg, cfg: PPOConfig, params: dict, minibatch: dict, ptx_batch
     """(total loss, metrics) on one minibatch of a rollout (Rollout.arrays() rows)."""
     mask = minibatch['mask']
     log_probs, entropy, values = rollout_lib.policy_outputs(model_cfg, params, minibatch['prompts'],
-                                                            minibatch['responses'])
+                                                            minibatch['responses'], cfg.value_gradient_to_policy)
     pg, clip_fraction = ppo_math.policy_loss(log_probs, minibatch['old_log_probs'], minibatch['advantages'], mask,
                                              cfg.clip_eps)
     vf, value_clip_fraction = ppo_math.value_loss(values, minibatch['old_values'], minibatch['returns'], mask,
