@@ -2,9 +2,12 @@
 
 For the generated arithmetic and list tasks (addition, subtraction, list_sort, list_max) each prompt is the task's
 own prompt (its templates, its seen-cluster wording) and the preference follows a rule anyone can check: `chosen` is
-the correct answer, `rejected` a wrong one made by a typical slip (see WRONG_ANSWERS). Prompts are partitioned between
-train and validation exactly as the instruction task's records are (flan_jax.sources.generated: same generator, same
-partition key), so a validation prompt is in neither the preference train split nor the SFT train split.
+the correct answer, `rejected` a wrong one. Arithmetic: the other operation's result (|a - b| for a + b, a + b for
+a - b) or a carry/borrow slip (off by ten: the carry forgotten where the ones digits carry, or added where they do
+not). Lists: a wrong order (descending, or one adjacent pair left unswapped) or a wrong element (the minimum, or the
+runner-up). A wrong answer equal to the right one (b = 0) is drawn again. Prompts are partitioned between train and
+validation exactly as the instruction task's records are (flan_jax.sources.generated: same generator, same partition
+key), so a validation prompt is in neither the preference train split nor the SFT train split.
 
 Mixture flan_default_preference: the four `<task>_pref` seqio tasks, equal rates.
 """
@@ -21,20 +24,20 @@ PREFERENCE_MIXTURE = "flan_default_preference"
 NUM_EXAMPLES = {"train": 10_000, "validation": 200}
 
 
-def _shift(answer: int, rng: random.Random) -> int:
-    """A carry or borrow slip: off by ten (or by one when that would go negative)."""
-    wrong = answer + rng.choice((-10, 10))
-    return wrong if wrong >= 0 else answer + 1
-
-
 def wrong_addition(record: dict, rng: random.Random) -> str:
     a, b = int(record["a"]), int(record["b"])
-    return str(abs(a - b)) if rng.random() < 0.5 else str(_shift(a + b, rng))   # wrong operation, or a slip
+    if rng.random() < 0.5:
+        return str(abs(a - b))                                 # the wrong operation
+    carry = a % 10 + b % 10 >= 10
+    return str(a + b - 10 if carry else a + b + 10)            # a carry slip: forgot it, or carried where none was
 
 
 def wrong_subtraction(record: dict, rng: random.Random) -> str:
     a, b = int(record["a"]), int(record["b"])
-    return str(a + b) if rng.random() < 0.5 else str(_shift(a - b, rng))
+    if rng.random() < 0.5:
+        return str(a + b)
+    borrow = a % 10 < b % 10
+    return str(a - b + 10 if borrow or a - b < 10 else a - b - 10)   # a borrow slip
 
 
 def wrong_list_sort(record: dict, rng: random.Random) -> str:

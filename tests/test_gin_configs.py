@@ -8,7 +8,11 @@ from flan_jax.models import t5
 from flan_jax.train import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = sorted(glob.glob(os.path.join(REPO, "gin_configs", "runs", "*.gin")))
+# Preference runs (reward/dpo/ppo, their shared preference_defaults.gin) bind `preference.*`, not `train.*`: their
+# own tests parse them (tests/test_preference.py).
+PREFERENCE_PREFIXES = ("reward_", "dpo_", "ppo_", "preference_")
+RUNS = sorted(p for p in glob.glob(os.path.join(REPO, "gin_configs", "runs", "*.gin"))
+              if not os.path.basename(p).startswith(PREFERENCE_PREFIXES))
 PUBLISHED = {"small": (512, 6, 8, 1024), "base": (768, 12, 12, 2048), "large": (1024, 16, 24, 2816),
              "xl": (2048, 32, 24, 5120), "xxl": (4096, 64, 24, 10240)}
 

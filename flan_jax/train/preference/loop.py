@@ -115,6 +115,18 @@ def initial_params(cfg: PreferenceConfig, sft_params):
     return sft_params, models.param_logical_axes(cfg.model)
 
 
+def load_trained(cfg: PreferenceConfig, checkpoint: Optional[str] = None) -> tuple[dict, int]:
+    """(params, step) of a preference run's checkpoint (default: MODEL_DIR's latest) for later stages such as PPO:
+    reward runs give {"backbone", "head"} (score with reward.rewards), DPO runs the policy params."""
+    mesh = partitioning.make_mesh(cfg.mesh)
+    template, axes = initial_params(cfg, models.param_shapes(cfg.model))
+    optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
+    abstract, _ = state_shardings(template, axes, optimizer, cfg.mesh, mesh)
+    directory, step = resolve_checkpoint(checkpoint or cfg.model_dir)
+    state, _ = checkpointing.Checkpointer(directory, async_save=False).restore(abstract, step=step)
+    return state["params"], step
+
+
 # --- scores over a pool --------------------------------------------------------------------------------------------
 def pool_scores(score_fn, params, pool: pairs.PairPool, batch_size: int) -> np.ndarray:
     """score_fn(params, batch) [B, 2] for every pair row of the pool -> [N, 2]."""

@@ -32,7 +32,7 @@ def preference_config(kind: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, m
         log_period=log_period, seed=seed)
 
 
-def _configure(argv: Sequence[str]) -> loop.PreferenceConfig:
+def configure(argv: Sequence[str]) -> loop.PreferenceConfig:
     """Flags -> task modules -> gin -> a validated PreferenceConfig, as `flan-jax train` does it."""
     import os
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -50,7 +50,7 @@ def _configure(argv: Sequence[str]) -> loop.PreferenceConfig:
 
 def preference_main(argv: Sequence[str]) -> dict:
     try:
-        cfg = _configure(argv)
+        cfg = configure(argv)
     except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as e:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
         raise sft_main.ConfigError(first) from e
