@@ -44,6 +44,7 @@ class PPOConfig:
     value_learning_rate: Optional[float] = None   # the value head's Adam rate (None: learning_rate)
     max_grad_norm: float = 1.0
     whiten_advantages: bool = True
+    normalize_reward: bool = True     # train on (score - mean) / std of the SFT policy's scores (InstructGPT-style)
     value_gradient_to_policy: bool = False   # True: the value loss also trains the shared backbone
     sampling: rollout_lib.SamplingConfig = rollout_lib.SamplingConfig()
     seed: int = 0
@@ -192,6 +193,19 @@ def evaluate(model_cfg, params: dict, reference_params, prompts: PromptSet, rewa
     return out
 
 
+def reward_statistics(model_cfg, policy_params, prompts: PromptSet, reward_fn, cfg: PPOConfig, rng) -> tuple:
+    """(mean, std) of reward_fn over one rollout batch of the (SFT) policy's samples."""
+    index = np.random.default_rng(cfg.seed + 1).choice(len(prompts.tokens), cfg.rollout_batch_size, replace=False)
+    tokens, refs = prompts.rows(index)
+    responses = rollout_lib.sample(model_cfg, policy_params, jnp.asarray(tokens), rng, cfg.sampling)
+    scores = np.asarray(reward_fn(tokens, np.asarray(responses), refs), np.float64)
+    return float(scores.mean()), float(max(scores.std(), 1e-6))
+
+
+def normalized(reward_fn, mean: float, std: float):
+    return lambda prompts, responses, refs: (np.asarray(reward_fn(prompts, responses, refs)) - mean) / std
+
+
 def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, reward_fn, *,
           eval_prompts: Optional[PromptSet] = None, decode_text=None, ptx_batches=None,
           log: Callable[[int, str, dict], None] = lambda step, split, values: None, eval_period: int = 0,
@@ -216,14 +230,19 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
             log(iteration, 'eval', history[iteration])
 
     run_eval(0)
+    train_reward_fn = reward_fn
+    if cfg.normalize_reward:
+        mean, std = reward_statistics(model_cfg, sft_params, train_prompts, reward_fn, cfg, jax.random.fold_in(key, 10**6))
+        train_reward_fn = normalized(reward_fn, mean, std)
+        log(0, 'train', {'sft_reward_mean': mean, 'sft_reward_std': std})
     for iteration in range(1, cfg.iterations + 1):
         started = time.time()
         index = np_rng.choice(len(train_prompts.tokens), cfg.rollout_batch_size, replace=False)
         prompts, refs = train_prompts.rows(index)
         batch = rollout_lib.collect(model_cfg, state['params'], sft_params, prompts, refs,
-                                    jax.random.fold_in(key, iteration), reward_fn, controller.beta, cfg.sampling,
+                                    jax.random.fold_in(key, iteration), train_reward_fn, controller.beta, cfg.sampling,
                                     cfg.gamma, cfg.lam, cfg.whiten_advantages)
-        metrics = rollout_metrics(batch)
+        metrics = rollout_metrics(batch)   # reward_mean in the training (normalized) units
         state, update_metrics = train_on_rollout(update_step, state, batch, cfg, np_rng, ptx_batches)
         metrics.update(update_metrics, beta=controller.beta, seconds=time.time() - started)
         controller = controller.update(metrics['kl'], cfg.rollout_batch_size)

@@ -32,13 +32,14 @@ def ppo_config(iterations: int = 20, rollout_batch_size: int = 64, ppo_epochs: i
                vf_coef: float = 0.1, entropy_coef: float = 0.0, ptx_coef: float = 0.0, init_kl_coef: float = 0.1,
                kl_target: Optional[float] = None, kl_horizon: int = 10_000, learning_rate: float = 1e-5,
                value_learning_rate: Optional[float] = None,
-               max_grad_norm: float = 1.0, whiten_advantages: bool = True,
+               max_grad_norm: float = 1.0, whiten_advantages: bool = True, normalize_reward: bool = True,
                value_gradient_to_policy: bool = False, max_decode_len: int = 16,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> ppo.PPOConfig:
     sampling = rollout_lib.SamplingConfig(max_decode_len, temperature, top_k, top_p)
     return ppo.PPOConfig(iterations, rollout_batch_size, ppo_epochs, num_minibatches, clip_eps, value_clip, gamma,
                          lam, vf_coef, entropy_coef, ptx_coef, init_kl_coef, kl_target, kl_horizon, learning_rate,
-                         value_learning_rate, max_grad_norm, whiten_advantages, value_gradient_to_policy, sampling, seed)
+                         value_learning_rate, max_grad_norm, whiten_advantages, normalize_reward,
+                         value_gradient_to_policy, sampling, seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +88,8 @@ def ptx_batches(train_cfg, run: RunConfig):
 
 
 def _printer(writer: MetricsWriter):
-    keys = ("reward_mean", "kl", "greedy_reward_mean", "exact_match", "entropy", "clip_fraction", "value_loss",
-            "beta", "ptx_loss", "seconds")
+    keys = ("sft_reward_mean", "sft_reward_std", "reward_mean", "kl", "greedy_reward_mean", "exact_match", "entropy",
+            "clip_fraction", "value_loss", "beta", "ptx_loss", "seconds")
 
     def log(iteration, split, values):
         writer.write(iteration, split, "ppo", values)
