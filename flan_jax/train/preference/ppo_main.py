@@ -100,7 +100,10 @@ def _printer(writer: MetricsWriter):
 
 def run(argv: Sequence[str]) -> dict:
     args, train_cfg = main_lib.load_config(argv)
-    cfg, run_cfg = ppo_config(), run_config()
+    try:
+        cfg, run_cfg = ppo_config(), run_config()
+    except (ValueError, TypeError) as e:
+        raise main_lib.ConfigError(str(e).strip().splitlines()[0]) from e
     start = time.time()
     os.makedirs(run_cfg.model_dir, exist_ok=True)
     epath.Path(run_cfg.model_dir, "config.gin").write_text(gin.config_str())
