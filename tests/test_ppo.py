@@ -185,12 +185,13 @@ def test_learned_reward_reads_a_reward_model_checkpoint_and_scores_at_the_last_r
     ckpt.close()
     params = reward_adapter.load_reward_params(str(tmp_path), T5_TINY)
     responses = np.array([[5, 6, 1, 0], [7, 1, 0, 0], [2, 2, 2, 2], [1, 0, 0, 0]], np.int32)
-    want = reward.rewards(T5_TINY, {'backbone': backbone, 'head': head}, PROMPTS[:4], responses[:, None, :])[:, 0]
+    want = jax.jit(reward.rewards, static_argnums=0)(T5_TINY, {'backbone': backbone, 'head': head}, PROMPTS[:4],
+                                                     responses[:, None, :])[:, 0]
     got = reward_adapter.learned_reward(str(tmp_path), T5_TINY)(PROMPTS[:4], responses, [''] * 4)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # a sampled id 0 before EOS: the score is still read at the EOS, not at the last non-zero id
     odd = np.array([[5, 0, 6, 1]], np.int32)
-    hidden = rollout_lib.response_hidden(T5_TINY, backbone, PROMPTS[:1], odd)
+    hidden = jax.jit(rollout_lib.response_hidden, static_argnums=0)(T5_TINY, backbone, PROMPTS[:1], odd)
     at_eos = float(hidden[0, 3] @ head['kernel'] + head['bias'])
     np.testing.assert_allclose(reward_adapter.score_responses(T5_TINY, params, PROMPTS[:1], odd), [at_eos],
                                rtol=1e-5)
