@@ -141,6 +141,7 @@ def _first_token_reward(target):
     return lambda prompts, responses, refs: (responses[:, 0] == target).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_ppo_raises_a_toy_reward_and_reports_its_metrics():
     params = models.init_params(T5_TINY, jax.random.PRNGKey(0))
     cfg = ppo.PPOConfig(iterations=6, rollout_batch_size=16, ppo_epochs=2, num_minibatches=2, learning_rate=3e-2,
@@ -150,7 +151,9 @@ def test_ppo_raises_a_toy_reward_and_reports_its_metrics():
     logged = []
     _, history = ppo.train(T5_TINY, cfg, params, prompts, _first_token_reward(7), eval_prompts=prompts,
                            log=lambda i, split, m: logged.append((i, split, m)))
-    train_rows = [m for _, split, m in logged if split == 'train']
+    assert [m for i, split, m in logged if i == 0 and split == 'train'][0].keys() == {'sft_reward_mean', 'sft_reward_std'}
+    train_rows = [m for i, split, m in logged if split == 'train' and i > 0]
+    assert len(train_rows) == 6
     for key in ('reward_mean', 'kl', 'entropy', 'clip_fraction', 'value_loss', 'beta'):
         assert all(np.isfinite(m[key]) for m in train_rows), key
     assert history[6]['greedy_reward_mean'] > history[0]['greedy_reward_mean']
@@ -170,6 +173,7 @@ def test_ptx_term_is_the_sft_loss_and_enters_the_update():
     assert float(ppo.ptx_loss(T5_TINY, params, batch)) == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_learned_reward_reads_a_reward_model_checkpoint_and_scores_at_the_last_real_token(tmp_path):
     from flan_jax.train import checkpointing
     from flan_jax.train.preference import reward, reward_adapter
@@ -181,12 +185,13 @@ def test_learned_reward_reads_a_reward_model_checkpoint_and_scores_at_the_last_r
     ckpt.close()
     params = reward_adapter.load_reward_params(str(tmp_path), T5_TINY)
     responses = np.array([[5, 6, 1, 0], [7, 1, 0, 0], [2, 2, 2, 2], [1, 0, 0, 0]], np.int32)
-    want = reward.rewards(T5_TINY, {'backbone': backbone, 'head': head}, PROMPTS[:4], responses[:, None, :])[:, 0]
+    want = jax.jit(reward.rewards, static_argnums=0)(T5_TINY, {'backbone': backbone, 'head': head}, PROMPTS[:4],
+                                                     responses[:, None, :])[:, 0]
     got = reward_adapter.learned_reward(str(tmp_path), T5_TINY)(PROMPTS[:4], responses, [''] * 4)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # a sampled id 0 before EOS: the score is still read at the EOS, not at the last non-zero id
     odd = np.array([[5, 0, 6, 1]], np.int32)
-    hidden = rollout_lib.response_hidden(T5_TINY, backbone, PROMPTS[:1], odd)
+    hidden = jax.jit(rollout_lib.response_hidden, static_argnums=0)(T5_TINY, backbone, PROMPTS[:1], odd)
     at_eos = float(hidden[0, 3] @ head['kernel'] + head['bias'])
     np.testing.assert_allclose(reward_adapter.score_responses(T5_TINY, params, PROMPTS[:1], odd), [at_eos],
                                rtol=1e-5)
@@ -213,3 +218,15 @@ def test_ppo_gin_config_parses_into_ppo_and_run_configs():
         ppo_main.RunConfig('d', 'sft', 'task', reward='learned', reward_model_dir=None)
     with pytest.raises(ValueError, match='num_minibatches'):
         ppo.PPOConfig(rollout_batch_size=10, num_minibatches=4)
+
+
+def test_reward_normalization_uses_the_sft_policys_score_statistics():
+    params = models.init_params(T5_TINY, jax.random.PRNGKey(0))
+    cfg = ppo.PPOConfig(rollout_batch_size=16, num_minibatches=2, sampling=rollout_lib.SamplingConfig(max_decode_len=3))
+    score = lambda prompts, responses, refs: responses[:, 0].astype(np.float32)   # a spread of values
+    mean, std = ppo.reward_statistics(T5_TINY, params, ppo.PromptSet(PROMPTS, ('',) * 16), score, cfg,
+                                      jax.random.PRNGKey(0))
+    assert std > 0
+    norm = ppo.normalized(score, mean, std)
+    responses = np.array([[3, 1, 0]] * 2, np.int32)
+    np.testing.assert_allclose(norm(PROMPTS[:2], responses, ['', '']), (3.0 - mean) / std)

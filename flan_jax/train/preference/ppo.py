@@ -5,8 +5,8 @@ Per iteration: sample one response per prompt of a rollout batch from the policy
 per-token reward (score at the last token, -beta * KL(policy || SFT) at every token), compute GAE advantages, then run
 `ppo_epochs` passes over shuffled minibatches of that batch. Each minibatch step minimises
     policy_loss + vf_coef * value_loss - entropy_coef * entropy + ptx_coef * SFT cross-entropy (a batch of the mixture).
-The value head reads the policy's own hidden states, so the value loss also shapes the shared backbone (as in the
-common single-model setup; vf_coef keeps that small).
+The value head is linear on the policy's own final hidden states; by default they are read through stop_gradient, so
+the value loss trains the head alone (value_gradient_to_policy=True lets it shape the shared backbone as well).
 """
 from __future__ import annotations
 
@@ -41,8 +41,11 @@ class PPOConfig:
     kl_target: Optional[float] = None    # None: fixed beta; else the adaptive controller's target (nats per response)
     kl_horizon: int = 10_000
     learning_rate: float = 1e-5
+    value_learning_rate: Optional[float] = None   # the value head's Adam rate (None: learning_rate)
     max_grad_norm: float = 1.0
     whiten_advantages: bool = True
+    normalize_reward: bool = True     # train on (score - mean) / std of the SFT policy's scores (InstructGPT-style)
+    value_gradient_to_policy: bool = False   # True: the value loss also trains the shared backbone
     sampling: rollout_lib.SamplingConfig = rollout_lib.SamplingConfig()
     seed: int = 0
 
@@ -61,7 +64,14 @@ class PPOConfig:
 
 
 def make_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.learning_rate))
+    """Adam after global-norm clipping; the value head may run at its own rate (it starts from zero and must track
+    returns within a few iterations, while the policy should move slowly)."""
+    value_lr = cfg.learning_rate if cfg.value_learning_rate is None else cfg.value_learning_rate
+    labels = lambda params: {'policy': jax.tree.map(lambda _: 'policy', params['policy']),
+                             'value_head': jax.tree.map(lambda _: 'value', params['value_head'])}
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                       optax.multi_transform({'policy': optax.adam(cfg.learning_rate), 'value': optax.adam(value_lr)},
+                                             labels))
 
 
 def ptx_loss(model_cfg, policy_params, batch: dict) -> jax.Array:
@@ -75,7 +85,7 @@ def ppo_loss(model_cfg, cfg: PPOConfig, params: dict, minibatch: dict, ptx_batch
     """(total loss, metrics) on one minibatch of a rollout (Rollout.arrays() rows)."""
     mask = minibatch['mask']
     log_probs, entropy, values = rollout_lib.policy_outputs(model_cfg, params, minibatch['prompts'],
-                                                            minibatch['responses'])
+                                                            minibatch['responses'], cfg.value_gradient_to_policy)
     pg, clip_fraction = ppo_math.policy_loss(log_probs, minibatch['old_log_probs'], minibatch['advantages'], mask,
                                              cfg.clip_eps)
     vf, value_clip_fraction = ppo_math.value_loss(values, minibatch['old_values'], minibatch['returns'], mask,
@@ -183,6 +193,19 @@ def evaluate(model_cfg, params: dict, reference_params, prompts: PromptSet, rewa
     return out
 
 
+def reward_statistics(model_cfg, policy_params, prompts: PromptSet, reward_fn, cfg: PPOConfig, rng) -> tuple:
+    """(mean, std) of reward_fn over one rollout batch of the (SFT) policy's samples."""
+    index = np.random.default_rng(cfg.seed + 1).choice(len(prompts.tokens), cfg.rollout_batch_size, replace=False)
+    tokens, refs = prompts.rows(index)
+    responses = rollout_lib.sample(model_cfg, policy_params, jnp.asarray(tokens), rng, cfg.sampling)
+    scores = np.asarray(reward_fn(tokens, np.asarray(responses), refs), np.float64)
+    return float(scores.mean()), float(max(scores.std(), 1e-6))
+
+
+def normalized(reward_fn, mean: float, std: float):
+    return lambda prompts, responses, refs: (np.asarray(reward_fn(prompts, responses, refs)) - mean) / std
+
+
 def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, reward_fn, *,
           eval_prompts: Optional[PromptSet] = None, decode_text=None, ptx_batches=None,
           log: Callable[[int, str, dict], None] = lambda step, split, values: None, eval_period: int = 0,
@@ -207,14 +230,19 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
             log(iteration, 'eval', history[iteration])
 
     run_eval(0)
+    train_reward_fn = reward_fn
+    if cfg.normalize_reward:
+        mean, std = reward_statistics(model_cfg, sft_params, train_prompts, reward_fn, cfg, jax.random.fold_in(key, 10**6))
+        train_reward_fn = normalized(reward_fn, mean, std)
+        log(0, 'train', {'sft_reward_mean': mean, 'sft_reward_std': std})
     for iteration in range(1, cfg.iterations + 1):
         started = time.time()
         index = np_rng.choice(len(train_prompts.tokens), cfg.rollout_batch_size, replace=False)
         prompts, refs = train_prompts.rows(index)
         batch = rollout_lib.collect(model_cfg, state['params'], sft_params, prompts, refs,
-                                    jax.random.fold_in(key, iteration), reward_fn, controller.beta, cfg.sampling,
+                                    jax.random.fold_in(key, iteration), train_reward_fn, controller.beta, cfg.sampling,
                                     cfg.gamma, cfg.lam, cfg.whiten_advantages)
-        metrics = rollout_metrics(batch)
+        metrics = rollout_metrics(batch)   # reward_mean in the training (normalized) units
         state, update_metrics = train_on_rollout(update_step, state, batch, cfg, np_rng, ptx_batches)
         metrics.update(update_metrics, beta=controller.beta, seconds=time.time() - started)
         controller = controller.update(metrics['kl'], cfg.rollout_batch_size)

@@ -31,12 +31,15 @@ def ppo_config(iterations: int = 20, rollout_batch_size: int = 64, ppo_epochs: i
                clip_eps: float = 0.2, value_clip: float = 0.2, gamma: float = 1.0, lam: float = 0.95,
                vf_coef: float = 0.1, entropy_coef: float = 0.0, ptx_coef: float = 0.0, init_kl_coef: float = 0.1,
                kl_target: Optional[float] = None, kl_horizon: int = 10_000, learning_rate: float = 1e-5,
-               max_grad_norm: float = 1.0, whiten_advantages: bool = True, max_decode_len: int = 16,
+               value_learning_rate: Optional[float] = None,
+               max_grad_norm: float = 1.0, whiten_advantages: bool = True, normalize_reward: bool = True,
+               value_gradient_to_policy: bool = False, max_decode_len: int = 16,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> ppo.PPOConfig:
     sampling = rollout_lib.SamplingConfig(max_decode_len, temperature, top_k, top_p)
     return ppo.PPOConfig(iterations, rollout_batch_size, ppo_epochs, num_minibatches, clip_eps, value_clip, gamma,
                          lam, vf_coef, entropy_coef, ptx_coef, init_kl_coef, kl_target, kl_horizon, learning_rate,
-                         max_grad_norm, whiten_advantages, sampling, seed)
+                         value_learning_rate, max_grad_norm, whiten_advantages, normalize_reward,
+                         value_gradient_to_policy, sampling, seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +88,8 @@ def ptx_batches(train_cfg, run: RunConfig):
 
 
 def _printer(writer: MetricsWriter):
-    keys = ("reward_mean", "kl", "greedy_reward_mean", "exact_match", "entropy", "clip_fraction", "value_loss",
-            "beta", "ptx_loss", "seconds")
+    keys = ("sft_reward_mean", "sft_reward_std", "reward_mean", "kl", "greedy_reward_mean", "exact_match", "entropy",
+            "clip_fraction", "value_loss", "beta", "ptx_loss", "seconds")
 
     def log(iteration, split, values):
         writer.write(iteration, split, "ppo", values)
@@ -97,7 +100,10 @@ def _printer(writer: MetricsWriter):
 
 def run(argv: Sequence[str]) -> dict:
     args, train_cfg = main_lib.load_config(argv)
-    cfg, run_cfg = ppo_config(), run_config()
+    try:
+        cfg, run_cfg = ppo_config(), run_config()
+    except (ValueError, TypeError) as e:
+        raise main_lib.ConfigError(str(e).strip().splitlines()[0]) from e
     start = time.time()
     os.makedirs(run_cfg.model_dir, exist_ok=True)
     epath.Path(run_cfg.model_dir, "config.gin").write_text(gin.config_str())

@@ -67,10 +67,15 @@ def values_from_hidden(value_head: dict, hidden: jax.Array) -> jax.Array:
     return hidden @ value_head['kernel'] + value_head['bias']
 
 
-def policy_outputs(config, params: dict, prompts, responses):
-    """params = {'policy': model params, 'value_head': ...} -> (token log-probs, entropies, values), each [B, Lt]."""
+def policy_outputs(config, params: dict, prompts, responses, value_gradient_to_policy: bool = False):
+    """params = {'policy': model params, 'value_head': ...} -> (token log-probs, entropies, values), each [B, Lt].
+
+    value_gradient_to_policy=False reads the values off stop-gradient hidden states: the value loss then trains the
+    head only and cannot move the policy (a separate value function on the policy's features)."""
     logits = response_logits(config, params['policy'], prompts, responses)
     hidden = response_hidden(config, params['policy'], prompts, responses)
+    if not value_gradient_to_policy:
+        hidden = jax.lax.stop_gradient(hidden)
     return (ppo_math.token_log_probs(logits, responses), ppo_math.token_entropy(logits),
             values_from_hidden(params['value_head'], hidden))
 
