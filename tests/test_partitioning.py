@@ -1,5 +1,6 @@
 """SPMD: meshes (8,1), (4,2), (2,4) and FSDP give the one-device losses, with really sharded params and optimizer
-state; two processes on 127.0.0.1 (jax.distributed, gloo) give the one-process losses of tiny_test.gin."""
+state; two processes on 127.0.0.1 (jax.distributed, gloo) give the one-process losses of tiny_test.gin, and resume
+bitwise from their own saved input positions."""
 import json
 import os
 import socket
@@ -80,10 +81,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _losses(model_dir):
+def _losses_by_step(model_dir):
     rows = [json.loads(l) for l in open(os.path.join(model_dir, "metrics.jsonl"))]
-    return [r["value"] for r in sorted((r for r in rows if r["split"] == "train" and r["metric"] == "loss"),
-                                       key=lambda r: r["step"])]
+    return {r["step"]: r["value"] for r in rows if r["split"] == "train" and r["metric"] == "loss" and r["task"] == "all"}
+
+
+def _losses(model_dir):
+    return [v for _, v in sorted(_losses_by_step(model_dir).items())]
 
 
 def test_data_shards_follow_the_mesh():
@@ -134,26 +138,101 @@ def _launch(args, model_dir, env, processes):
     return procs
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("partitions,sharding", [(4, "per_process_shard"), (2, "global_stream")])
-def test_two_hosts_of_two_devices_match_one_host_of_four(tmp_path, partitions, sharding):
-    """(4, per-process input): the model axis spans both processes, one data shard, both feed the same rows.
-    (2, global_stream): the data axis spans the processes, the model axis stays inside each. Eval on."""
-    args = [sys.executable, "-m", "flan_jax.train", f"--gin_file={TINY}", "--gin.TRAIN_STEPS=3",
+# The multi-process runs, launched once per module and shared by the tests (interpreter, JAX and input start-up
+# dominate their cost): for each (NUM_PARTITIONS, input sharding) case, 2 processes x 2 devices and, where the data
+# allow it, 1 process x 4 devices. A single small task and short features keep each run cheap; what the tests
+# compare does not depend on the mixture.
+CASES = {"model_axis_across_hosts": (4, "per_process_shard"),  # one data shard: both processes feed the same rows
+         "data_axis_across_hosts": (2, "global_stream"),       # data axis across processes, model axis inside each
+         "own_shard_per_host": (2, "per_process_shard")}       # each process reads its own shard (2-process only)
+TRAIN_STEPS = 3
+
+
+def _args(partitions, sharding, evaluate=True):
+    # Eval where outputs are compared across process counts; bitwise-equal params need no eval to compare.
+    eval_task = "'parity_zs_opt'" if evaluate else "None"
+    return [sys.executable, "-m", "flan_jax.train", f"--gin_file={TINY}", f"--gin.TRAIN_STEPS={TRAIN_STEPS}",
+            "--gin.MIXTURE_OR_TASK_NAME='parity_zs_opt'", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}",
             "--gin.LOG_PERIOD=1", "--gin.EVAL_PERIOD=0", "--gin.EVAL_EXAMPLES_PER_TASK=4",
-            "--gin.EVAL_MIXTURE_OR_TASK_NAME='parity_zs_opt'", "--gin.CHECKPOINT_PERIOD=0",
-            "--gin.BEST_METRIC=None", f"--gin.NUM_PARTITIONS={partitions}",
-            f"--gin.train.input_sharding='{sharding}'", "--gin.train.peak_tflops=1.0"]
-    base = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    procs = (_launch(args, single, dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4"), 1)
-             + _launch(args, multi, dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2"), 2))
-    outs = [p.communicate(timeout=600) for p in procs]
+            f"--gin.EVAL_MIXTURE_OR_TASK_NAME={eval_task}", "--gin.CHECKPOINT_PERIOD=2", "--gin.BEST_METRIC=None",
+            f"--gin.NUM_PARTITIONS={partitions}", f"--gin.train.input_sharding='{sharding}'",
+            "--gin.train.peak_tflops=1.0", "--gin.train.async_checkpointing=False"]
+
+
+def _env(devices):
+    return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _wait(procs):
+    outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    assert len(_losses(single)) == 3
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hosts")
+    dirs = {}
+    for case, (partitions, sharding) in CASES.items():  # one case at a time: at most 3 processes in memory
+        dirs[case] = {"multi": str(root / case / "multi")}
+        own_shards = case == "own_shard_per_host"  # different shards than one process reads: no 1-process twin
+        procs = _launch(_args(partitions, sharding, evaluate=not own_shards), dirs[case]["multi"], _env(2), 2)
+        if not own_shards:
+            dirs[case]["single"] = str(root / case / "single")
+            procs += _launch(_args(partitions, sharding), dirs[case]["single"], _env(4), 1)
+        _wait(procs)
+    return dirs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["model_axis_across_hosts", "data_axis_across_hosts"])
+def test_two_hosts_of_two_devices_match_one_host_of_four(runs, case):
+    """(4, per-process input): the model axis spans both processes, one data shard, both feed the same rows.
+    (2, global_stream): the data axis spans the processes, the model axis stays inside each. Eval on."""
+    single, multi = runs[case]["single"], runs[case]["multi"]
+    assert len(_losses(single)) == TRAIN_STEPS
     np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
     one, two = _eval_values(single), _eval_values(multi)
     assert one and set(one) == set(two)
     for key in one:
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def _train_state(model_dir, step):
+    import jax
+    import orbax.checkpoint as ocp
+    path = os.path.join(model_dir, f"checkpoint_{step}", "state")
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = dict(ckptr.metadata(path).item_metadata.tree)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                        is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
+    return ckptr.restore(path, restore_args=args)
+
+
+@pytest.mark.slow
+def test_two_hosts_resume_bitwise_from_their_own_input_positions(runs, tmp_path):
+    """Each process reads its own shard and saves its own input position; the two processes restarted from
+    checkpoint 2 end at step 3 with the uninterrupted run's params and optimizer state, bit for bit."""
+    import shutil
+    reference = runs["own_shard_per_host"]["multi"]
+    positions = [os.path.join(reference, "input_state", "checkpoint_2", f"process_{i}.pkl") for i in (0, 1)]
+    assert open(positions[0], "rb").read() != open(positions[1], "rb").read()  # two shards, two positions
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(reference, "checkpoint_2"), os.path.join(resumed, "checkpoint_2"))
+    shutil.copytree(os.path.join(reference, "input_state", "checkpoint_2"),
+                    os.path.join(resumed, "input_state", "checkpoint_2"))
+    _wait(_launch(_args(*CASES["own_shard_per_host"], evaluate=False), resumed, _env(2), 2))
+    assert sorted(_losses_by_step(resumed)) == [3]  # it resumed at 2 rather than starting over
+    assert _losses_by_step(resumed)[3] == _losses_by_step(reference)[3]
+    want, got = _train_state(reference, 3), _train_state(resumed, 3)
+    assert int(got["step"]) == 3
+    flat_want, flat_got = jax_leaves_with_paths(want), jax_leaves_with_paths(got)
+    assert [k for k, _ in flat_got] == [k for k, _ in flat_want]
+    for (key, a), (_, b) in zip(flat_want, flat_got):
+        np.testing.assert_array_equal(b, a, err_msg=key)
+
+
+def jax_leaves_with_paths(tree):
+    import jax
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]

@@ -4,7 +4,7 @@ import collections
 import pytest
 import seqio
 
-from flan_jax import mixing, registry
+from flan_jax import mixing, registry, rendered_source
 from flan_jax.evaluation import metrics
 from flan_jax.sources import FunctionSource
 from flan_jax.templates import FewShotConfig, Template, TemplateError
@@ -154,7 +154,7 @@ def test_cot_variant_targets_and_postprocessing():
 
 def test_sharding_partitions_records():
     register_colors()
-    source = registry.RenderedSource(registry.task_spec("t_colors"), "zs_opt")
+    source = rendered_source.RenderedSource(registry.task_spec("t_colors"), "zs_opt")
     shards = [[r["inputs"] for r in source.get_dataset("train", shard_info=seqio.ShardInfo(i, 2)).as_numpy_iterator()]
               for i in range(2)]
     assert len(shards[0]) == len(shards[1]) == 30

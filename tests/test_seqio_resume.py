@@ -30,6 +30,7 @@ def _batches(converter, state=None):
     return data_lib.train_batches(cfg, converter, input_state=state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_converter", [packing.PackedEncDecFeatureConverter,
                                             lambda: seqio.EncDecFeatureConverter(pack=True)])
 def test_seqio_position_resumes_bitwise_without_rendering_again(monkeypatch, make_converter):

@@ -1,7 +1,7 @@
 """The seqio input path with a saved position: resuming restores it instead of replaying the stream.
 
 A Task or Mixture of `flan_jax.registry` tasks is checkpointable tf.data end to end (the source is a range of
-chunk numbers, see `registry.chunked_dataset`; shuffle buffers, in-memory caches, the mixture's sampler and the
+chunk numbers, see `rendered_source.chunked_dataset`; shuffle buffers, in-memory caches, the mixture's sampler and the
 repeat are tf.data state). Its iterator is saved with `tf.train.Checkpoint`, as T5X's `save_dataset` does, so a
 resumed run renders none of the examples it had already read.
 
@@ -22,14 +22,14 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flan_jax import native_pipeline, packing, registry
+from flan_jax import native_pipeline, packing, rendered_source
 
 _READ_BATCH = 256  # examples per tf.data -> numpy transfer (one transfer per example is several times slower)
 
 
 def checkpointable(provider) -> bool:
     """True when every task of the Task or Mixture reads a registry source (tf.data state only)."""
-    return all(isinstance(t.source, registry.RenderedSource) for t in seqio.get_subtasks(provider))
+    return all(isinstance(t.source, rendered_source.RenderedSource) for t in seqio.get_subtasks(provider))
 
 
 def python_packed(converter) -> bool:
