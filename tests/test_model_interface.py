@@ -8,8 +8,8 @@ import numpy as np
 from flan_jax import models
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FAMILY_MODULES = {'flan_jax.models.t5', 'flan_jax.models.decoder', 'flan_jax.models.t5_cache'}
-FAMILY_NAMES = {'t5', 'decoder', 't5_cache'}
+FAMILY_NAMES = {'t5', 'decoder', 't5_cache', 't5_positions'}
+FAMILY_MODULES = {f'flan_jax.models.{name}' for name in FAMILY_NAMES}
 
 
 def _imports(path: pathlib.Path):
