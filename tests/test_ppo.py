@@ -118,6 +118,7 @@ def test_masked_whiten_ignores_padding():
 # --- rollouts and updates on tiny models ---------------------------------------------------------------------------
 from flan_jax import models  # noqa: E402
 from flan_jax.train.preference import ppo, rollout as rollout_lib  # noqa: E402
+from flan_jax.train.preference import ppo_main  # noqa: E402  (imported before any test locks gin)
 
 T5_TINY = models.T5Config(vocab_size=16, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
                           num_decoder_layers=1)
@@ -203,7 +204,6 @@ def test_ppo_gin_config_parses_into_ppo_and_run_configs():
     import os
     import gin
     from flan_jax.train import main as train_main
-    from flan_jax.train.preference import ppo_main
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = train_main.parse_flags([f'--gin_file={repo}/gin_configs/runs/ppo_default_cpu.gin', '--gin.REWARD=rule',
                                    '--gin.ppo.iterations=3'])

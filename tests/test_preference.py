@@ -13,6 +13,7 @@ from flan_jax.sources import FunctionSource, MalformedRecordError
 from flan_jax.templates import Template
 from flan_jax.train import optim
 from flan_jax.train.preference import losses, pairs, reward, scoring, steps
+from flan_jax.train.preference import main as pref_main  # imported before any test locks gin
 
 T5_CFG = models.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24, num_encoder_layers=1,
                          num_decoder_layers=1)
@@ -227,7 +228,6 @@ def test_reward_steps_learn_to_rank():
 
 
 def test_preference_gin_configs_parse(tmp_path):
-    from flan_jax.train.preference import main as pref_main
     import os
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for kind in ("reward", "dpo"):
