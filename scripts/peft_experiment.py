@@ -2,7 +2,7 @@
 on the held-out cluster's train split and compare held-out accuracy before and after with full finetuning on the
 same data and steps; the seen option tasks show what the frozen base keeps.
 
-    python scripts/peft_experiment.py --base /work/artifacts/default_run --out runs/peft_experiment --steps 150
+    python scripts/peft_experiment.py --base runs/default --out runs/peft_experiment --steps 150
 
 Writes OUT/<method>/ (each a MODEL_DIR) and OUT/results.json; prints a Markdown table (docs/peft.md has the figures).
 Accuracy is rank classification on the option tasks' validation records (disjoint from train).
@@ -68,7 +68,7 @@ def evaluate_base(args, out: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="/work/artifacts/default_run")
+    parser.add_argument("--base", default="runs/default")
     parser.add_argument("--out", default="runs/peft_experiment")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch_size", type=int, default=16)
