@@ -282,12 +282,14 @@ def compare(label: str, base_config, shape: Shape, methods: Sequence[str] = METH
   return rows
 
 
-def run(quick: bool, cases_override: Optional[list] = None, shape: Optional[Shape] = None) -> list[dict]:
-  """All rows; `cases_override` / `shape` replace the model shapes and batch (tests run a tiny shape)."""
+def run(quick: bool, cases_override: Optional[list] = None, shape: Optional[Shape] = None,
+        methods: Sequence[str] = METHODS) -> list[dict]:
+  """All rows; `cases_override` / `shape` / `methods` replace the model shapes, batch and methods (tests run a tiny
+  shape)."""
   shape = shape or (QUICK_SHAPE if quick else FULL_SHAPE)
   rows = []
   for label, config in cases_override or cases(quick):
-    rows += compare(label, config, shape)
+    rows += compare(label, config, shape, methods)
   return rows
 
 
