@@ -40,7 +40,7 @@ def tiny_rows():
           for r in peft_bench.run(quick=True, cases_override=[case], shape=TINY_SHAPE, methods=(method,))]
 
 
-@pytest.mark.slow  # ~12 s (four compiles) at load 2 on 2 cores
+@pytest.mark.slow  # 9-12 s (four compiles) at load 2-3 on 2 cores
 def test_quick_path_returns_well_formed_rows_for_every_case_method_and_figure(tiny_rows):
   names = {r["name"] for r in tiny_rows}
   for (label, _), method in zip(TINY_CASES, TINY_METHODS):
@@ -55,7 +55,7 @@ def test_quick_path_returns_well_formed_rows_for_every_case_method_and_figure(ti
       assert r["ratio"] == pytest.approx(r["ours"] / r["baseline"])
 
 
-@pytest.mark.slow  # ~12 s (four compiles) at load 2 on 2 cores
+@pytest.mark.slow  # 9-12 s (four compiles) at load 2-3 on 2 cores
 def test_peft_trains_fewer_parameters_in_less_step_memory(tiny_rows):
   by_name = {r["name"]: r for r in tiny_rows}
   for (label, config), method in zip(TINY_CASES, TINY_METHODS):
