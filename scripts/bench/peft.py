@@ -240,14 +240,13 @@ def compare(label: str, base_config, shape: Shape, methods: Sequence[str] = METH
   """Rows for one model shape: every method vs full finetuning, timed interleaved in one loop."""
   import jax
 
+  from flan_jax import models
   from flan_jax.train import partitioning
 
   mesh_cfg = partitioning.MeshConfig()
   mesh = partitioning.make_mesh(mesh_cfg, jax.devices()[:1])
   optimizer = make_optimizer()
-  from flan_jax import models
-  base_sharding = partitioning.replicated(mesh)
-  base_params = jax.device_put(models.init_params(base_config, jax.random.PRNGKey(0)), base_sharding)
+  base_params = jax.device_put(models.init_params(base_config, jax.random.PRNGKey(0)), partitioning.replicated(mesh))
   batch = jax.device_put(synthetic_batch(base_config, shape), partitioning.batch_sharding(mesh))
 
   sides = {FULL: full_side(base_config, optimizer, base_params, batch, mesh)}
