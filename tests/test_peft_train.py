@@ -1,5 +1,6 @@
 """Training side of PEFT (flan_jax/train/peft.py) on tiny_test.gin: only params['peft'] trains, has optimizer state
 and is checkpointed; the base is reloaded from the recorded reference on resume, eval and --merge-peft."""
+import dataclasses
 import json
 import os
 
@@ -227,3 +228,59 @@ def test_prompt_tuning_defaults_follow_lester_et_al():
     import seqio
     with pytest.raises(ValueError, match="prompt_slots"):
         peft.check_converter(cfg.model, seqio.EncDecFeatureConverter(pack=True))
+
+
+# --- decoder-only family -------------------------------------------------------------------------------------------
+DEC = models.DecoderConfig(vocab_size=61, emb_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                           mlp_dim=48)
+DEC_PEFT = {"lora": (models.PeftConfig("lora", rank=4, alpha=8.0), 3e-3),
+            "prompt": (models.PeftConfig("prompt", prompt_length=3), 0.3)}   # the gin_configs/peft/ LRs
+
+
+def _decoder_packed_batch(prompt_slots: int) -> dict:
+    """Prefix-LM rows from the real packer (which reserves the prompt's slots in every segment), 2+ segments a row."""
+    from flan_jax import packing
+    rng = np.random.default_rng(0)
+    examples = [(rng.integers(3, 61, n_in), rng.integers(3, 61, n_tg)) for n_in, n_tg in [(6, 3), (4, 2), (7, 4), (5, 3)]]
+    packer = packing.ExamplePacker((24, 12), concatenate=True, prompt_slots=prompt_slots, buffer_size=8)
+    rows = [r for ex in examples for r in packer.add(*ex)] + packer.flush()
+    assert max(len(r) for r in rows) >= 2, "the test needs segments that share a row"
+    return packing.prefix_lm_feature_batch(rows, 36)
+
+
+@pytest.mark.parametrize("method", sorted(DEC_PEFT))
+def test_decoder_peft_steps_train_the_peft_params_and_leave_the_base_bitwise_unchanged(method):
+    """train/peft.py on a tiny DecoderConfig: the loop's PEFT step (peft.jit_train_step) lowers the loss, moves every
+    PEFT parameter, keeps optimizer state for them only, and never changes the frozen base it is given."""
+    peft_cfg, lr = DEC_PEFT[method]
+    config = dataclasses.replace(DEC, peft=peft_cfg)
+    optimizer = optim.make_adafactor(optim.AdafactorConfig(multiply_by_parameter_scale=False),
+                                     optim.make_schedule(optim.ScheduleConfig("constant", lr, 0)))
+    mesh_cfg = partitioning.MeshConfig()
+    mesh = partitioning.make_mesh(mesh_cfg, jax.devices()[:1])
+    _, shardings, frozen_abstract = peft.abstract_train_state(config, optimizer, mesh_cfg, mesh)
+    frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen_abstract)
+    base_params = jax.device_put(models.init_params(DEC, jax.random.PRNGKey(0)), frozen_shardings)
+    base_before = jax.device_get(base_params)
+    trainable = peft.init_trainable(config, jax.random.PRNGKey(1), base_params)
+    before = jax.device_get(trainable)
+    state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": trainable,
+                            "opt_state": optimizer.init(trainable), "nonfinite_step": jnp.full((), -1, jnp.int32)},
+                           shardings)
+    base = peft.FrozenBase(base_params, frozen_shardings, {"path": "in-memory", "step": None, "format": "flan_jax"})
+    step_fn = step_lib.make_train_step(config, optimizer, step_lib.LossConfig())
+    train_step = peft.jit_train_step(step_fn, shardings, partitioning.batch_sharding(mesh), base)
+    batch = _decoder_packed_batch(peft_cfg.prompt_length if method == "prompt" else 0)
+    losses = []
+    for _ in range(4):
+        state, metrics = train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert int(state["step"]) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0], losses
+    assert _leaves_equal(base.params, base_before)
+    after = jax.device_get(state["params"])
+    assert set(after) == {"peft"}
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]
+    assert moved and all(moved), moved
+    opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]]
+    assert all("['peft']" in p for p in opt_paths if "'" in p)

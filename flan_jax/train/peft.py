@@ -153,11 +153,16 @@ def _shardings(abstract):
     return jax.tree.map(lambda a: a.sharding, abstract)
 
 
+def jitted_step(step_fn, shardings, batch_sharding, frozen_shardings):
+    """`step_fn(state, batch, frozen)` jitted with the base as a third, undonated argument (the base is an input of
+    every step, never an output, so it cannot change); `.lower(...)` it for XLA's memory plan."""
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, frozen_shardings),
+                   out_shardings=(shardings, None), donate_argnums=(0,))
+
+
 def jit_train_step(step_fn, shardings, batch_sharding, base: FrozenBase):
-    """step(state, batch) for the loop: `step_fn(state, batch, frozen)` jitted with the base as a third, undonated
-    argument (the base is an input of every step, never an output, so it cannot change)."""
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, base.shardings),
-                     out_shardings=(shardings, None), donate_argnums=(0,))
+    """step(state, batch) for the loop: `jitted_step` with the base bound."""
+    jitted = jitted_step(step_fn, shardings, batch_sharding, base.shardings)
     return lambda state, batch: jitted(state, batch, base.params)
 
 
