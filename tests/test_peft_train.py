@@ -11,7 +11,7 @@ import pytest
 
 from flan_jax import models
 from flan_jax.checkpoints import trained
-from flan_jax.train import checkpointing, loop, main as train_main, optim, partitioning, peft, step as step_lib
+from flan_jax.train import checkpointing, data as data_lib, loop, main as train_main, optim, partitioning, peft, step as step_lib
 from flan_jax.train.metrics_log import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,6 +228,31 @@ def test_prompt_tuning_defaults_follow_lester_et_al():
     import seqio
     with pytest.raises(ValueError, match="prompt_slots"):
         peft.check_converter(cfg.model, seqio.EncDecFeatureConverter(pack=True))
+
+
+def test_prompt_init_from_the_mixtures_class_labels_or_a_file(base_dir, tmp_path):
+    prompt_gin = os.path.join(REPO, "gin_configs", "peft", "prompt.gin")
+    cfg = _config("unused", "--gin.PeftConfig.prompt_init='labels'", "--gin.PROMPT_LENGTH=8", peft_gin=prompt_gin,
+                  base=base_dir[0])
+    labels = peft.mixture_class_labels(cfg.input.mixture_or_task_name)
+    assert labels and len(set(labels)) == len(labels)
+    inputs = peft.prompt_init_inputs(cfg)
+    vocabulary = data_lib.targets_vocabulary(cfg.input)
+    assert [vocabulary.decode(ids) for ids in inputs["label_token_ids"]] == labels
+    _, base_params = base_dir
+    prompt = peft.init_trainable(cfg.model, jax.random.PRNGKey(0), base_params, **inputs)["peft"]["prompt"]
+    table = np.asarray(base_params["token_embedder"]["embedding"], np.float32)
+    first = np.asarray(inputs["label_token_ids"][0])
+    np.testing.assert_allclose(prompt[0], table[first[first != 0]].mean(axis=0), rtol=1e-6, atol=1e-7)
+    # A saved prompt is used as it is.
+    saved = np.random.default_rng(0).normal(size=(8, cfg.model.emb_dim)).astype(np.float32)
+    np.save(tmp_path / "prompt.npy", saved)
+    cfg = _config("unused", f"--gin.PeftConfig.prompt_init='{tmp_path / 'prompt.npy'}'", "--gin.PROMPT_LENGTH=8",
+                  peft_gin=prompt_gin, base=base_dir[0])
+    loaded = peft.init_trainable(cfg.model, jax.random.PRNGKey(0), base_params, **peft.prompt_init_inputs(cfg))
+    np.testing.assert_array_equal(loaded["peft"]["prompt"], saved)
+    with pytest.raises(ValueError, match="prompt_init"):
+        models.PeftConfig("prompt", prompt_init="labelz")
 
 
 # --- decoder-only family -------------------------------------------------------------------------------------------

@@ -53,8 +53,13 @@ class PeftConfig:
     prompt_length: int = 100
     prefix_length: int = 20
     prefix_mlp_dim: int = 0
+    # Prompt tuning's init (Lester et al. 2021): 'vocab' (sampled embeddings of the first 5,000 ids), 'labels' (the
+    # class labels of the training mixture's option tasks first, the rest sampled), or a .npy file (load_prompt).
+    prompt_init: str = 'vocab'
 
     def __post_init__(self):
+        if self.prompt_init not in ('vocab', 'labels') and not str(self.prompt_init).endswith('.npy'):
+            raise ValueError(f"PeftConfig.prompt_init={self.prompt_init!r}: expected 'vocab', 'labels' or a .npy path")
         if self.method not in METHODS:
             raise ValueError(f'PeftConfig.method={self.method!r}: expected one of {METHODS}')
         for key in ('rank', 'adapter_dim', 'prompt_length', 'prefix_length'):

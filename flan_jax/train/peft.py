@@ -25,7 +25,7 @@ from etils import epath
 
 from flan_jax import models
 from flan_jax.checkpoints import trained
-from flan_jax.train import checkpointing, init_from, partitioning
+from flan_jax.train import checkpointing, data as data_lib, init_from, partitioning
 
 PEFT_KEY = "peft"
 REFERENCE_FILE = "peft_base.json"
@@ -99,12 +99,61 @@ def abstract_train_state(model_cfg, optimizer, mesh_cfg: partitioning.MeshConfig
     return abstract, shardings, jax.tree.map(with_sharding, frozen_shapes, frozen_shardings)
 
 
-def init_trainable(model_cfg, rng, frozen: dict) -> dict:
-    """{'peft': ...} initialized for `model_cfg` (prompt init may read the base's embeddings)."""
-    init_peft = getattr(models, "init_peft", None)
-    if init_peft is not None:
-        return {PEFT_KEY: init_peft(model_cfg, rng, frozen)}
-    return {PEFT_KEY: models.init_params(model_cfg, rng)[PEFT_KEY]}
+def init_trainable(model_cfg, rng, frozen: dict, label_token_ids=None, prompt=None) -> dict:
+    """{'peft': ...} initialized for `model_cfg` (prompt init may read the base's embeddings, take the class labels'
+    token ids, or a saved prompt)."""
+    trainable = models.init_peft(model_cfg, rng, frozen, label_token_ids=label_token_ids)
+    if prompt is not None:
+        trainable = {**trainable, "prompt": jnp.asarray(prompt, jnp.float32)}
+    return {PEFT_KEY: trainable}
+
+
+LABEL_SCAN_EXAMPLES = 64   # train examples read per option task whose records carry their own options
+MAX_CLASS_LABELS = 10      # ...whose distinct options there count as class labels only if they are this few
+
+
+def mixture_class_labels(mixture_or_task_name: str) -> list[str]:
+    """Class labels of the mixture's option tasks, in order of first appearance (prompt init 'labels'): a task's
+    fixed options, or the options of a task whose records carry their own when those form a small closed set (its
+    first LABEL_SCAN_EXAMPLES train examples show at most MAX_CLASS_LABELS distinct ones; numbers or free answers
+    are no class labels)."""
+    import seqio
+
+    from flan_jax import registry
+    labels, seen_base = [], set()
+    for task in seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name)):
+        try:
+            info = registry.task_info(task.name)
+        except KeyError:  # not one of ours: nothing declares its options
+            continue
+        if not info.has_options or info.base_task in seen_base:
+            continue
+        seen_base.add(info.base_task)
+        options = registry.task_spec(info.base_task).fixed_options
+        if options is None:
+            ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, use_cached=False)
+            found = []
+            for ex in ds.take(LABEL_SCAN_EXAMPLES).as_numpy_iterator():
+                found += [o.decode() for o in ex["options"] if o.decode() not in found]
+            options = found if len(found) <= MAX_CLASS_LABELS else ()
+        labels += [o for o in options if o not in labels]
+    return labels
+
+
+def prompt_init_inputs(cfg) -> dict:
+    """init_trainable's label_token_ids / prompt for cfg's PeftConfig.prompt_init."""
+    peft_cfg = cfg.model.peft
+    if peft_cfg.method != "prompt" or peft_cfg.prompt_init == "vocab":
+        return {}
+    if peft_cfg.prompt_init.endswith(".npy"):
+        return {"prompt": models.load_prompt(peft_cfg.prompt_init, cfg.model)}
+    labels = mixture_class_labels(cfg.input.mixture_or_task_name)
+    if not labels:
+        raise ValueError(f"PeftConfig.prompt_init='labels': no option task with fixed options in "
+                         f"{cfg.input.mixture_or_task_name!r}; use 'vocab' or a .npy file")
+    vocabulary = data_lib.targets_vocabulary(cfg.input)
+    logging.info("prompt init from %d class labels of %s", len(labels), cfg.input.mixture_or_task_name)
+    return {"label_token_ids": [vocabulary.encode(label) for label in labels]}
 
 
 def init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
@@ -125,8 +174,10 @@ def init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
     base = FrozenBase(load_base(reference, frozen_abstract, cfg.model), _shardings(frozen_abstract), reference)
     write_reference(cfg.model_dir, reference)
 
+    init_inputs = prompt_init_inputs(cfg)
+
     def init(rng, frozen):
-        trainable = init_trainable(cfg.model, rng, frozen)
+        trainable = init_trainable(cfg.model, rng, frozen, **init_inputs)
         return {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": optimizer.init(trainable),
                 "nonfinite_step": jnp.full((), -1, jnp.int32)}
 
