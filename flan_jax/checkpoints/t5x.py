@@ -22,39 +22,14 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from flan_jax.tree_paths import flatten, unflatten  # noqa: F401  (part of this module's API)
+
 LEGACY_VERSION = 3
 SLOT_NAMES = ('v_row', 'v_col', 'v', 'm')
 # T5X targets chunks of ~64 MiB in its zarr arrays.
 _CHUNK_BYTES = 64 * 1024 * 1024
 # T5X Adafactor default: do not factor a parameter whose second-largest dimension is below this.
 _MIN_DIM_SIZE_TO_FACTOR = 128
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameter tree helpers shared by the HF and T5X converters.
-
-def flatten(tree: Mapping, prefix: str = '') -> dict:
-    """Nested dict -> {'a/b/c': leaf}."""
-    flat = {}
-    for key, value in tree.items():
-        path = f'{prefix}/{key}' if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, path))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-    """{'a/b/c': leaf} -> nested dict."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split('/')
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
 
 
 def expected_shapes(config) -> dict:

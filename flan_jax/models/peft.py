@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flan_jax import tree_paths
+
 METHODS = ('lora', 'adapter', 'prompt', 'prefix')
 DEFAULT_LORA_TARGETS = r'.*attention/(query|key|value|out)/kernel'
 # Any non-zero id (0 is padding); the model never reads the token at a prompt slot.
@@ -80,31 +82,6 @@ class PeftConfig:
         return self.alpha / self.rank
 
 
-# ----------------------------------------------------------------------------------------------
-# Tree helpers over nested dicts; paths are '/'-joined keys.
-
-def _flatten(tree: Mapping, prefix: str = '') -> dict:
-    out = {}
-    for key, value in tree.items():
-        path = f'{prefix}{key}'
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path + '/'))
-        else:
-            out[path] = value
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split('/')
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
 def _layer_order(path: str) -> str:
     return re.sub(r'layers_(\d+)', lambda m: f'layers_{int(m[1]):06d}', path)
 
@@ -139,7 +116,7 @@ def lora_target_paths(peft: PeftConfig, flat_shapes: Mapping) -> list:
 
 def _specs(config, base_shapes: Mapping, base_axes: Mapping) -> dict:
     peft, d = config.peft, config.emb_dim
-    flat, axes = _flatten(base_shapes), _flatten(base_axes)
+    flat, axes = tree_paths.flatten(base_shapes), tree_paths.flatten(base_axes)
     specs = {}
     if peft.method == 'lora':
         for path in lora_target_paths(peft, flat):
@@ -191,15 +168,16 @@ def init(config, rng: jax.Array, base_shapes: Mapping, base_axes: Mapping) -> di
     """The 'peft' subtree of fresh parameters (prompt: uniform in [-0.5, 0.5]; see init_from_base)."""
     specs = _specs(config, base_shapes, base_axes)
     keys = jax.random.split(rng, max(len(specs), 1))
-    return _unflatten({path: _init_leaf(spec, k) for (path, spec), k in zip(sorted(specs.items()), keys)})
+    leaves = {path: _init_leaf(spec, k) for (path, spec), k in zip(sorted(specs.items()), keys)}
+    return tree_paths.unflatten(leaves)
 
 
 def logical_axes(config, base_shapes: Mapping, base_axes: Mapping) -> dict:
-    return _unflatten({p: s[1] for p, s in _specs(config, base_shapes, base_axes).items()})
+    return tree_paths.unflatten({p: s[1] for p, s in _specs(config, base_shapes, base_axes).items()})
 
 
 def shapes(config, base_shapes: Mapping, base_axes: Mapping) -> dict:
-    return _unflatten({p: jax.ShapeDtypeStruct(s[0], jnp.float32)
+    return tree_paths.unflatten({p: jax.ShapeDtypeStruct(s[0], jnp.float32)
                        for p, s in _specs(config, base_shapes, base_axes).items()})
 
 
@@ -286,7 +264,7 @@ def _prefix_from_mlp(config, params: Mapping, mlp: Mapping) -> dict:
     """{block path + '/prefix/key'|'value': [P, width]} computed by the reparameterization MLP."""
     hidden = jnp.tanh(mlp['embedding'] @ mlp['wi']['kernel'] + mlp['wi']['bias'])
     out = hidden @ mlp['wo']['kernel'] + mlp['wo']['bias']            # [P, blocks * 2 * width]
-    blocks = _self_attention_paths(_flatten(params))
+    blocks = _self_attention_paths(tree_paths.flatten(params))
     parts = jnp.split(out, 2 * len(blocks), axis=1)
     flat = {}
     for i, block in enumerate(blocks):
@@ -316,7 +294,7 @@ def view(config, params: Mapping, dropout_rng: Optional[jax.Array] = None) -> di
     if config.peft is None:
         raise ValueError("params have a 'peft' subtree but the model config has peft=None")
     base = {k: v for k, v in params.items() if k != 'peft'}
-    flat = _flatten(params['peft'])
+    flat = tree_paths.flatten(params['peft'])
     peft = config.peft
     if 'prefix_mlp' in params['peft']:
         flat = {p: v for p, v in flat.items() if not p.startswith('prefix_mlp/')}
@@ -328,7 +306,7 @@ def view(config, params: Mapping, dropout_rng: Optional[jax.Array] = None) -> di
             if dropout_rng is not None and peft.dropout > 0:
                 flat[f'{block}/lora_rng'] = jax.random.fold_in(dropout_rng, 7919 + i)
                 flat[f'{block}/lora_keep'] = jnp.float32(1.0 - peft.dropout)
-    return _merge_into(base, _unflatten(flat))
+    return _merge_into(base, tree_paths.unflatten(flat))
 
 
 def lora(p: Mapping, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
@@ -391,8 +369,8 @@ def merge(config, params: Mapping):
     if config.peft.method != 'lora':
         raise ValueError(f'merge_peft: PEFT method {config.peft.method!r} adds parameters that do not fit the base '
                          "model's shapes; only 'lora' merges (keep the PEFT parameters next to the base instead)")
-    flat = _flatten({k: v for k, v in params.items() if k != 'peft'})
-    scale, extra = config.peft.lora_scale, _flatten(params.get('peft', {}))
+    flat = tree_paths.flatten({k: v for k, v in params.items() if k != 'peft'})
+    scale, extra = config.peft.lora_scale, tree_paths.flatten(params.get('peft', {}))
     for path, value in extra.items():
         if path.endswith('/lora_a'):
             block = path[:-len('/lora_a')]
@@ -400,7 +378,7 @@ def merge(config, params: Mapping):
             kernel = flat[f'{block}/kernel']
             delta = jnp.asarray(value, jnp.float32) @ jnp.asarray(b, jnp.float32) * scale
             flat[f'{block}/kernel'] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
-    return dataclasses.replace(config, peft=None), _unflatten(flat)
+    return dataclasses.replace(config, peft=None), tree_paths.unflatten(flat)
 
 
 def fold(config, params: Mapping):
@@ -409,7 +387,7 @@ def fold(config, params: Mapping):
     if config.peft is None or 'prefix_mlp' not in params.get('peft', {}):
         return config, params
     base = {k: v for k, v in params.items() if k != 'peft'}
-    folded = _unflatten({p: v.astype(jnp.float32)
+    folded = tree_paths.unflatten({p: v.astype(jnp.float32)
                          for p, v in _prefix_from_mlp(config, base, params['peft']['prefix_mlp']).items()})
     return dataclasses.replace(config, peft=dataclasses.replace(config.peft, prefix_mlp_dim=0)), \
         {**base, 'peft': folded}
