@@ -90,9 +90,16 @@ def hidden_states(config, params, batch, *, dropout_rng=None):
     return family(config).hidden_states(config, params, batch, dropout_rng=dropout_rng)
 
 
-def flops_per_example(config, inputs_len: int, targets_len: int) -> float:
-    """Forward-pass FLOPs of one example (a train step is ~3x)."""
-    return family(config).flops_per_example(config, inputs_len, targets_len)
+def project_logits(config, params, hidden, *, dropout_rng=None):
+    """The output head (float32 logits) on hidden_states' output, or on any gathered subset of its positions:
+    project_logits(c, p, hidden_states(c, p, batch)) equals forward(c, p, batch)."""
+    return family(config).project_logits(config, params, hidden, dropout_rng=dropout_rng)
+
+
+def flops_per_example(config, inputs_len: int, targets_len: int, *, head_positions=None) -> float:
+    """Forward-pass FLOPs of one example (a train step is ~3x). head_positions: how many positions the output head
+    runs on (default: every target position; decoder-only: every position)."""
+    return family(config).flops_per_example(config, inputs_len, targets_len, head_positions=head_positions)
 
 
 def option_logits(config, params, inputs, options):

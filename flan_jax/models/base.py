@@ -31,6 +31,7 @@ class Family:
     feature_converter: Callable    # (**packing options) -> seqio.FeatureConverter the family trains on
     encoder_decoder: bool          # batches carry encoder_* features
     hidden_states: Callable        # (config, params, batch, *, dropout_rng=None) -> [B, L, emb_dim] float32
+    project_logits: Callable       # (config, params, hidden [..., emb_dim], *, dropout_rng=None) -> float32 logits
 
 
 def shift_right(targets: jax.Array) -> jax.Array:
@@ -80,12 +81,12 @@ def _peft_aware(fn: Callable, prompt_slots: Optional[str] = None, encoder_decode
 
 
 def _family(name, config_type, module, option_logits, decode_start, decode_step, converter, encoder_decoder,
-            hidden_states):
+            hidden_states, project_logits):
     return Family(name, config_type, module.init_params, module.param_logical_axes, module.param_shapes,
                   module.count_params, _peft_aware(module.forward, 'batch', encoder_decoder),
                   module.count_flops_per_example, _peft_aware(option_logits, 'inputs'),
                   _peft_aware(decode_start, 'inputs'), _peft_aware(decode_step), converter, encoder_decoder,
-                  _peft_aware(hidden_states, 'batch', encoder_decoder))
+                  _peft_aware(hidden_states, 'batch', encoder_decoder), _peft_aware(project_logits))
 
 
 def _t5_hidden_states(config, params, batch, *, dropout_rng=None):
@@ -96,6 +97,17 @@ def _t5_hidden_states(config, params, batch, *, dropout_rng=None):
 
 def _decoder_hidden_states(config, params, batch, *, dropout_rng=None):
     return decoder.hidden_states(config, params, batch, dropout_rng=dropout_rng).astype(jnp.float32)
+
+
+def _t5_project_logits(config, params, hidden, *, dropout_rng=None):
+    del config, dropout_rng  # the head has no dropout of its own
+    return t5.output_logits(params, hidden)
+
+
+def _decoder_project_logits(config, params, hidden, *, dropout_rng=None):
+    del dropout_rng
+    # hidden_states widened the compute-dtype states to float32; narrowing back is exact, so this equals forward.
+    return decoder.project_logits(params, hidden.astype(config.dtype), config)
 
 
 def _t5_converter(**options):
@@ -111,10 +123,10 @@ def _decoder_converter(**options):
 # forward, option_logits and the decoding hooks honour params['peft'] (see _peft_aware); the param functions give the
 # base tree only (flan_jax.models adds the 'peft' subtree).
 T5 = _family('t5', t5.T5Config, t5, _t5_option_logits, t5_cache.decode_start, t5_cache.decode_step, _t5_converter,
-             encoder_decoder=True, hidden_states=_t5_hidden_states)
+             encoder_decoder=True, hidden_states=_t5_hidden_states, project_logits=_t5_project_logits)
 DECODER = _family('decoder', decoder.DecoderConfig, decoder, _decoder_option_logits, decoder.decode_start,
                   decoder.decode_step, _decoder_converter, encoder_decoder=False,
-                  hidden_states=_decoder_hidden_states)
+                  hidden_states=_decoder_hidden_states, project_logits=_decoder_project_logits)
 FAMILIES = (T5, DECODER)
 
 

@@ -282,14 +282,17 @@ def hidden_states(config: DecoderConfig, params: Params, batch: Batch, *, dropou
     return rms_norm(drop(x, (-2,)), params['final_norm']['scale'], config)
 
 
-def count_flops_per_example(config: DecoderConfig, inputs_len: int, targets_len: int) -> float:
-    """Forward FLOPs of one inputs ++ targets sequence (multiply-add = 2): projections, MLP, L^2 attention, logits."""
+def count_flops_per_example(config: DecoderConfig, inputs_len: int, targets_len: int, *,
+                            head_positions=None) -> float:
+    """Forward FLOPs of one inputs ++ targets sequence (multiply-add = 2): projections, MLP, L^2 attention, and the
+    logits at `head_positions` positions (default: all of them)."""
     length = inputs_len + targets_len
     d, f = config.emb_dim, config.mlp_dim
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     per_token = 2 * (d * q * 2 + 2 * d * kv + 3 * d * f)
     attn = 4 * length * length * q
-    return float(config.num_layers * (per_token * length + attn) + 2 * d * config.vocab_size * length)
+    head = length if head_positions is None else head_positions
+    return float(config.num_layers * (per_token * length + attn) + 2 * d * config.vocab_size * head)
 
 
 # ----------------------------------------------------------------------------------------------

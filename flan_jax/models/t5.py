@@ -453,7 +453,7 @@ def forward(config: T5Config, params: Params, batch: Batch, *, dropout_rng=None)
 # ----------------------------------------------------------------------------------------------
 # FLOPs for MFU.
 
-def count_flops_per_example(config: T5Config, inputs_len: int, targets_len: int) -> float:
+def count_flops_per_example(config: T5Config, inputs_len: int, targets_len: int, *, head_positions=None) -> float:
     """Forward-pass FLOPs of one example (multiply-add = 2 FLOPs); a train step is ~3x this.
 
     Counts encoder matmuls on input tokens, decoder matmuls on target tokens, cross-attention K/V
@@ -470,5 +470,5 @@ def count_flops_per_example(config: T5Config, inputs_len: int, targets_len: int)
         + 2 * (2 * d * hk) * inputs_len                       # cross-attention K/V on the encoder output
         + 4 * targets_len * targets_len * hk                  # self-attention scores + values
         + 4 * targets_len * inputs_len * hk)                  # cross-attention scores + values
-    logits = 2 * d * v * targets_len
+    logits = 2 * d * v * (targets_len if head_positions is None else head_positions)
     return float(encoder + decoder + logits)

@@ -166,6 +166,8 @@ def batch_statistics(batch: Mapping[str, np.ndarray]) -> dict:
     if "encoder_input_tokens" in batch:
         out["encoder_nonpadding_fraction"] = float(np.mean(batch["encoder_input_tokens"] != 0))
     out["decoder_nonpadding_fraction"] = float(np.mean(batch["decoder_target_tokens"] != 0))
+    if "decoder_loss_weights" in batch:
+        out["loss_fraction"] = float(np.mean(batch["decoder_loss_weights"] > 0))
     seg = batch.get("decoder_segment_ids")
     if seg is not None:
         out["segments_per_row"] = float(np.mean(np.max(seg, axis=-1)))

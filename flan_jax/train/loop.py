@@ -130,143 +130,193 @@ def run(cfg: TrainConfig, *, feature_converter: Optional[seqio.FeatureConverter]
     stop_after_steps: stop (after checkpointing) once this many steps were run in this call; used to test resume.
     """
     validate_config(cfg, jax.device_count())
-    mesh = partitioning.make_mesh(cfg.mesh)
-    if feature_converter is None:
-        feature_converter = models.feature_converter(cfg.model, seed=cfg.seed)
-    converter = feature_converter
-    peft.check_converter(cfg.model, converter)
-    optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
-    schedule = optim.make_schedule(cfg.schedule)
-    ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
-                                                                        best_metric=cfg.best_metric)
-    writer = MetricsWriter(cfg.model_dir)
-    base = None  # PEFT: the frozen base beside the trainable state (train/peft.py)
-    if peft.enabled(cfg.model):
-        state, shardings, start, base = peft.init_or_restore(cfg, optimizer, mesh, ckpt)
-        extra_meta = peft.meta(base)  # the base reference; the PEFT config comes from the run's gin
-    else:
-        state, shardings, start = _init_or_restore(cfg, optimizer, mesh, ckpt)
-        # The model config rides along so `flan-jax convert` and INIT_CHECKPOINT need nothing but the checkpoint.
-        extra_meta = {"model": trained_checkpoints.model_record(cfg.model, data_lib.targets_vocabulary(cfg.input))}
-    meta = lambda s: {"step": int(s), "seed": cfg.seed, "batches_consumed": int(s), **extra_meta}
+    session = _Session(cfg, feature_converter)
+    try:
+        while session.step < cfg.train_steps:
+            session.train_one_step()
+            if stop_after_steps is not None and session.step - session.start >= stop_after_steps:
+                break
+        session.finish()
+    finally:
+        session.close()
+    return session.last_eval
 
-    batch_sharding = partitioning.batch_sharding(mesh)
-    step_fn = step_lib.make_train_step(cfg.model, optimizer, cfg.loss, num_microbatches=cfg.num_microbatches,
-                                       seed=cfg.seed, skip_nonfinite_updates=cfg.skip_nonfinite_updates)
-    if base is not None:
-        train_step = peft.jit_train_step(step_fn, shardings, batch_sharding, base)
-    else:
-        train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                             donate_argnums=(0,))
-    shard = partitioning.data_shard(mesh)
-    fingerprint = dict(data_lib.input_fingerprint(cfg.input, shard),
-                       packing=repr(sorted(getattr(converter, "packing_options", {}).items())))
-    # Resume: continue the input from its saved position (native pipeline; O(1) in the step), else replay to it.
-    input_state = checkpointing.load_input_state(cfg.model_dir, start, fingerprint) if start else None
-    batches = data_lib.train_batches(cfg.input, converter, skip_batches=start, shard=shard, input_state=input_state)
 
-    def save(step):
-        saved = ckpt.save(step, state, meta(step))
+class _LogWindow:
+    """Steps, tokens, batch statistics and paused seconds (eval, checkpoints) since the last train log line."""
+
+    def __init__(self):
+        self.started, self.steps, self.tokens, self.stats, self.paused = time.time(), 0, 0, [], 0.0
+
+    def add(self, host_batch) -> None:
+        self.stats.append(data_lib.batch_statistics(host_batch))
+        self.tokens += sum(data_lib.token_counts(host_batch))
+        self.steps += 1
+
+    def seconds(self) -> float:
+        return max(time.time() - self.started - self.paused, 1e-9)  # training steps only
+
+    def mean_stats(self) -> dict:
+        return {k: float(np.mean([s[k] for s in self.stats])) for k in self.stats[0]}
+
+
+class _Session:
+    """One training call's parts (state, input, step function, evaluator, checkpointer, metrics) and its actions."""
+
+    def __init__(self, cfg: TrainConfig, feature_converter: Optional[seqio.FeatureConverter]):
+        self.cfg = cfg
+        self.mesh = partitioning.make_mesh(cfg.mesh)
+        self.converter = feature_converter or models.feature_converter(cfg.model, seed=cfg.seed)
+        peft.check_converter(cfg.model, self.converter)
+        self.schedule = optim.make_schedule(cfg.schedule)
+        optimizer = optim.make_adafactor(cfg.adafactor, self.schedule)
+        self.ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints,
+                                               async_save=cfg.async_checkpointing, best_metric=cfg.best_metric)
+        self.writer = MetricsWriter(cfg.model_dir)
+        self.base = None  # PEFT: the frozen base beside the trainable state (train/peft.py)
+        if peft.enabled(cfg.model):
+            self.state, shardings, self.start, self.base = peft.init_or_restore(cfg, optimizer, self.mesh, self.ckpt)
+            self.extra_meta = peft.meta(self.base)  # the base reference; the PEFT config comes from the run's gin
+        else:
+            self.state, shardings, self.start = _init_or_restore(cfg, optimizer, self.mesh, self.ckpt)
+            # The model config rides along so `flan-jax convert` and INIT_CHECKPOINT need nothing but the checkpoint.
+            self.extra_meta = {"model": trained_checkpoints.model_record(cfg.model,
+                                                                         data_lib.targets_vocabulary(cfg.input))}
+        self.batch_sharding = partitioning.batch_sharding(self.mesh)
+        self.train_step = self._jit_step(optimizer, shardings)
+        self._open_input()
+        self.evaluator = make_evaluator(cfg) if cfg.eval_mixture_or_task_name else None
+        from flan_jax.train.flops import measure_matmul_peak_tflops
+        self.peak_tflops = cfg.peak_tflops or measure_matmul_peak_tflops(cfg.model.dtype) * jax.device_count()
+        self.progress = ProgressPrinter(cfg.train_steps)
+        self.parameter_counts = peft.parameter_counts(cfg.model)
+        self.last_eval: dict = {}
+        self.step = self.start
+        self.window = _LogWindow()
+        self.metrics = None
+
+    def _jit_step(self, optimizer, shardings):
+        cfg = self.cfg
+        step_fn = step_lib.make_train_step(cfg.model, optimizer, cfg.loss, num_microbatches=cfg.num_microbatches,
+                                           seed=cfg.seed, skip_nonfinite_updates=cfg.skip_nonfinite_updates)
+        if self.base is not None:
+            return peft.jit_train_step(step_fn, shardings, self.batch_sharding, self.base)
+        return jax.jit(step_fn, in_shardings=(shardings, self.batch_sharding), out_shardings=(shardings, None),
+                       donate_argnums=(0,))
+
+    def _open_input(self) -> None:
+        cfg = self.cfg
+        self.shard = partitioning.data_shard(self.mesh)
+        self.fingerprint = dict(data_lib.input_fingerprint(cfg.input, self.shard),
+                                packing=repr(sorted(getattr(self.converter, "packing_options", {}).items())))
+        # Resume: continue the input from its saved position (O(1) in the step), else replay to it.
+        input_state = (checkpointing.load_input_state(cfg.model_dir, self.start, self.fingerprint)
+                       if self.start else None)
+        self.batches = data_lib.train_batches(cfg.input, self.converter, skip_batches=self.start, shard=self.shard,
+                                              input_state=input_state)
+
+    def meta(self, step) -> dict:
+        return {"step": int(step), "seed": self.cfg.seed, "batches_consumed": int(step), **self.extra_meta}
+
+    # -- the steps ---------------------------------------------------------------------------------------------
+
+    def train_one_step(self) -> None:
+        cfg = self.cfg
+        host_batch = next(self.batches)
+        self.window.add(host_batch)
+        batch = partitioning.global_batch_from_local(host_batch, self.batch_sharding, cfg.input.global_batch_size)
+        self.state, self.metrics = self.train_step(self.state, batch)
+        self.step += 1
+        step = self.step
+        if step % cfg.log_period == 0 or step == cfg.train_steps:
+            self.log_train()
+            self.check_finite()
+        if self.evaluator and cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.train_steps:
+            self.timed("eval_seconds", self.evaluate)
+        if cfg.checkpoint_period and step % cfg.checkpoint_period == 0:
+            self.check_finite()
+            self.timed("checkpoint_seconds", self.save)
+
+    def finish(self) -> None:
+        self.check_finite()
+        if self.evaluator and self.step == self.cfg.train_steps:
+            self.timed("eval_seconds", self.evaluate)
+        self.timed("checkpoint_seconds", self.save)
+
+    def close(self) -> None:
+        self.ckpt.close()
+        self.writer.close()
+
+    # -- logging, eval, checkpoints ----------------------------------------------------------------------------
+
+    def log_train(self) -> None:
+        cfg, window = self.cfg, self.window
+        values = {k: float(v) for k, v in jax.device_get(self.metrics).items() if k != "finite"}
+        steps_per_sec = window.steps / window.seconds()
+        # The schedule's own count: after a T5X restore it continues from T5X's step, not the loop's.
+        values.update({"steps_per_sec": steps_per_sec,
+                       # processes sharing a data shard read the same rows: count them once per process
+                       "tokens_per_sec": window.tokens * self.shard.count / window.seconds(),
+                       "learning_rate": optim.applied_learning_rate(self.schedule, self.state["opt_state"], self.step)})
+        stats = window.mean_stats()
+        values["tflops_per_sec"] = self.flops_per_row(stats) * cfg.input.global_batch_size * steps_per_sec / 1e12
+        values["mfu"] = values["tflops_per_sec"] / self.peak_tflops
+        values.update(stats)
+        values.update(data_lib.pipeline_counters(self.converter))
+        values.update(self.parameter_counts)
+        self.writer.write(self.step, "train", "all", values)
+        for task, errors in data_lib.data_errors_by_task(cfg.input.split).items():
+            self.writer.write(self.step, "train", task, errors)
+        self.progress.line(self.step, values["loss"], steps_per_sec)
+        self.window = _LogWindow()
+
+    def flops_per_row(self, stats: dict) -> float:
+        """Train FLOPs (3x forward) of one row: every token slot through the model. With the decoder's sparse head
+        (LossConfig.head_chunk) the output head is counted at the loss positions only, as it runs there."""
+        lengths = self.cfg.input.task_feature_lengths
+        head_positions = None
+        if step_lib.uses_sparse_head(self.cfg.model, self.cfg.loss) and "loss_fraction" in stats:
+            head_positions = stats["loss_fraction"] * (lengths["inputs"] + lengths["targets"])
+        return 3 * models.flops_per_example(self.cfg.model, lengths["inputs"], lengths["targets"],
+                                            head_positions=head_positions)
+
+    def timed(self, metric, fn) -> None:
+        """fn(), its seconds logged as train metric `metric` (unless fn returns False: nothing was done) and left out
+        of the throughput of the log window it falls in."""
+        t0 = time.time()
+        result = fn()
+        spent = time.time() - t0
+        self.window.paused += spent
+        if result is not False:
+            self.writer.write(self.step, "train", "all", {metric: spent})
+
+    def save(self):
+        saved = self.ckpt.save(self.step, self.state, self.meta(self.step))
         if saved:
-            position = batches.state()
+            position = self.batches.state()
             if position is not None:
-                checkpointing.save_input_state(cfg.model_dir, step, fingerprint, position,
-                                               keep_steps=ckpt.latest.all_steps())
+                checkpointing.save_input_state(self.cfg.model_dir, self.step, self.fingerprint, position,
+                                               keep_steps=self.ckpt.latest.all_steps())
         return saved
 
-    evaluator = make_evaluator(cfg) if cfg.eval_mixture_or_task_name else None
-
-    flops_per_row = 3 * models.flops_per_example(cfg.model, cfg.input.task_feature_lengths["inputs"],
-                                                                                                    cfg.input.task_feature_lengths["targets"])
-    from flan_jax.train.flops import measure_matmul_peak_tflops
-    peak_tflops = cfg.peak_tflops or measure_matmul_peak_tflops(cfg.model.dtype) * jax.device_count()
-    progress = ProgressPrinter(cfg.train_steps)
-    parameter_counts = peft.parameter_counts(cfg.model)
-    last_eval: dict = {}
-
-    def check_finite(step):
-        bad = int(state["nonfinite_step"])
-        if bad >= 0 and not cfg.skip_nonfinite_updates:
-            ckpt.wait()
+    def check_finite(self) -> None:
+        bad = int(self.state["nonfinite_step"])
+        if bad >= 0 and not self.cfg.skip_nonfinite_updates:
+            self.ckpt.wait()
             raise NonFiniteLossError(
-                    f"loss or gradients not finite at step {bad}; stopped before step {step} was checkpointed. "
-                    f"Last good checkpoint: {ckpt.latest_step()} in {cfg.model_dir}. Lower LEARNING_RATE or set "
-                    f"SKIP_NONFINITE_UPDATES=True to skip such updates.")
+                    f"loss or gradients not finite at step {bad}; stopped before step {self.step} was checkpointed. "
+                    f"Last good checkpoint: {self.ckpt.latest_step()} in {self.cfg.model_dir}. Lower LEARNING_RATE "
+                    "or set SKIP_NONFINITE_UPDATES=True to skip such updates.")
 
-    def evaluate(step):
-        nonlocal last_eval
-        results = evaluator.evaluate(peft.full_params(state, base))
-        flat = log_eval(writer, step, results)
-        last_eval = results
-        check_finite(step)
-        ckpt.maybe_save_best(step, state, meta(step), flat)
+    def evaluate(self) -> None:
+        results = self.evaluator.evaluate(peft.full_params(self.state, self.base))
+        flat = log_eval(self.writer, self.step, results)
+        self.last_eval = results
+        self.check_finite()
+        self.ckpt.maybe_save_best(self.step, self.state, self.meta(self.step), flat)
         seen, held = results.get("mean_seen", {}), results.get("mean_heldout", {})
         if jax.process_index() == 0:
-            print(f"eval step {step}: mean_seen {fmt(seen)} | mean_heldout {fmt(held)}", flush=True)
-
-    def timed(metric, fn, *args):
-        """fn(*args), its seconds logged as train metric `metric` (unless fn returns False: nothing was done) and
-        left out of the throughput of the log window it falls in."""
-        nonlocal window_paused
-        t0 = time.time()
-        result = fn(*args)
-        spent = time.time() - t0
-        window_paused += spent
-        if result is not False:
-            writer.write(step, "train", "all", {metric: spent})
-        return result
-
-    step = start
-    window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
-    window_paused = 0.0  # seconds of eval and checkpointing in this window
-    try:
-        while step < cfg.train_steps:
-            host_batch = next(batches)
-            window_stats.append(data_lib.batch_statistics(host_batch))
-            enc, dec = data_lib.token_counts(host_batch)
-            window_tokens[0] += enc
-            window_tokens[1] += dec
-            batch = partitioning.global_batch_from_local(host_batch, batch_sharding, cfg.input.global_batch_size)
-            state, metrics = train_step(state, batch)
-            step += 1
-            window_steps += 1
-            if step % cfg.log_period == 0 or step == cfg.train_steps:
-                m = jax.device_get(metrics)
-                elapsed = max(time.time() - window_t - window_paused, 1e-9)  # training steps only
-                sps = window_steps / elapsed
-                n_proc_tokens = (window_tokens[0] + window_tokens[1]) * shard.count  # processes sharing a shard: same rows
-                values = {k: float(v) for k, v in m.items() if k != "finite"}
-                # The schedule's own count: after a T5X restore it continues from T5X's step, not the loop's.
-                lr = optim.applied_learning_rate(schedule, state["opt_state"], step)
-                values.update({"steps_per_sec": sps, "tokens_per_sec": n_proc_tokens / elapsed, "learning_rate": lr,
-                                              "tflops_per_sec": flops_per_row * cfg.input.global_batch_size * sps / 1e12})
-                # MFU counts the FLOPs of every token slot of the packed rows against the measured peak.
-                values["mfu"] = values["tflops_per_sec"] / peak_tflops
-                values.update({k: float(np.mean([s[k] for s in window_stats])) for k in window_stats[0]})
-                values.update(data_lib.pipeline_counters(converter))
-                values.update(parameter_counts)
-                writer.write(step, "train", "all", values)
-                for task, errors in data_lib.data_errors_by_task(cfg.input.split).items():
-                    writer.write(step, "train", task, errors)
-                progress.line(step, values["loss"], sps)
-                window_t, window_steps, window_tokens, window_stats = time.time(), 0, [0, 0], []
-                window_paused = 0.0
-                check_finite(step)
-            if evaluator and cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.train_steps:
-                timed("eval_seconds", evaluate, step)
-            if cfg.checkpoint_period and step % cfg.checkpoint_period == 0:
-                check_finite(step)
-                timed("checkpoint_seconds", save, step)
-            if stop_after_steps is not None and step - start >= stop_after_steps:
-                break
-        check_finite(step)
-        if evaluator and step == cfg.train_steps:
-            timed("eval_seconds", evaluate, step)
-        timed("checkpoint_seconds", save, step)
-    finally:
-        ckpt.close()
-        writer.close()
-    return last_eval
+            print(f"eval step {self.step}: mean_seen {fmt(seen)} | mean_heldout {fmt(held)}", flush=True)
 
 
 def fmt(values: dict) -> str:

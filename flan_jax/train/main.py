@@ -90,6 +90,7 @@ def train_config(
         z_loss: float = 1e-4,
         label_smoothing: float = 0.0,
         loss_normalizing_factor=loss_lib.NUM_REAL_TARGET_TOKENS,  # None: un-normalized sum (T5X)
+        head_chunk: Optional[int] = 128,  # decoder-only: head on loss positions only, in chunks (step.LossConfig)
         seed: int = 0,
         skip_nonfinite_updates: bool = False,
         async_checkpointing: bool = True,
@@ -114,7 +115,7 @@ def train_config(
                                      input_sharding=input_sharding, pipeline=input_pipeline),
             train_steps=train_steps, eval_mixture_or_task_name=eval_mixture_or_task_name,
             schedule=optim.ScheduleConfig(schedule, learning_rate, warmup_steps),
-            loss=step_lib.LossConfig(z_loss, label_smoothing, loss_normalizing_factor),
+            loss=step_lib.LossConfig(z_loss, label_smoothing, loss_normalizing_factor, head_chunk),
             mesh=partitioning.MeshConfig(num_partitions, _mesh_shape(mesh_shape), fsdp),
             num_microbatches=num_microbatches, eval_period=eval_period, eval_examples_per_task=eval_examples_per_task,
             eval_batch_size=eval_batch_size, eval_few_shot=eval_few_shot, eval_calibrate=eval_calibrate,

@@ -17,6 +17,9 @@ class LossConfig:
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
     normalizer: loss_lib.Normalizer = loss_lib.NUM_REAL_TARGET_TOKENS  # None: un-normalized sum, as in T5X
+    # Decoder-only: the output head and loss run on chunks of this many loss positions per row, skipping chunks no
+    # row reaches (loss.summed_loss_from_hidden); None: logits at every position. Encoder-decoder: always full.
+    head_chunk: Optional[int] = 128
 
 
 def init_state(model_cfg, optimizer: optax.GradientTransformation, rng) -> dict:
@@ -36,6 +39,11 @@ def _split_microbatches(batch: dict, num_microbatches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def uses_sparse_head(model_cfg, loss_cfg: LossConfig) -> bool:
+    """Whether the step runs the output head on loss positions only (decoder-only with head_chunk set)."""
+    return loss_cfg.head_chunk is not None and not models.is_encoder_decoder(model_cfg)
+
+
 def make_train_step(model_cfg, optimizer: optax.GradientTransformation, loss_cfg: LossConfig,
                                         *, num_microbatches: int = 1, seed: int = 0, skip_nonfinite_updates: bool = False) -> Callable:
     """Returns step(state, batch, frozen=None) -> (state, metrics). Pure; the caller jits it with shardings.
@@ -43,14 +51,22 @@ def make_train_step(model_cfg, optimizer: optax.GradientTransformation, loss_cfg
     frozen: for PEFT, the frozen base parameters joined to state['params'] in the forward pass only."""
     base_rng = jax.random.PRNGKey(seed)
     use_dropout = model_cfg.dropout_rate > 0
+    sparse_head = uses_sparse_head(model_cfg, loss_cfg)
 
     def loss_fn(params, batch, rng, frozen=None):
         # PEFT: `params` is the trainable {'peft': ...} tree; the frozen base is an input, never differentiated.
         full = params if frozen is None else {**frozen, **params}
-        logits = models.forward(model_cfg, full, batch, dropout_rng=rng if use_dropout else None)
-        total, denom, aux = loss_lib.summed_loss(
-                logits, batch, z_loss=loss_cfg.z_loss, label_smoothing=loss_cfg.label_smoothing,
-                normalizer=loss_cfg.normalizer)
+        rng = rng if use_dropout else None
+        options = dict(z_loss=loss_cfg.z_loss, label_smoothing=loss_cfg.label_smoothing,
+                       normalizer=loss_cfg.normalizer)
+        if not sparse_head:
+            logits = models.forward(model_cfg, full, batch, dropout_rng=rng)
+            total, denom, aux = loss_lib.summed_loss(logits, batch, **options)
+        else:
+            hidden = models.hidden_states(model_cfg, full, batch, dropout_rng=rng)
+            project = lambda h: models.project_logits(model_cfg, full, h, dropout_rng=rng)
+            total, denom, aux = loss_lib.summed_loss_from_hidden(project, hidden, batch, chunk=loss_cfg.head_chunk,
+                                                                 **options)
         return total, (denom, aux)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

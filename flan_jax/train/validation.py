@@ -105,6 +105,8 @@ def validate_config(cfg, num_devices: int) -> None:
           or (_is_real(norm) and norm > 0),
           f"train.loss_normalizing_factor={norm!r}: expected None (un-normalized sum), a positive number or one of "
           f"{loss_lib.NORMALIZER_NAMES}")
+    if cfg.loss.head_chunk is not None:
+        check_int("train.head_chunk", cfg.loss.head_chunk, 1)
     _need(isinstance(cfg.mesh.fsdp, bool), f"train.fsdp={cfg.mesh.fsdp!r}: expected True or False")
     for flag in ("skip_nonfinite_updates", "async_checkpointing", "restore_optimizer_state"):
         _need(isinstance(getattr(cfg, flag), bool), f"train.{flag}={getattr(cfg, flag)!r}: expected True or False")
