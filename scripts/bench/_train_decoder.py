@@ -11,6 +11,12 @@ Adafactor, on CPU. Called by bench/train.py's run_cpu; the MFU rows are divided 
     attention across segments); HF takes 8 examples per step padded to the batch's longest ("HF padded") and, as a
     second baseline, the SAME packed rows with position_ids and no attention mask, which transformers turns into a
     per-segment mask ("HF packed"; transformers >= 4.5x masking_utils.find_packed_sequence_indices).
+  - Our step runs the output head at the loss positions only (LossConfig.head_chunk = 128: loss positions moved to
+    the front of each row, chunks no row reaches skipped; exact). HF's LlamaForCausalLM computes logits at every
+    position (its `logits_to_keep` takes one position set shared by all rows, which packed rows do not have). The
+    row `..._sparse_vs_full_head` times our step with head_chunk=None on the same batches, to show that part.
+  - MFU rows count the FLOPs the batch needs: the layers over all slots (mfu) or the real tokens (useful_mfu), and
+    the head at the loss positions only, for both sides.
   - Timing as the T5 rows: the sides alternate round by round, each timing the second of two steps on its batch;
     s/step is the median round, useful tokens/s total real tokens / total time.
 """
@@ -112,11 +118,20 @@ def real_tokens(batch) -> int:
   return int((batch["decoder_segment_ids"] > 0).sum())
 
 
-def useful_flops(config, batch) -> float:
+def required_flops(config, batch, useful: bool) -> float:
+  """Forward FLOPs a batch needs: the layers over every token slot (useful=False) or over the real tokens of each
+  segment (useful=True), plus the output head at the loss positions only (the loss needs logits nowhere else; our
+  step skips the rest, HF computes the head everywhere)."""
   from flan_jax import models
 
-  lengths = common.segment_lengths(batch["decoder_segment_ids"])
-  return float(sum(models.flops_per_example(config, int(n), 0) for per_row in lengths for n in per_row))
+  if useful:
+    lengths = common.segment_lengths(batch["decoder_segment_ids"])
+    body = sum(models.flops_per_example(config, int(n), 0, head_positions=0) for per_row in lengths for n in per_row)
+  else:
+    rows, length = batch["decoder_input_tokens"].shape
+    body = rows * models.flops_per_example(config, length, 0, head_positions=0)
+  loss_positions = int((batch["decoder_loss_weights"] > 0).sum())
+  return float(body + models.flops_per_example(config, 0, 0, head_positions=loss_positions))
 
 
 def compare_cpu(label, config, rounds, seed=0):
@@ -129,22 +144,31 @@ def compare_cpu(label, config, rounds, seed=0):
   ours_batches = packed_batches(examples, rounds + 1)
   hf_fixed = padded_batches(examples, rounds + 1, dynamic=False)
   hf_dynamic = padded_batches(examples[BATCH * (rounds + 1):], rounds + 1, dynamic=True)
+  from flan_jax.train import step as step_lib
+
   state, ours_step = t5_train.make_ours(config, seed)
+  full_state, full_head_step = t5_train.make_ours(config, seed, step_lib.LossConfig(head_chunk=None))
   hf_step = make_hf(config, jax.tree.map(np.asarray, state["params"]), config.dtype)
 
   state, ours_loss = ours_step(state, ours_batches[0])  # compile + warm-up
+  full_state, full_loss = full_head_step(full_state, ours_batches[0])
   hf_loss = hf_step(ours_batches[0], packed=True)
   hf_step(hf_fixed[0])
   hf_step(hf_dynamic[0])
   print(f"[train] {label}: first-step loss ours {ours_loss:.4f} (incl. z-loss) vs HF packed {hf_loss:.4f} "
         "(same batch)", flush=True)
-  holder = {"state": state}
+  print(f"[train] {label}: first-step loss, sparse head {ours_loss:.6f} vs full head {full_loss:.6f}", flush=True)
+  holder = {"state": state, "full": full_state}
 
   def ours(batch):
     holder["state"], _ = ours_step(holder["state"], batch)
 
+  def ours_full_head(batch):
+    holder["full"], _ = full_head_step(holder["full"], batch)
+
   sides = {"ours": (ours, ours_batches), "hf_fixed": (hf_step, hf_fixed), "hf_dynamic": (hf_step, hf_dynamic),
-           "hf_packed": (lambda b: hf_step(b, packed=True), ours_batches)}
+           "hf_packed": (lambda b: hf_step(b, packed=True), ours_batches),
+           "ours_full_head": (ours_full_head, ours_batches)}
   times = {side: [] for side in sides}
   for r in range(1, rounds + 1):
     for side, (fn, batches) in sides.items():
@@ -167,16 +191,11 @@ def compare_cpu(label, config, rounds, seed=0):
           "real tokens/s"),
       row(SUITE, f"{name}_useful_tokens_per_s (vs HF packed, position_ids)", useful["ours"], useful["hf_packed"],
           "real tokens/s"),
+      row(SUITE, f"{name}_s_per_step_sparse_vs_full_head (ours, lower is better)", ours_s,
+          statistics.median(times["ours_full_head"]), "s/step"),
   ]
-  flops_step = 3 * BATCH * config_flops(config)
-  ours_useful = 3 * sum(useful_flops(config, b) for b in ours_batches[timed]) / sum(times["ours"])
-  hf_useful = 3 * sum(useful_flops(config, b) for b in hf_dynamic[timed]) / sum(times["hf_dynamic"])
-  achieved = {f"{name}_mfu": (flops_step / ours_s, flops_step / hf_s),
-              f"{name}_useful_mfu (vs HF padded)": (ours_useful, hf_useful)}
+  achieved_flops = lambda side, useful: 3 * sum(required_flops(config, b, useful)
+                                                for b in sides[side][1][timed]) / sum(times[side])
+  achieved = {f"{name}_mfu": (achieved_flops("ours", False), achieved_flops("hf_fixed", False)),
+              f"{name}_useful_mfu (vs HF padded)": (achieved_flops("ours", True), achieved_flops("hf_dynamic", True))}
   return rows, achieved
-
-
-def config_flops(config) -> float:
-  from flan_jax import models
-
-  return models.flops_per_example(config, *LENGTHS)

@@ -105,7 +105,7 @@ def batch_flops(config, batch) -> float:
 # The two trainers
 # ----------------------------------------------------------------------------------------------------------------
 
-def make_ours(config, seed=0):
+def make_ours(config, seed=0, loss_config=None):
   """(state, step_fn) where step_fn(state, numpy batch) -> (state, loss) runs one jitted, blocking train step."""
   import jax
 
@@ -114,7 +114,8 @@ def make_ours(config, seed=0):
   optimizer = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(
       optim.ScheduleConfig(kind="constant", learning_rate=LEARNING_RATE)))
   state = step_lib.init_state(config, optimizer, jax.random.PRNGKey(seed))
-  train_step = jax.jit(step_lib.make_train_step(config, optimizer, step_lib.LossConfig()), donate_argnums=0)
+  train_step = jax.jit(step_lib.make_train_step(config, optimizer, loss_config or step_lib.LossConfig()),
+                       donate_argnums=0)
 
   def run_step(state, batch):
     state, metrics = train_step(state, batch)
