@@ -18,7 +18,9 @@ class LossConfig:
     label_smoothing: float = 0.0
     normalizer: loss_lib.Normalizer = loss_lib.NUM_REAL_TARGET_TOKENS  # None: un-normalized sum, as in T5X
     # Decoder-only: the output head and loss run on chunks of this many loss positions per row, skipping chunks no
-    # row reaches (loss.summed_loss_from_hidden); None: logits at every position. Encoder-decoder: always full.
+    # row reaches (loss.summed_loss_from_hidden); None: logits at every position. Encoder-decoder: always full, as
+    # T5's packed target rows are dense (30-44% loss positions on the Flan-like stream, the busiest row near full),
+    # so nothing would be skipped (measured: no gain on T5 small).
     head_chunk: Optional[int] = 128
 
 
