@@ -166,7 +166,8 @@ class _Session:
     def __init__(self, cfg: TrainConfig, feature_converter: Optional[seqio.FeatureConverter]):
         self.cfg = cfg
         self.mesh = partitioning.make_mesh(cfg.mesh)
-        self.converter = feature_converter or models.feature_converter(cfg.model, seed=cfg.seed)
+        self.converter = (models.feature_converter(cfg.model, seed=cfg.seed) if feature_converter is None
+                          else feature_converter)
         peft.check_converter(cfg.model, self.converter)
         self.schedule = optim.make_schedule(cfg.schedule)
         optimizer = optim.make_adafactor(cfg.adafactor, self.schedule)
