@@ -190,13 +190,18 @@ def attention(p: Mapping, x: jax.Array, positions: jax.Array, mask: jax.Array, c
         v = jax.lax.dynamic_update_slice(cache['value'], v.astype(cache['value'].dtype), (0, index, 0, 0))
         cache = {'key': k, 'value': v}
     k, v, mask, _ = peft_lib.with_prefix(p.get('prefix'), k, v, mask)
-    b, lq = q.shape[:2]
-    groups = config.num_heads // config.num_kv_heads
-    q = q.reshape(b, lq, config.num_kv_heads, groups, config.head_dim)
-    logits = jnp.einsum('bqkgd,bskd->bkgqs', q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None], logits / math.sqrt(config.head_dim), MASK_VALUE)
+    b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    kv, groups, hd = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+    # Heads first and each KV head's query groups stacked into one [groups * Lq] axis: the two products are then
+    # plain batched matmuls; with (group, query) as separate free axes XLA:CPU ran the attention ~25% slower.
+    q = q.reshape(b, lq, kv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * lq, hd)
+    logits = jnp.einsum('bkqd,bksd->bkqs', q, k.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, kv, groups, lq, lk)
+    logits = jnp.where(mask[:, None, None], logits / math.sqrt(hd), MASK_VALUE)
     probs = drop(jax.nn.softmax(logits, axis=-1), broadcast_axes=(-2,)).astype(config.dtype)
-    out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v.astype(config.dtype))
+    out = jnp.einsum('bkqs,bksd->bkqd', probs.reshape(b, kv, groups * lq, lk),
+                     v.astype(config.dtype).transpose(0, 2, 1, 3))
+    out = out.reshape(b, kv, groups, lq, hd).transpose(0, 3, 1, 2, 4)
     return linear(p['out'], out.reshape(b, lq, -1), config.dtype), cache
 
 
