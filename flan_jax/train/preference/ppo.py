@@ -167,7 +167,7 @@ def evaluate(model_cfg, params: dict, reference_params, prompts: PromptSet, rewa
              decode_text: Optional[Callable] = None, batch_size: int = 128, seed: int = 1234) -> dict:
     """Held-out figures: with sampled responses (the PPO objective's distribution) reward_mean and kl (mean sequence
     KL(policy || SFT) estimate); with greedy responses greedy_reward_mean and, given decode_text, exact_match of the
-    decoded response against each prompt's reference."""
+    decoded response against each prompt's reference (and its binomial standard error)."""
     sums = {'reward_mean': 0.0, 'kl': 0.0, 'greedy_reward_mean': 0.0, 'exact_match': 0.0}
     greedy = dataclasses.replace(cfg.sampling, temperature=0.0)
     n = len(prompts.tokens)
@@ -190,6 +190,8 @@ def evaluate(model_cfg, params: dict, reference_params, prompts: PromptSet, rewa
     out = {k: v / n for k, v in sums.items()}
     if decode_text is None:
         out.pop('exact_match')
+    else:   # binomial standard error of the held-out exact match, so a change can be judged against noise
+        out['exact_match_stderr'] = float(np.sqrt(out['exact_match'] * (1 - out['exact_match']) / n))
     return out
 
 

@@ -144,6 +144,11 @@ def _print_acceptance(first: dict, last: dict, kl_target: Optional[float]) -> No
     for key in ("reward_mean", "greedy_reward_mean", "exact_match", "kl"):
         if key in first:
             print(f"ppo held-out {key}: SFT {first[key]:.4f} -> PPO {last[key]:.4f}")
+    if "exact_match_stderr" in first:
+        rise = last["exact_match"] - first["exact_match"]
+        stderr = float(np.hypot(first["exact_match_stderr"], last["exact_match_stderr"]))
+        print(f"ppo held-out exact_match change {rise:+.4f} (standard error of the difference {stderr:.4f}, "
+              f"{rise / max(stderr, 1e-9):+.1f} SE)")
     if kl_target is not None:
         print(f"ppo held-out KL {last['kl']:.4f} vs target {kl_target}: "
               f"{'within' if last['kl'] <= kl_target else 'ABOVE'} target")
