@@ -230,3 +230,65 @@ def test_reward_normalization_uses_the_sft_policys_score_statistics():
     norm = ppo.normalized(score, mean, std)
     responses = np.array([[3, 1, 0]] * 2, np.int32)
     np.testing.assert_allclose(norm(PROMPTS[:2], responses, ['', '']), (3.0 - mean) / std)
+
+
+def _ptx_stream():
+    """Distinct SFT batches in a fixed order, so a resumed run that replayed the wrong ones would differ."""
+    for i in range(10**6):
+        targets = np.array([[2 + (i + r) % 13, 1, 0, 0] for r in range(4)], np.int32)
+        yield {'encoder_input_tokens': PROMPTS[:4], 'decoder_input_tokens': np.asarray(models.shift_right(targets)),
+               'decoder_target_tokens': targets}
+
+
+@pytest.mark.slow
+def test_ppo_resume_equals_an_uninterrupted_run(tmp_path):
+    from flan_jax.train.preference import ppo_resume
+    params = models.init_params(T5_TINY, jax.random.PRNGKey(0))
+    prompts = ppo.PromptSet(PROMPTS, ('',) * len(PROMPTS))
+    base = ppo.PPOConfig(iterations=4, rollout_batch_size=8, ppo_epochs=1, num_minibatches=2, learning_rate=3e-2,
+                         ptx_coef=0.5, init_kl_coef=0.05, kl_target=1.0, kl_horizon=50,
+                         sampling=rollout_lib.SamplingConfig(max_decode_len=3))
+
+    def run(cfg, directory):
+        logged = []
+        out, history = ppo.train(T5_TINY, cfg, params, prompts, _first_token_reward(7), eval_prompts=prompts,
+                                 ptx_batches=_ptx_stream(), eval_period=0, log=lambda *row: logged.append(row),
+                                 checkpoint=ppo_resume.CheckpointConfig(str(directory), period=2))
+        return out, history, logged
+
+    import dataclasses
+    whole, whole_history, whole_log = run(base, tmp_path / 'whole')
+    run(dataclasses.replace(base, iterations=2), tmp_path / 'split')       # interrupted after iteration 2
+    resumed, resumed_history, resumed_log = run(base, tmp_path / 'split')  # restarts from checkpoint_2
+    assert ('resumed_from' in resumed_log[0][2]) and resumed_log[0][0] == 2
+    assert not any(split == 'eval' and i == 0 for i, split, _ in resumed_log)   # no second SFT eval
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the interrupted run also evaluated at its own last iteration (2); every eval of the whole run is repeated
+    assert {i: resumed_history[i] for i in whole_history} == whole_history
+    whole_train = [m for i, split, m in whole_log if split == 'train' and i > 2]
+    resumed_train = [m for i, split, m in resumed_log if split == 'train' and i > 2]
+    assert [m['beta'] for m in whole_train] == [m['beta'] for m in resumed_train]
+    assert [m['ptx_loss'] for m in whole_train] == [m['ptx_loss'] for m in resumed_train]
+    assert not np.array_equal(np.asarray(jax.tree.leaves(whole)[0]), np.asarray(jax.tree.leaves(params)[0]))
+
+
+def test_rule_gin_restricts_prompts_to_the_list_tasks_and_comma_lists_load_each_task():
+    import os
+    import gin
+    from flan_jax.train import main as train_main
+    from flan_jax.train.preference import prompts as prompts_lib
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = train_main.parse_flags([f'--gin_file={repo}/gin_configs/runs/ppo_rule_cpu.gin'])
+    try:
+        train_main.configure_gin(args)
+        cfg, run = ppo_main.ppo_config(), ppo_main.run_config()
+    finally:
+        gin.clear_config()
+    assert run.reward == 'rule' and run.reward_model_dir is None and run.checkpoint_period > 0
+    assert run.prompt_task == 'list_sort_pref,list_max_pref' and cfg.kl_target is not None
+    prompts, counts = prompts_lib.load_prompts(run.prompt_task, 'validation', 6, 64)
+    assert sorted(counts) == ['list_max_pref', 'list_sort_pref'] and len(prompts.tokens) == 6
+    assert all(c['kept'] == 3 for c in counts.values())
+    with pytest.raises(ValueError, match='checkpoint_period'):
+        ppo_main.checkpoint_config(ppo_main.RunConfig('d', 'sft', 'task', reward='rule', checkpoint_period=-1))

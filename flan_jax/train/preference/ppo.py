@@ -21,7 +21,7 @@ import optax
 
 from flan_jax import models
 from flan_jax.train import loss as loss_lib
-from flan_jax.train.preference import ppo_math, rollout as rollout_lib
+from flan_jax.train.preference import ppo_math, ppo_resume, rollout as rollout_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +167,7 @@ def evaluate(model_cfg, params: dict, reference_params, prompts: PromptSet, rewa
              decode_text: Optional[Callable] = None, batch_size: int = 128, seed: int = 1234) -> dict:
     """Held-out figures: with sampled responses (the PPO objective's distribution) reward_mean and kl (mean sequence
     KL(policy || SFT) estimate); with greedy responses greedy_reward_mean and, given decode_text, exact_match of the
-    decoded response against each prompt's reference."""
+    decoded response against each prompt's reference (and its binomial standard error)."""
     sums = {'reward_mean': 0.0, 'kl': 0.0, 'greedy_reward_mean': 0.0, 'exact_match': 0.0}
     greedy = dataclasses.replace(cfg.sampling, temperature=0.0)
     n = len(prompts.tokens)
@@ -190,6 +190,8 @@ def evaluate(model_cfg, params: dict, reference_params, prompts: PromptSet, rewa
     out = {k: v / n for k, v in sums.items()}
     if decode_text is None:
         out.pop('exact_match')
+    else:   # binomial standard error of the held-out exact match, so a change can be judged against noise
+        out['exact_match_stderr'] = float(np.sqrt(out['exact_match'] * (1 - out['exact_match']) / n))
     return out
 
 
@@ -209,11 +211,12 @@ def normalized(reward_fn, mean: float, std: float):
 def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, reward_fn, *,
           eval_prompts: Optional[PromptSet] = None, decode_text=None, ptx_batches=None,
           log: Callable[[int, str, dict], None] = lambda step, split, values: None, eval_period: int = 0,
-          value_bias: float = 0.0):
+          value_bias: float = 0.0, checkpoint: Optional[ppo_resume.CheckpointConfig] = None):
     """Runs cfg.iterations PPO iterations from the SFT params (also the frozen reference) -> (params, history).
 
     log(iteration, 'train' | 'eval', metrics) is called after every iteration and every evaluation (iteration 0 is the
-    SFT policy). history holds the eval dicts by iteration.
+    SFT policy). history holds the eval dicts by iteration. With `checkpoint`, the run saves every checkpoint.period
+    iterations and first resumes from the directory's latest checkpoint, if any (ppo_resume.py).
     """
     optimizer = make_optimizer(cfg)
     state = init_state(model_cfg, sft_params, optimizer, value_bias)
@@ -221,7 +224,17 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
     controller = cfg.kl_controller()
     np_rng = np.random.default_rng(cfg.seed)
     key = jax.random.PRNGKey(cfg.seed)
-    history = {}
+    ckpt = ppo_resume.open_checkpointer(checkpoint)
+    resumed = ppo_resume.restore_latest(ckpt, state)
+    if resumed is not None:
+        state, progress = resumed
+        controller = dataclasses.replace(controller, beta=progress.beta)
+        np_rng.bit_generator.state = progress.np_rng_state
+        log(progress.iteration, 'train', {'resumed_from': progress.iteration})
+    else:
+        progress = ppo_resume.Progress(0, controller.beta, np_rng.bit_generator.state, None, {})
+    history = progress.history
+    ptx = None if ptx_batches is None else ppo_resume.CountingIterator(ptx_batches, progress.ptx_consumed)
 
     def run_eval(iteration):
         if eval_prompts is not None:
@@ -229,13 +242,14 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
                                           decode_text)
             log(iteration, 'eval', history[iteration])
 
-    run_eval(0)
-    train_reward_fn = reward_fn
-    if cfg.normalize_reward:
-        mean, std = reward_statistics(model_cfg, sft_params, train_prompts, reward_fn, cfg, jax.random.fold_in(key, 10**6))
-        train_reward_fn = normalized(reward_fn, mean, std)
-        log(0, 'train', {'sft_reward_mean': mean, 'sft_reward_std': std})
-    for iteration in range(1, cfg.iterations + 1):
+    if resumed is None:
+        run_eval(0)
+        if cfg.normalize_reward:
+            progress.reward_stats = list(reward_statistics(model_cfg, sft_params, train_prompts, reward_fn, cfg,
+                                                           jax.random.fold_in(key, 10**6)))
+            log(0, 'train', {'sft_reward_mean': progress.reward_stats[0], 'sft_reward_std': progress.reward_stats[1]})
+    train_reward_fn = reward_fn if progress.reward_stats is None else normalized(reward_fn, *progress.reward_stats)
+    for iteration in range(progress.iteration + 1, cfg.iterations + 1):
         started = time.time()
         index = np_rng.choice(len(train_prompts.tokens), cfg.rollout_batch_size, replace=False)
         prompts, refs = train_prompts.rows(index)
@@ -243,11 +257,17 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
                                     jax.random.fold_in(key, iteration), train_reward_fn, controller.beta, cfg.sampling,
                                     cfg.gamma, cfg.lam, cfg.whiten_advantages)
         metrics = rollout_metrics(batch)   # reward_mean in the training (normalized) units
-        state, update_metrics = train_on_rollout(update_step, state, batch, cfg, np_rng, ptx_batches)
+        state, update_metrics = train_on_rollout(update_step, state, batch, cfg, np_rng, ptx)
         metrics.update(update_metrics, beta=controller.beta, seconds=time.time() - started)
         controller = controller.update(metrics['kl'], cfg.rollout_batch_size)
         log(iteration, 'train', metrics)
         if (eval_period and iteration % eval_period == 0) or iteration == cfg.iterations:
             if iteration not in history:
                 run_eval(iteration)
+        progress = dataclasses.replace(progress, iteration=iteration, beta=controller.beta,
+                                       np_rng_state=np_rng.bit_generator.state,
+                                       ptx_consumed=0 if ptx is None else ptx.consumed)
+        ppo_resume.save(ckpt, checkpoint, state, progress, cfg.iterations)
+    if ckpt is not None:
+        ckpt.close()
     return state['params'], history

@@ -3,7 +3,9 @@
 The gin files also hold the SFT run's `train.*` bindings (model, mixture, vocabulary): the policy and the frozen
 reference are restored from `ppo_run.sft_checkpoint` with them, and the ptx term reads batches of that mixture.
 Writes MODEL_DIR/metrics.jsonl (split train: one row per iteration; split eval: held-out figures at iteration 0, the
-SFT policy, and every eval_period), MODEL_DIR/ppo_summary.json and a params checkpoint of the final policy.
+SFT policy, and every eval_period), MODEL_DIR/ppo_summary.json, a params checkpoint of the final policy
+(policy_params/) and every ppo_run.checkpoint_period iterations a resumable checkpoint (MODEL_DIR/checkpoint_<i>/,
+ppo_resume.py): rerunning the same command into the same MODEL_DIR continues from the latest one.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from etils import epath
 
 from flan_jax.train import data as data_lib, main as main_lib
 from flan_jax.train.metrics_log import MetricsWriter
-from flan_jax.train.preference import ppo, prompts as prompts_lib, rollout as rollout_lib, rule_reward
+from flan_jax.train.preference import ppo, ppo_resume, prompts as prompts_lib, rollout as rollout_lib, rule_reward
 
 REWARDS = ("learned", "rule")
 
@@ -54,6 +56,8 @@ class RunConfig:
     prompt_length: int = 64
     eval_period: int = 5
     ptx_batch_size: int = 4
+    checkpoint_period: int = 10     # iterations; 0: no checkpoints (and no resume)
+    keep_checkpoints: int = 2
 
     def __post_init__(self):
         if self.reward not in REWARDS:
@@ -67,9 +71,17 @@ class RunConfig:
 def run_config(model_dir: str = gin.REQUIRED, sft_checkpoint: str = gin.REQUIRED, prompt_task: str = gin.REQUIRED,
                reward: str = "learned", reward_model_dir: Optional[str] = None, num_train_prompts: int = 2000,
                num_eval_prompts: int = 200, prompt_length: int = 64, eval_period: int = 5,
-               ptx_batch_size: int = 4) -> RunConfig:
+               ptx_batch_size: int = 4, checkpoint_period: int = 10, keep_checkpoints: int = 2) -> RunConfig:
     return RunConfig(model_dir, sft_checkpoint, prompt_task, reward, reward_model_dir, num_train_prompts,
-                     num_eval_prompts, prompt_length, eval_period, ptx_batch_size)
+                     num_eval_prompts, prompt_length, eval_period, ptx_batch_size, checkpoint_period,
+                     keep_checkpoints)
+
+
+def checkpoint_config(run: RunConfig) -> Optional[ppo_resume.CheckpointConfig]:
+    """MODEL_DIR/checkpoint_<iteration>/ as the SFT trainer writes them; a rerun into MODEL_DIR resumes."""
+    if run.checkpoint_period == 0:
+        return None
+    return ppo_resume.CheckpointConfig(run.model_dir, run.checkpoint_period, run.keep_checkpoints)
 
 
 def make_reward_fn(run: RunConfig, model_cfg, vocabulary):
@@ -121,7 +133,7 @@ def run(argv: Sequence[str]) -> dict:
         train_cfg.model, cfg, sft_params, train_prompts, reward_fn, eval_prompts=eval_prompts,
         decode_text=lambda row: rule_reward.response_text(vocab, row),
         ptx_batches=ptx_batches(train_cfg, run_cfg) if cfg.ptx_coef > 0 else None, log=_printer(writer),
-        eval_period=run_cfg.eval_period)
+        eval_period=run_cfg.eval_period, checkpoint=checkpoint_config(run_cfg))
     writer.close()
     first, last = history[0], history[max(history)]
     summary = {"sft": first, "ppo": last, "iterations": cfg.iterations, "kl_target": cfg.kl_target,
@@ -144,6 +156,11 @@ def _print_acceptance(first: dict, last: dict, kl_target: Optional[float]) -> No
     for key in ("reward_mean", "greedy_reward_mean", "exact_match", "kl"):
         if key in first:
             print(f"ppo held-out {key}: SFT {first[key]:.4f} -> PPO {last[key]:.4f}")
+    if "exact_match_stderr" in first:
+        rise = last["exact_match"] - first["exact_match"]
+        stderr = float(np.hypot(first["exact_match_stderr"], last["exact_match_stderr"]))
+        print(f"ppo held-out exact_match change {rise:+.4f} (standard error of the difference {stderr:.4f}, "
+              f"{rise / max(stderr, 1e-9):+.1f} SE)")
     if kl_target is not None:
         print(f"ppo held-out KL {last['kl']:.4f} vs target {kl_target}: "
               f"{'within' if last['kl'] <= kl_target else 'ABOVE'} target")

@@ -29,6 +29,9 @@ def _reference(example: dict, task: str) -> str:
 
 
 def _task_names(name: str) -> list[str]:
+    """A task, a mixture's tasks, or a comma-separated list of either (e.g. 'list_sort_pref,list_max_pref')."""
+    if "," in name:
+        return [task for part in name.split(",") if part.strip() for task in _task_names(part.strip())]
     item = seqio.get_mixture_or_task(name)
     if isinstance(item, seqio.Mixture):
         return [t.name for t in item.tasks]
