@@ -249,25 +249,27 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
                                                            jax.random.fold_in(key, 10**6)))
             log(0, 'train', {'sft_reward_mean': progress.reward_stats[0], 'sft_reward_std': progress.reward_stats[1]})
     train_reward_fn = reward_fn if progress.reward_stats is None else normalized(reward_fn, *progress.reward_stats)
-    for iteration in range(progress.iteration + 1, cfg.iterations + 1):
-        started = time.time()
-        index = np_rng.choice(len(train_prompts.tokens), cfg.rollout_batch_size, replace=False)
-        prompts, refs = train_prompts.rows(index)
-        batch = rollout_lib.collect(model_cfg, state['params'], sft_params, prompts, refs,
-                                    jax.random.fold_in(key, iteration), train_reward_fn, controller.beta, cfg.sampling,
-                                    cfg.gamma, cfg.lam, cfg.whiten_advantages)
-        metrics = rollout_metrics(batch)   # reward_mean in the training (normalized) units
-        state, update_metrics = train_on_rollout(update_step, state, batch, cfg, np_rng, ptx)
-        metrics.update(update_metrics, beta=controller.beta, seconds=time.time() - started)
-        controller = controller.update(metrics['kl'], cfg.rollout_batch_size)
-        log(iteration, 'train', metrics)
-        if (eval_period and iteration % eval_period == 0) or iteration == cfg.iterations:
-            if iteration not in history:
-                run_eval(iteration)
-        progress = dataclasses.replace(progress, iteration=iteration, beta=controller.beta,
-                                       np_rng_state=np_rng.bit_generator.state,
-                                       ptx_consumed=0 if ptx is None else ptx.consumed)
-        ppo_resume.save(ckpt, checkpoint, state, progress, cfg.iterations)
-    if ckpt is not None:
-        ckpt.close()
+    try:
+        for iteration in range(progress.iteration + 1, cfg.iterations + 1):
+            started = time.time()
+            index = np_rng.choice(len(train_prompts.tokens), cfg.rollout_batch_size, replace=False)
+            prompts, refs = train_prompts.rows(index)
+            batch = rollout_lib.collect(model_cfg, state['params'], sft_params, prompts, refs,
+                                        jax.random.fold_in(key, iteration), train_reward_fn, controller.beta,
+                                        cfg.sampling, cfg.gamma, cfg.lam, cfg.whiten_advantages)
+            metrics = rollout_metrics(batch)   # reward_mean in the training (normalized) units
+            state, update_metrics = train_on_rollout(update_step, state, batch, cfg, np_rng, ptx)
+            metrics.update(update_metrics, beta=controller.beta, seconds=time.time() - started)
+            controller = controller.update(metrics['kl'], cfg.rollout_batch_size)
+            log(iteration, 'train', metrics)
+            if (eval_period and iteration % eval_period == 0) or iteration == cfg.iterations:
+                if iteration not in history:
+                    run_eval(iteration)
+            progress = dataclasses.replace(progress, iteration=iteration, beta=controller.beta,
+                                           np_rng_state=np_rng.bit_generator.state,
+                                           ptx_consumed=0 if ptx is None else ptx.consumed)
+            ppo_resume.save(ckpt, checkpoint, state, progress, cfg.iterations)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     return state['params'], history
