@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flan_jax.models import peft as peft_lib
+from flan_jax.models import span_attention
 from flan_jax.models.t5 import MASK_VALUE, Dropout, dense, linear
 
 Params = dict
@@ -52,6 +53,9 @@ class DecoderConfig:
     dtype: str = 'float32'
     param_dtype: str = 'float32'
     remat: str = 'none'
+    # Query/key block of the span attention (models/span_attention.py) for masked self-attention over whole rows;
+    # 0 computes the dense [L, L] scores.
+    attention_block: int = 128
     peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
@@ -192,6 +196,12 @@ def attention(p: Mapping, x: jax.Array, positions: jax.Array, mask: jax.Array, c
     k, v, mask, _ = peft_lib.with_prefix(p.get('prefix'), k, v, mask)
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     kv, groups, hd = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+    no_dropout = drop.rng is None or drop.rate == 0.0
+    if cache is None and no_dropout and span_attention.usable(lq, lk, config.attention_block):
+        out = span_attention.span_attention(
+            q.reshape(b, lq, kv, groups, hd).transpose(0, 2, 1, 3, 4), k.transpose(0, 2, 1, 3),
+            v.transpose(0, 2, 1, 3), mask, 1.0 / math.sqrt(hd), config.attention_block)
+        return linear(p['out'], out.transpose(0, 2, 1, 3, 4).reshape(b, lq, -1), config.dtype), cache
     # Heads first and each KV head's query groups stacked into one [groups * Lq] axis: the two products are then
     # plain batched matmuls; with (group, query) as separate free axes XLA:CPU ran the attention ~25% slower.
     q = q.reshape(b, lq, kv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * lq, hd)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flan_jax.models import peft as peft_lib
+from flan_jax.models import span_attention
 from flan_jax.models.t5_positions import relative_position_bias, relative_position_bucket  # noqa: F401 (public here too)
 
 Params = dict
@@ -60,6 +61,9 @@ class T5Config:
     # positions for contiguous segments (seqio packing) and needs only a [heads, L, L] bias instead of
     # [batch, heads, L, L]. True: use encoder_positions/decoder_positions when the batch has them.
     relative_positions_from_features: bool = False
+    # Query/key block of the span attention (models/span_attention.py) for masked attention without dropout;
+    # 0 computes the dense [Lq, Lk] scores.
+    attention_block: int = 128
     peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
@@ -246,6 +250,8 @@ def attend(p: Mapping, x_q: jax.Array, k: jax.Array, v: jax.Array, mask, bias, c
     """
     k, v, mask, bias = peft_lib.with_prefix(p.get('prefix'), k, v, mask, bias)
     q = _split_heads(linear(p['query'], x_q, config.dtype), config)
+    if _span_applies(q, k, mask, bias, dropout, config):
+        return linear(p['out'], _span_attend(q, k, v.astype(config.dtype), mask, bias, config), config.dtype)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if bias is not None and bias.shape[0] == 1 and mask is not None:
         logits = _masked_shared_bias_logits(logits, bias, mask)
@@ -259,6 +265,23 @@ def attend(p: Mapping, x_q: jax.Array, k: jax.Array, v: jax.Array, mask, bias, c
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(config.dtype))
     out = out.reshape(out.shape[:-2] + (config.joined_kv,))
     return linear(p['out'], out, config.dtype)
+
+
+def _span_applies(q, k, mask, bias, dropout: Dropout, config: T5Config) -> bool:
+    """The span path needs a mask shared by the heads, a bias shared by the rows, and no attention dropout."""
+    return (mask is not None and mask.shape[1] == 1 and (bias is None or bias.shape[0] == 1)
+            and (dropout.rng is None or dropout.rate == 0.0)
+            and span_attention.usable(q.shape[1], k.shape[1], config.attention_block))
+
+
+def _span_attend(q, k, v, mask, bias, config: T5Config) -> jax.Array:
+    """Attention output [B, Lq, h * hd] through span_attention (heads as its kv axis, one query group, scale 1)."""
+    b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)
+    out = span_attention.span_attention(
+        heads_first(q)[:, :, :, None], heads_first(k), heads_first(v), jnp.broadcast_to(mask[:, 0], (b, lq, lk)),
+        1.0, config.attention_block, None if bias is None else bias[0][:, :, None, :])
+    return heads_first(out[:, :, :, 0]).reshape(b, lq, config.joined_kv)
 
 
 @jax.custom_vjp

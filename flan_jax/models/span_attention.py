@@ -1,0 +1,195 @@
+"""Masked attention that computes only the key span each block of queries needs.
+
+Packed rows hold several short segments, and no query attends outside its own segment, so most of a dense
+[Lq, Lk] score matrix is masked out: with causal attention over ~200-token segments in 640-token rows, four fifths
+of it. Here the queries are cut into blocks; for each (row, query block) the first and last key block that any of
+its queries may attend are read off the mask, and the scores are computed over that span only (a `lax.switch` over
+the span width picks a static shape). The mask is still applied inside the span, so the result is the dense
+masked softmax, exactly up to float summation order; scores the span leaves out are ones the mask zeroes anyway.
+
+The backward pass is written out (`jax.custom_vjp`, the FlashAttention recurrences of Dao et al. 2022): it keeps
+q, k, v, the output and each query's log-sum-exp, recomputes the probabilities span by span and accumulates dk, dv
+into the span's slice. Letting JAX differentiate the switch instead would materialize every branch's residuals.
+
+An optional additive bias shared by the batch rows ([kv, Lq, G, Lk], e.g. T5's relative-position bias) is sliced
+per span as well, and its gradient is summed over rows in the backward pass.
+
+A query that may attend no key (padding) gets a zero output here, where a plain softmax over all-masked scores
+would average every value in the row; `dense_attention` below applies the same rule, and such positions carry no
+loss.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -1e10
+
+
+def dense_attention(q, k, v, mask, scale: float, bias=None):
+    """Reference: q [B, kv, Lq, G, hd], k, v [B, kv, Lk, hd], mask bool [B, Lq, Lk], bias [kv, Lq, G, Lk] or None
+    -> [B, kv, Lq, G, hd]."""
+    s = jnp.einsum('bkqgd,bksd->bkqgs', q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        s = s + bias[None].astype(jnp.float32)
+    m = mask[:, None, :, None, :]
+    p = jax.nn.softmax(jnp.where(m, s, MASK_VALUE), axis=-1) * jnp.any(m, axis=-1, keepdims=True)
+    return jnp.einsum('bkqgs,bksd->bkqgd', p.astype(v.dtype), v)
+
+
+def usable(lq: int, lk: int, block: int) -> bool:
+    """Whether the span path applies: both lengths are whole numbers of blocks, and there is more than one."""
+    return bool(block) and lq % block == 0 and lk % block == 0 and max(lq, lk) > block
+
+
+def key_spans(mask, block: int):
+    """(first key block, width in blocks) [B, Lq / block] int32 covering every key a query block may attend."""
+    b, lq, lk = mask.shape
+    hit = mask.reshape(b, lq // block, block, lk // block, block).any(axis=(2, 4))
+    nk = lk // block
+    first = jnp.argmax(hit, axis=-1)
+    last = nk - 1 - jnp.argmax(hit[..., ::-1], axis=-1)
+    none = ~hit.any(axis=-1)
+    first = jnp.where(none, 0, first).astype(jnp.int32)
+    width = jnp.where(none, 1, last - first + 1).astype(jnp.int32)
+    return first, width
+
+
+def span_attention(q, k, v, mask, scale: float, block: int, bias=None):
+    """As `dense_attention`, computing each query block's scores over its key span only (see the module doc)."""
+    first, width = key_spans(mask, block)
+    return _span_attention(q, k, v, bias, mask, first, width, scale, block)
+
+
+def _slice_block(x, row, start, size, axis):
+    """x[row] sliced along `axis` (of x[row]) at a dynamic start."""
+    x = jax.lax.dynamic_index_in_dim(x, row, axis=0, keepdims=False)
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _bias_block(bias, qi, start, w, block):
+    if bias is None:
+        return None
+    kv, _, g, _ = bias.shape
+    return jax.lax.dynamic_slice(bias, (0, qi * block, 0, start * block), (kv, block, g, w * block))
+
+
+def _scores(qb, ks, ms, bb, scale):
+    """Masked scores [kv, Bq, G, S] (float32) of one query block over one key span, and the mask broadcast."""
+    s = jnp.einsum('kqgd,ksd->kqgs', qb, ks, preferred_element_type=jnp.float32) * scale
+    if bb is not None:
+        s = s + bb.astype(jnp.float32)
+    m = ms[None, :, None, :]
+    return jnp.where(m, s, MASK_VALUE), m
+
+
+def _block_forward(q, k, v, bias, mask, row, qi, start, width, scale, block):
+    qb = _slice_block(q, row, qi * block, block, 1)
+    ms_full = _slice_block(mask, row, qi * block, block, 0)
+
+    def branch(w):
+        def run(_):
+            ks = _slice_block(k, row, start * block, w * block, 1)
+            vs = _slice_block(v, row, start * block, w * block, 1)
+            ms = jax.lax.dynamic_slice_in_dim(ms_full, start * block, w * block, axis=1)
+            s, m = _scores(qb, ks, ms, _bias_block(bias, qi, start, w, block), scale)
+            peak = jnp.max(s, axis=-1, keepdims=True)
+            p = jnp.exp(s - peak) * m
+            total = jnp.sum(p, axis=-1, keepdims=True)
+            out = jnp.einsum('kqgs,ksd->kqgd', (p / jnp.maximum(total, 1e-30)).astype(v.dtype), vs)
+            lse = (peak + jnp.log(jnp.maximum(total, 1e-30)))[..., 0]
+            return out, lse
+        return run
+
+    return jax.lax.switch(width - 1, [branch(w) for w in range(1, k.shape[2] // block + 1)], None)
+
+
+def _pairs(first):
+    rows, blocks = first.shape
+    return rows * blocks, blocks
+
+
+def _forward(q, k, v, bias, mask, first, width, scale, block):
+    n, blocks = _pairs(first)
+    out = jnp.zeros(q.shape, v.dtype)
+    lse = jnp.zeros(q.shape[:-1], jnp.float32)
+
+    def body(pair, carry):
+        out, lse = carry
+        row, qi = pair // blocks, pair % blocks
+        o, l = _block_forward(q, k, v, bias, mask, row, qi, first[row, qi], width[row, qi], scale, block)
+        out = jax.lax.dynamic_update_slice(out, o[None], (row, 0, qi * block, 0, 0))
+        lse = jax.lax.dynamic_update_slice(lse, l[None], (row, 0, qi * block, 0))
+        return out, lse
+
+    return jax.lax.fori_loop(0, n, body, (out, lse))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _span_attention(q, k, v, bias, mask, first, width, scale, block):
+    return _forward(q, k, v, bias, mask, first, width, scale, block)[0]
+
+
+def _fwd(q, k, v, bias, mask, first, width, scale, block):
+    out, lse = _forward(q, k, v, bias, mask, first, width, scale, block)
+    return out, (q, k, v, bias, mask, first, width, out, lse)
+
+
+def _accumulate(total, part, at):
+    """total[at : at + part.shape] += part."""
+    return jax.lax.dynamic_update_slice(total, jax.lax.dynamic_slice(total, at, part.shape) + part, at)
+
+
+def _bwd(scale, block, residuals, d_out):
+    q, k, v, bias, mask, first, width, out, lse = residuals
+    n, blocks = _pairs(first)
+    f32 = jnp.float32
+    # delta_i = sum_d dO_i * O_i: the softmax Jacobian's row term.
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)
+
+    def body(pair, carry):
+        dq, dk, dv, dbias = carry
+        row, qi = pair // blocks, pair % blocks
+        start = first[row, qi]
+        qb = _slice_block(q, row, qi * block, block, 1)
+        dob = _slice_block(d_out, row, qi * block, block, 1)
+        lb = _slice_block(lse, row, qi * block, block, 1)
+        db = _slice_block(delta, row, qi * block, block, 1)
+        ms_full = _slice_block(mask, row, qi * block, block, 0)
+
+        def branch(w):
+            def run(carry):
+                dk, dv, dbias = carry
+                ks = _slice_block(k, row, start * block, w * block, 1)
+                vs = _slice_block(v, row, start * block, w * block, 1)
+                ms = jax.lax.dynamic_slice_in_dim(ms_full, start * block, w * block, axis=1)
+                s, m = _scores(qb, ks, ms, _bias_block(bias, qi, start, w, block), scale)
+                p = jnp.exp(s - lb[..., None]) * m
+                dp = jnp.einsum('kqgd,ksd->kqgs', dob, vs, preferred_element_type=f32)
+                d_scores = p * (dp - db[..., None])   # d loss / d (scaled scores + bias)
+                ds = d_scores * scale
+                dqb = jnp.einsum('kqgs,ksd->kqgd', ds.astype(q.dtype), ks, preferred_element_type=f32)
+                dks = jnp.einsum('kqgs,kqgd->ksd', ds.astype(q.dtype), qb, preferred_element_type=f32)
+                dvs = jnp.einsum('kqgs,kqgd->ksd', p.astype(dob.dtype), dob, preferred_element_type=f32)
+                at = (row, 0, start * block, 0)
+                dk = _accumulate(dk, dks[None], at)
+                dv = _accumulate(dv, dvs[None], at)
+                if dbias is not None:
+                    dbias = _accumulate(dbias, d_scores, (0, qi * block, 0, start * block))
+                return dqb, dk, dv, dbias
+            return run
+
+        dqb, dk, dv, dbias = jax.lax.switch(width[row, qi] - 1,
+                                            [branch(w) for w in range(1, k.shape[2] // block + 1)], (dk, dv, dbias))
+        dq = jax.lax.dynamic_update_slice(dq, dqb[None], (row, 0, qi * block, 0, 0))
+        return dq, dk, dv, dbias
+
+    zeros = lambda x: None if x is None else jnp.zeros(x.shape, f32)
+    dq, dk, dv, dbias = jax.lax.fori_loop(0, n, body, (zeros(q), zeros(k), zeros(v), zeros(bias)))
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None, None)
+
+
+_span_attention.defvjp(_fwd, _bwd)
