@@ -112,6 +112,7 @@ def test_bfloat16_stays_close_to_float32_dense():
 
 
 def test_usable_needs_whole_blocks_and_more_than_one():
+    assert jax.default_backend() == 'cpu'   # the span path is CPU-only (see usable's doc)
     assert sa.usable(64, 64, 8) and sa.usable(8, 64, 8)
     assert not sa.usable(60, 64, 8) and not sa.usable(8, 8, 8) and not sa.usable(64, 64, 0)
 
@@ -166,3 +167,11 @@ def test_t5_span_attention_equals_dense_with_relative_position_bias():
     assert features['encoder_segment_ids'].max() > 1
     batch = {k: jnp.asarray(v) for k, v in features.items()}
     _assert_same_model(config, batch, features['decoder_segment_ids'] != 0)
+
+
+def test_a_mask_shared_by_the_rows_is_broadcast_to_every_row():
+    rng = np.random.default_rng(5)
+    causal = jnp.asarray(np.tril(np.ones((32, 32), bool))[None])
+    q, k, v, _, _ = _inputs(rng, jnp.broadcast_to(causal, (3, 32, 32)))
+    np.testing.assert_allclose(sa.span_attention(q, k, v, causal, 0.35, BLOCK),
+                               sa.dense_attention(q, k, v, causal, 0.35), atol=1e-5)

@@ -40,8 +40,12 @@ def dense_attention(q, k, v, mask, scale: float, bias=None):
 
 
 def usable(lq: int, lk: int, block: int) -> bool:
-    """Whether the span path applies: both lengths are whole numbers of blocks, and there is more than one."""
-    return bool(block) and lq % block == 0 and lk % block == 0 and max(lq, lk) > block
+    """Whether the span path applies: on the CPU backend, both lengths whole numbers of blocks, more than one.
+
+    On GPU/TPU the loop over (row, block) pairs would serialize the work and, under a batch-sharded mesh, gather
+    every row to every device; there XLA's dense (fused) attention is the better kernel."""
+    return (bool(block) and lq % block == 0 and lk % block == 0 and max(lq, lk) > block
+            and jax.default_backend() == 'cpu')
 
 
 def key_spans(mask, block: int):
@@ -59,6 +63,7 @@ def key_spans(mask, block: int):
 
 def span_attention(q, k, v, mask, scale: float, block: int, bias=None):
     """As `dense_attention`, computing each query block's scores over its key span only (see the module doc)."""
+    mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], k.shape[2]))
     first, width = key_spans(mask, block)
     return _span_attention(q, k, v, bias, mask, first, width, scale, block)
 

@@ -15,6 +15,10 @@ Adafactor, on CPU. Called by bench/train.py's run_cpu; the MFU rows are divided 
     the front of each row, chunks no row reaches skipped; exact). HF's LlamaForCausalLM computes logits at every
     position (its `logits_to_keep` takes one position set shared by all rows, which packed rows do not have). The
     row `..._sparse_vs_full_head` times our step with head_chunk=None on the same batches, to show that part.
+  - Our self-attention computes each 128-query block's scores over the key span its segments reach
+    (models/span_attention.py; exact). HF runs SDPA over the full [640, 640] masked scores. The row
+    `..._span_vs_dense_attention` times our step with DecoderConfig.attention_block=0 (dense scores) on the same
+    batches.
   - MFU rows count the FLOPs the batch needs: the layers over all slots (mfu) or the real tokens (useful_mfu), and
     the head at the loss positions only, for both sides.
   - Timing as the T5 rows: the sides alternate round by round, each timing the second of two steps on its batch;
@@ -22,6 +26,7 @@ Adafactor, on CPU. Called by bench/train.py's run_cpu; the MFU rows are divided 
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -148,17 +153,20 @@ def compare_cpu(label, config, rounds, seed=0):
 
   state, ours_step = t5_train.make_ours(config, seed)
   full_state, full_head_step = t5_train.make_ours(config, seed, step_lib.LossConfig(head_chunk=None))
+  dense_state, dense_step = t5_train.make_ours(dataclasses.replace(config, attention_block=0), seed)
   hf_step = make_hf(config, jax.tree.map(np.asarray, state["params"]), config.dtype)
 
   state, ours_loss = ours_step(state, ours_batches[0])  # compile + warm-up
   full_state, full_loss = full_head_step(full_state, ours_batches[0])
+  dense_state, dense_loss = dense_step(dense_state, ours_batches[0])
   hf_loss = hf_step(ours_batches[0], packed=True)
   hf_step(hf_fixed[0])
   hf_step(hf_dynamic[0])
   print(f"[train] {label}: first-step loss ours {ours_loss:.4f} (incl. z-loss) vs HF packed {hf_loss:.4f} "
         "(same batch)", flush=True)
-  print(f"[train] {label}: first-step loss, sparse head {ours_loss:.6f} vs full head {full_loss:.6f}", flush=True)
-  holder = {"state": state, "full": full_state}
+  print(f"[train] {label}: first-step loss, sparse head {ours_loss:.6f} vs full head {full_loss:.6f} vs dense "
+        f"attention {dense_loss:.6f}", flush=True)
+  holder = {"state": state, "full": full_state, "dense": dense_state}
 
   def ours(batch):
     holder["state"], _ = ours_step(holder["state"], batch)
@@ -166,9 +174,13 @@ def compare_cpu(label, config, rounds, seed=0):
   def ours_full_head(batch):
     holder["full"], _ = full_head_step(holder["full"], batch)
 
+  def ours_dense_attention(batch):
+    holder["dense"], _ = dense_step(holder["dense"], batch)
+
   sides = {"ours": (ours, ours_batches), "hf_fixed": (hf_step, hf_fixed), "hf_dynamic": (hf_step, hf_dynamic),
            "hf_packed": (lambda b: hf_step(b, packed=True), ours_batches),
-           "ours_full_head": (ours_full_head, ours_batches)}
+           "ours_full_head": (ours_full_head, ours_batches),
+           "ours_dense_attention": (ours_dense_attention, ours_batches)}
   times = {side: [] for side in sides}
   for r in range(1, rounds + 1):
     for side, (fn, batches) in sides.items():
@@ -193,6 +205,8 @@ def compare_cpu(label, config, rounds, seed=0):
           "real tokens/s"),
       row(SUITE, f"{name}_s_per_step_sparse_vs_full_head (ours, lower is better)", ours_s,
           statistics.median(times["ours_full_head"]), "s/step"),
+      row(SUITE, f"{name}_s_per_step_span_vs_dense_attention (ours, lower is better)", ours_s,
+          statistics.median(times["ours_dense_attention"]), "s/step"),
   ]
   achieved_flops = lambda side, useful: 3 * sum(required_flops(config, b, useful)
                                                 for b in sides[side][1][timed]) / sum(times[side])
