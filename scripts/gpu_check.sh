@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU check: T5 1.1 base and large, bf16, packed 1024/256, step time, tokens/s and MFU against the measured
-# bf16 matmul peak and the card's datasheet dense bf16 peak; then cuDNN fused attention with bias vs XLA.
+# One-shot GPU check: T5 1.1 base and large (packed 1024/256) and the Llama 3.2 1B decoder shape (prefix-LM rows of
+# 1280), bf16: step time, tokens/s and MFU against the measured bf16 matmul peak and the card's datasheet dense bf16
+# peak; then cuDNN fused attention with bias vs XLA.
 #
 #   scripts/gpu_check.sh [DIR]          # on the GPU host (jax[cuda]; TensorFlow and seqio not needed)
 #   scripts/gpu_check.sh export [DIR]   # phase 1 on a CPU host with the full install: writes DIR/packed_1024_256.npz
+#                                       # and DIR/prefix_lm_1280.npz
 #
 # The GPU host has no TensorFlow/seqio, so the packed rows (~3 MB, 1024 rows) come from phase 1: run it on a CPU host
 # and copy DIR over, or run this script where both are installed (it exports first when DIR has no rows). DIR

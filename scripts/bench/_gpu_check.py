@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""One-shot GPU check (driven by scripts/gpu_check.sh): T5 1.1 base and large, bf16, packed 1024/256, from .npz.
+"""One-shot GPU check (driven by scripts/gpu_check.sh): T5 1.1 base and large, bf16, packed 1024/256, and the Llama
+3.2 1B decoder shape on prefix-LM rows of 1280 slots, from .npz.
 
-  python scripts/bench/_gpu_check.py --export DIR    # phase 1, CPU host with TF/seqio: writes DIR/packed_1024_256.npz
+  python scripts/bench/_gpu_check.py --export DIR    # phase 1, CPU host with TF/seqio: DIR/packed_1024_256.npz and
+                                                     # DIR/prefix_lm_1280.npz
   python scripts/bench/_gpu_check.py --from-npz DIR  # phase 2, GPU host with jax[cuda] only (no TF, no seqio)
   python scripts/bench/_gpu_check.py --from-npz DIR --smoke   # phase 2's code path on CPU: tiny model, 1 step
 
@@ -23,12 +25,14 @@ _SCRIPTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [_SCRIPTS, os.path.dirname(_SCRIPTS)]
 
 from bench import common, row  # noqa: E402
+from bench import _train_decoder  # noqa: E402  (no TF/seqio at import)
 from bench import train as train_bench  # noqa: E402  (no TF/seqio at import)
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's product datasheets.
 CARD_DENSE_BF16 = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
                    "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 MODELS = (("base", 64, "dots"), ("large", 32, "dots"))  # preset, first batch to try (halved on OOM), remat
+DECODER_BATCH = 16  # first batch of 1280-slot rows to try for the 1B decoder (halved on OOM)
 STEPS = 8
 IMPLEMENTATIONS = ("xla", "cudnn")
 
@@ -78,6 +82,26 @@ def attention_check(heads: int, head_dim: int, length: int = 1024, batch: int = 
   return {"xla_s": results["xla"][0], "cudnn_s": results[IMPLEMENTATIONS[-1]][0], "max_abs_diff": diff}
 
 
+def _vs_datasheet(model_rows, measured, card, card_name) -> list[dict]:
+  """The MFU rows again, against the datasheet peak."""
+  if not card:
+    return []
+  return [row("gpu_check", f"{r['name']}_vs_datasheet_{card_name.replace(' ', '_')}", r["ours"] * measured / card, None,
+              "fraction of datasheet peak") for r in model_rows if r["name"].endswith("_mfu")]
+
+
+def _decoder_rows(from_npz, smoke, measured, card, card_name) -> list[dict]:
+  """The Llama 3.2 1B shape (bf16, remat dots) on prefix-LM rows of 1280 slots; XLA's dense attention."""
+  rows_np = _train_decoder.load_gpu_rows(from_npz)
+  if rows_np is None:
+    print(f"[gpu_check] no {_train_decoder.GPU_NPZ_NAME} in {from_npz} (an older export): decoder skipped", flush=True)
+    return []
+  batch = int(os.environ.get("FLAN_BENCH_GPU_DECODER_BATCH", 2 if smoke else DECODER_BATCH))
+  model_rows = train_bench.gpu_model("tiny_decoder" if smoke else "llama3_2_1b", _train_decoder.gpu_config(smoke),
+                                     batch, rows_np, measured, 1 if smoke else STEPS, tag="prefix_lm_1280")
+  return model_rows + _vs_datasheet(model_rows, measured, card, card_name)
+
+
 def run(from_npz: str, smoke: bool = False) -> list[dict]:
   import jax
 
@@ -99,11 +123,8 @@ def run(from_npz: str, smoke: bool = False) -> list[dict]:
     config = model_interface.T5Config.preset(preset, dtype="bfloat16", param_dtype="float32", remat=remat, **overrides)
     model_rows = train_bench.gpu_model(f"t5_{preset}", config, int(os.environ.get("FLAN_BENCH_GPU_BATCH", batch)),
                                        rows_np, measured, 1 if smoke else STEPS)
-    results += model_rows
-    if card:  # the same FLOP/s against the datasheet peak
-      for source in (r for r in model_rows if r["name"].endswith("_mfu")):
-        results.append(row("gpu_check", f"{source['name']}_vs_datasheet_{card_name.replace(' ', '_')}",
-                           source["ours"] * measured / card, None, "fraction of datasheet peak"))
+    results += model_rows + _vs_datasheet(model_rows, measured, card, card_name)
+  results += _decoder_rows(from_npz, smoke, measured, card, card_name)
   if smoke:
     return results
   for preset, heads, head_dim in (("base", 12, 64), ("large", 16, 64)):
@@ -129,6 +150,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.export:
     train_bench.export_npz(args.export)
+    _train_decoder.export_gpu_npz(args.export, train_bench.GPU_STREAM_MEANS)
     return 0
   results = run(args.from_npz, args.smoke)
   print("| name | ours | reference | unit |\n|---|---:|---:|---|")

@@ -52,18 +52,60 @@ def cpu_cases(quick):
   return [("llama_small_8l", models.DecoderConfig(num_layers=8, **small), 3)]
 
 
-def packed_batches(examples, num_batches):
-  """Our input: best-fit packed rows of inputs ++ targets (seqio PrefixLM packed features)."""
+def packed_batches(examples, num_batches, lengths=LENGTHS, batch_size=BATCH):
+  """Our input: best-fit packed rows of inputs ++ targets (seqio PrefixLM packed features), `batch_size` per batch."""
   from flan_jax import packing
 
   rows = []
-  for r in packing.pack_examples(examples, LENGTHS, concatenate=True):
+  for r in packing.pack_examples(examples, lengths, concatenate=True):
     rows.append(r)
-    if len(rows) == BATCH * num_batches:
+    if len(rows) == batch_size * num_batches:
       break
-  if len(rows) < BATCH * num_batches:
-    raise ValueError(f"train bench (decoder): the stream packs into {len(rows)} rows; need {BATCH * num_batches}")
-  return [packing.prefix_lm_feature_batch(rows[i:i + BATCH], ROW_LENGTH) for i in range(0, len(rows), BATCH)]
+  if len(rows) < batch_size * num_batches:
+    raise ValueError(f"train bench (decoder): the stream packs into {len(rows)} rows; need {batch_size * num_batches}")
+  return [packing.prefix_lm_feature_batch(rows[i:i + batch_size], sum(lengths))
+          for i in range(0, len(rows), batch_size)]
+
+
+# GPU check (scripts/gpu_check.sh): prefix-LM rows of 1024 + 256 slots from the GPU stream, exported on a CPU host.
+GPU_LENGTHS = (1024, 256)
+GPU_NPZ_NAME = "prefix_lm_1280.npz"
+GPU_NPZ_ROWS = 256
+
+
+def gpu_config(smoke: bool):
+  """The Llama 3.2 1B shape (gin_configs/models/llama3_2_1b.gin) in bf16 with float32 params; smoke: a tiny one."""
+  from flan_jax import models
+
+  if smoke:
+    return models.DecoderConfig(vocab_size=32000, dtype="bfloat16")
+  return models.DecoderConfig(vocab_size=128256, emb_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                              head_dim=64, mlp_dim=8192, rope_theta=500000.0, rope_scaling=(32.0, 1.0, 4.0, 8192),
+                              tie_embeddings=True, dtype="bfloat16", param_dtype="float32", remat="dots")
+
+
+def export_gpu_npz(out_dir: str, means, rows: int = GPU_NPZ_ROWS, seed: int = 0) -> str:
+  """Packs the GPU stream (token ids < 32000) into `rows` prefix-LM rows of 1280 and writes DIR/prefix_lm_1280.npz."""
+  import os
+
+  os.makedirs(out_dir, exist_ok=True)
+  examples = common.flan_like_examples(rows * 6, GPU_LENGTHS, 32000, seed=seed, means=means)
+  batch = packed_batches(examples, 1, GPU_LENGTHS, rows)[0]
+  path = os.path.join(out_dir, GPU_NPZ_NAME)
+  np.savez_compressed(path, **batch)
+  print(f"[train] wrote {rows} packed prefix-LM rows ({sum(GPU_LENGTHS)} slots) to {path}", flush=True)
+  return path
+
+
+def load_gpu_rows(directory: str):
+  """DIR/prefix_lm_1280.npz as a dict of arrays, or None when an older export lacks it."""
+  import os
+
+  path = os.path.join(directory, GPU_NPZ_NAME)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as data:
+    return {k: data[k] for k in data.files}
 
 
 def padded_batches(examples, num_batches, dynamic):

@@ -322,11 +322,20 @@ def _is_oom(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def gpu_model(label, config, batch_size, rows, peak, steps) -> list[dict]:
+def _gpu_accounting(batch):
+  """(computed FLOPs, useful FLOPs, real tokens) functions for an encoder-decoder or a decoder-only packed batch."""
+  if "encoder_input_tokens" in batch:
+    return batch_flops, common.useful_flops, common.real_tokens
+  from bench import _train_decoder as decoder_bench
+  return (lambda c, b: decoder_bench.required_flops(c, b, False), lambda c, b: decoder_bench.required_flops(c, b, True),
+          decoder_bench.real_tokens)
+
+
+def gpu_model(label, config, batch_size, rows, peak, steps, tag=f"{GPU_LENGTHS[0]}_{GPU_LENGTHS[1]}") -> list[dict]:
   """Times `steps` packed bf16 steps (after 2 warm-up steps), halving the batch on out-of-memory."""
   import jax
 
-  num_rows = len(rows["encoder_input_tokens"])
+  num_rows = len(next(iter(rows.values())))
   while batch_size >= 1:
     try:
       state, step_fn = make_ours(config)
@@ -350,13 +359,14 @@ def gpu_model(label, config, batch_size, rows, peak, steps) -> list[dict]:
   else:
     raise RuntimeError(f"train bench: {label} does not fit on the GPU even at batch 1")
   host = jax.device_get(batches[2])
-  useful = 3 * common.useful_flops(config, host) / seconds
-  computed = 3 * batch_flops(config, host) / seconds
-  name = f"{label}_gpu_bf16_b{batch_size}_{GPU_LENGTHS[0]}_{GPU_LENGTHS[1]}"
+  computed_flops, useful_flops, real_tokens = _gpu_accounting(host)
+  useful = 3 * useful_flops(config, host) / seconds
+  computed = 3 * computed_flops(config, host) / seconds
+  name = f"{label}_gpu_bf16_b{batch_size}_{tag}"
   print(f"[train] {label}: batch {batch_size}, {seconds:.3f} s/step, useful {useful / 1e12:.1f} TFLOP/s", flush=True)
   return [
       row(SUITE, f"{name}_s_per_step", seconds, None, "s/step"),
-      row(SUITE, f"{name}_useful_tokens_per_s", common.real_tokens(host) / seconds, None, "real tokens/s"),
+      row(SUITE, f"{name}_useful_tokens_per_s", real_tokens(host) / seconds, None, "real tokens/s"),
       row(SUITE, f"{name}_mfu", computed / peak, None, "fraction of measured peak"),
       row(SUITE, f"{name}_useful_mfu", useful / peak, None, "fraction of measured peak"),
       row(SUITE, f"{name}_useful_mfu_vs_989", useful / common.H100_BF16_DENSE_PEAK, None,
