@@ -196,8 +196,7 @@ def attention(p: Mapping, x: jax.Array, positions: jax.Array, mask: jax.Array, c
     k, v, mask, _ = peft_lib.with_prefix(p.get('prefix'), k, v, mask)
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     kv, groups, hd = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
-    no_dropout = drop.rng is None or drop.rate == 0.0
-    if cache is None and no_dropout and span_attention.usable(lq, lk, config.attention_block):
+    if cache is None and not drop.active and span_attention.usable(lq, lk, config.attention_block):
         out = span_attention.span_attention(
             q.reshape(b, lq, kv, groups, hd).transpose(0, 2, 1, 3, 4), k.transpose(0, 2, 1, 3),
             v.transpose(0, 2, 1, 3), mask, 1.0 / math.sqrt(hd), config.attention_block)

@@ -74,32 +74,27 @@ def _slice_block(x, row, start, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _bias_block(bias, qi, start, w, block):
-    if bias is None:
-        return None
-    kv, _, g, _ = bias.shape
-    return jax.lax.dynamic_slice(bias, (0, qi * block, 0, start * block), (kv, block, g, w * block))
-
-
-def _scores(qb, ks, ms, bb, scale):
-    """Masked scores [kv, Bq, G, S] (float32) of one query block over one key span, and the mask broadcast."""
+def _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, scale, block):
+    """For one query block qb [kv, Bq, G, hd] over the key span of `w` blocks from block `start`: the span's keys and
+    values [kv, S, hd], its masked scores [kv, Bq, G, S] (float32, bias added) and the mask broadcast to them."""
+    ks = _slice_block(k, row, start * block, w * block, 1)
+    vs = _slice_block(v, row, start * block, w * block, 1)
     s = jnp.einsum('kqgd,ksd->kqgs', qb, ks, preferred_element_type=jnp.float32) * scale
-    if bb is not None:
-        s = s + bb.astype(jnp.float32)
-    m = ms[None, :, None, :]
-    return jnp.where(m, s, MASK_VALUE), m
+    if bias is not None:
+        kv, _, g, _ = bias.shape
+        s = s + jax.lax.dynamic_slice(bias, (0, qi * block, 0, start * block), (kv, block, g, w * block)).astype(
+            jnp.float32)
+    m = jax.lax.dynamic_slice_in_dim(mask_rows, start * block, w * block, axis=1)[None, :, None, :]
+    return ks, vs, jnp.where(m, s, MASK_VALUE), m
 
 
 def _block_forward(q, k, v, bias, mask, row, qi, start, width, scale, block):
     qb = _slice_block(q, row, qi * block, block, 1)
-    ms_full = _slice_block(mask, row, qi * block, block, 0)
+    mask_rows = _slice_block(mask, row, qi * block, block, 0)
 
     def branch(w):
         def run(_):
-            ks = _slice_block(k, row, start * block, w * block, 1)
-            vs = _slice_block(v, row, start * block, w * block, 1)
-            ms = jax.lax.dynamic_slice_in_dim(ms_full, start * block, w * block, axis=1)
-            s, m = _scores(qb, ks, ms, _bias_block(bias, qi, start, w, block), scale)
+            _, vs, s, m = _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, scale, block)
             peak = jnp.max(s, axis=-1, keepdims=True)
             p = jnp.exp(s - peak) * m
             total = jnp.sum(p, axis=-1, keepdims=True)
@@ -162,15 +157,12 @@ def _bwd(scale, block, residuals, d_out):
         dob = _slice_block(d_out, row, qi * block, block, 1)
         lb = _slice_block(lse, row, qi * block, block, 1)
         db = _slice_block(delta, row, qi * block, block, 1)
-        ms_full = _slice_block(mask, row, qi * block, block, 0)
+        mask_rows = _slice_block(mask, row, qi * block, block, 0)
 
         def branch(w):
             def run(carry):
                 dk, dv, dbias = carry
-                ks = _slice_block(k, row, start * block, w * block, 1)
-                vs = _slice_block(v, row, start * block, w * block, 1)
-                ms = jax.lax.dynamic_slice_in_dim(ms_full, start * block, w * block, axis=1)
-                s, m = _scores(qb, ks, ms, _bias_block(bias, qi, start, w, block), scale)
+                ks, vs, s, m = _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, scale, block)
                 p = jnp.exp(s - lb[..., None]) * m
                 dp = jnp.einsum('kqgd,ksd->kqgs', dob, vs, preferred_element_type=f32)
                 d_scores = p * (dp - db[..., None])   # d loss / d (scaled scores + bias)

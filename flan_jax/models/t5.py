@@ -220,8 +220,12 @@ class Dropout:
     def __init__(self, rng: Optional[jax.Array], rate: float):
         self.rng, self.rate, self.calls = rng, rate, 0
 
+    @property
+    def active(self) -> bool:
+        return self.rng is not None and self.rate != 0.0
+
     def __call__(self, x: jax.Array, broadcast_axes: tuple = ()) -> jax.Array:
-        if self.rng is None or self.rate == 0.0:
+        if not self.active:
             return x
         self.calls += 1
         shape = list(x.shape)
@@ -271,7 +275,7 @@ def attend(p: Mapping, x_q: jax.Array, k: jax.Array, v: jax.Array, mask, bias, c
 def _span_applies(q, k, mask, bias, dropout: Dropout, config: T5Config) -> bool:
     """The span path needs a mask shared by the heads, a bias shared by the rows, and no attention dropout."""
     return (mask is not None and mask.shape[1] == 1 and (bias is None or bias.shape[0] == 1)
-            and (dropout.rng is None or dropout.rate == 0.0)
+            and not dropout.active
             and span_attention.usable(q.shape[1], k.shape[1], config.attention_block))
 
 
