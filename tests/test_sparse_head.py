@@ -1,4 +1,4 @@
-"""The decoder-only train step runs the output head on loss positions only (loss.summed_loss_from_hidden): equal to
+"""The decoder-only train step runs the output head on loss positions only (train/sparse_head.py): equal to
 the full-logits loss and gradients on any batch, and chunks that no row reaches are really skipped."""
 import dataclasses
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flan_jax import models, packing
-from flan_jax.train import loss as loss_lib, optim, step as step_lib
+from flan_jax.train import loss as loss_lib, optim, sparse_head, step as step_lib
 
 CONFIG = models.DecoderConfig(vocab_size=61, emb_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                               mlp_dim=48)
@@ -39,7 +39,7 @@ def test_loss_and_gradients_equal_the_full_logits_path(normalizer, chunk):
         return total / denom, aux
 
     def sparse(h, k):
-        total, denom, aux = loss_lib.summed_loss_from_hidden(lambda x: x @ k, h, batch, chunk=chunk, **options)
+        total, denom, aux = sparse_head.summed_loss_from_hidden(lambda x: x @ k, h, batch, chunk=chunk, **options)
         return total / denom, aux
 
     (want, want_aux), want_grads = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, kernel)
@@ -65,7 +65,7 @@ def test_chunks_beyond_the_busiest_row_are_not_computed():
     hidden = jnp.where(jnp.asarray(weights)[..., None] > 0, hidden, jnp.nan)
 
     def sparse(k):
-        total, denom, _ = loss_lib.summed_loss_from_hidden(lambda x: x @ k, hidden, batch, chunk=chunk)
+        total, denom, _ = sparse_head.summed_loss_from_hidden(lambda x: x @ k, hidden, batch, chunk=chunk)
         return total / denom
 
     value, grad = jax.jit(jax.value_and_grad(sparse))(kernel)
@@ -111,3 +111,28 @@ def test_project_logits_of_hidden_states_is_forward():
         want = models.forward(config, params, batch)
         got = models.project_logits(config, params, models.hidden_states(config, params, batch))
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_head_closing_over_a_random_key_gets_the_full_paths_gradient():
+    # A head with dropout closes over an integer PRNG key besides its float kernel: only the kernel is
+    # differentiated, and the key's mask is the same in every chunk as in the full path.
+    hidden, kernel, batch = _hidden_batch(2)
+    key = jax.random.PRNGKey(7)
+
+    def head(x, k):
+        keep = jax.random.bernoulli(key, 0.8, k.shape)
+        return x @ jnp.where(keep, k / 0.8, 0.0)
+
+    full = lambda h, k: loss_lib.summed_loss(head(h, k), batch)[0]
+    sparse = lambda h, k: sparse_head.summed_loss_from_hidden(lambda x: head(x, k), h, batch, chunk=3)[0]
+    want, want_grads = jax.value_and_grad(full, argnums=(0, 1))(hidden, kernel)
+    got, got_grads = jax.jit(jax.value_and_grad(sparse, argnums=(0, 1)))(hidden, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def test_a_non_positive_chunk_is_refused():
+    hidden, kernel, batch = _hidden_batch(3)
+    with pytest.raises(ValueError, match='chunk=0'):
+        sparse_head.summed_loss_from_hidden(lambda x: x @ kernel, hidden, batch, chunk=0)

@@ -124,48 +124,16 @@ def summed_loss(logits, batch, *, z_loss=0.0, label_smoothing=0.0, normalizer: N
 
     aux: z_loss_sum, and correct_tokens / target_tokens over the loss positions (weight > 0)."""
     weights, denom = loss_weights_and_denominator(batch, normalizer)
-    sums = _weighted_sums(logits, batch["decoder_target_tokens"], weights, z_loss, label_smoothing)
-    return sums[0], denom, _aux(sums, weights)
+    sums = weighted_sums(logits, batch["decoder_target_tokens"], weights, z_loss, label_smoothing)
+    return sums[0], denom, aux_sums(sums, weights)
 
 
-def summed_loss_from_hidden(project, hidden, batch, *, chunk: int, z_loss=0.0, label_smoothing=0.0,
-                            normalizer: Normalizer = NUM_REAL_TARGET_TOKENS):
-    """summed_loss(project(hidden), batch) with the output head run only where the loss needs it.
-
-    hidden: [B, L, d], the states `project` maps to logits. Each row's loss positions (weight > 0) are moved to the
-    front, in order, and the head and loss run on chunks of `chunk` of them; a chunk that no row reaches is skipped
-    (lax.cond), so the head's cost follows the busiest row's loss-token count instead of L. On prefix-LM rows, where
-    the loss covers the short targets only, this skips most of the largest matmul. Exact for every batch: no
-    position is ever dropped, and the sums equal summed_loss's up to float summation order.
-    """
-    if chunk <= 0:
-        raise ValueError(f"summed_loss_from_hidden: chunk={chunk}: expected a positive int")
-    weights, denom = loss_weights_and_denominator(batch, normalizer)
-    is_loss = weights > 0
-    order = jnp.argsort(~is_loss, axis=1, stable=True)            # loss positions first, in order
-    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
-    hidden, targets, weights = take(hidden), take(batch["decoder_target_tokens"]), take(weights)
-    busiest = jnp.max(jnp.sum(is_loss, axis=1))
-    zero = tuple(jnp.zeros((), jnp.float32) for _ in range(3))
-    sums = zero
-    for start in range(0, hidden.shape[1], chunk):
-        part = slice(start, start + chunk)
-
-        def run(h, t, w):
-            return _weighted_sums(project(h), t, w, z_loss, label_smoothing)
-
-        chunk_sums = jax.lax.cond(start < busiest, run, lambda *_: zero, hidden[:, part], targets[:, part],
-                                  weights[:, part])
-        sums = tuple(a + b for a, b in zip(sums, chunk_sums))
-    return sums[0], denom, _aux(sums, weights)
-
-
-def _weighted_sums(logits, targets, weights, z_loss, label_smoothing):
+def weighted_sums(logits, targets, weights, z_loss, label_smoothing):
     """(sum of weighted token loss, sum of weighted z-loss, correct predictions at loss positions)."""
     token_loss, token_z = token_cross_entropy(logits, targets, z_loss=z_loss, label_smoothing=label_smoothing)
     correct = predicted_correctly(logits, targets) & (weights > 0)
     return jnp.sum(token_loss * weights), jnp.sum(token_z * weights), jnp.sum(correct.astype(jnp.float32))
 
 
-def _aux(sums, weights) -> dict:
+def aux_sums(sums, weights) -> dict:
     return {"z_loss_sum": sums[1], "correct_tokens": sums[2], "target_tokens": jnp.sum(weights > 0).astype(jnp.float32)}

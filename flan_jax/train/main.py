@@ -90,7 +90,7 @@ def train_config(
         z_loss: float = 1e-4,
         label_smoothing: float = 0.0,
         loss_normalizing_factor=loss_lib.NUM_REAL_TARGET_TOKENS,  # None: un-normalized sum (T5X)
-        head_chunk: Optional[int] = 128,  # decoder-only: head on loss positions only, in chunks (step.LossConfig)
+        head_chunk: Optional[int] = 32,  # decoder-only: head on loss positions only, in chunks (step.LossConfig)
         seed: int = 0,
         skip_nonfinite_updates: bool = False,
         async_checkpointing: bool = True,

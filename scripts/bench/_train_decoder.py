@@ -11,9 +11,9 @@ Adafactor, on CPU. Called by bench/train.py's run_cpu; the MFU rows are divided 
     attention across segments); HF takes 8 examples per step padded to the batch's longest ("HF padded") and, as a
     second baseline, the SAME packed rows with position_ids and no attention mask, which transformers turns into a
     per-segment mask ("HF packed"; transformers >= 4.5x masking_utils.find_packed_sequence_indices).
-  - Our step runs the output head at the loss positions only (LossConfig.head_chunk = 128: loss positions moved to
-    the front of each row, chunks no row reaches skipped; exact). HF's LlamaForCausalLM computes logits at every
-    position (its `logits_to_keep` takes one position set shared by all rows, which packed rows do not have). The
+  - Our step runs the output head at the loss positions only (LossConfig.head_chunk = 32: loss positions moved to
+    the front of each row, as many chunks as the busiest row needs; exact). HF's LlamaForCausalLM computes logits at
+    every position (its `logits_to_keep` takes one position set shared by all rows, which packed rows do not have). The
     row `..._sparse_vs_full_head` times our step with head_chunk=None on the same batches, to show that part.
   - Our self-attention computes each 128-query block's scores over the key span its segments reach
     (models/span_attention.py; exact). HF runs SDPA over the full [640, 640] masked scores. The row
