@@ -77,13 +77,9 @@ def _split_consts(head, consts):
 def _chunked_sums(head, chunk, z_loss, label_smoothing, trained, fixed, hidden, targets, weights, num_chunks):
     """(weighted loss sum, z-loss sum, correct count) over the first `num_chunks` chunks of every row; `head(h,
     *trained, *fixed)` gives a chunk's logits."""
-    def body(i, sums):
-        logits = head(_chunk(hidden, i, chunk), *trained, *fixed)
-        part = loss_lib.weighted_sums(logits, _chunk(targets, i, chunk), _chunk(weights, i, chunk), z_loss,
-                                      label_smoothing)
-        return tuple(a + b for a, b in zip(sums, part))
-
-    return jax.lax.fori_loop(0, num_chunks, body, tuple(jnp.zeros((), jnp.float32) for _ in range(3)))
+    # Only ever called under differentiation (the train step), so the primal is the forward rule's first output.
+    return _chunked_sums_fwd(head, chunk, z_loss, label_smoothing, trained, fixed, hidden, targets, weights,
+                             num_chunks)[0]
 
 
 def _chunked_sums_fwd(head, chunk, z_loss, label_smoothing, trained, fixed, hidden, targets, weights, num_chunks):
