@@ -160,8 +160,7 @@ def _bwd(scale, block, residuals, d_out):
         mask_rows = _slice_block(mask, row, qi * block, block, 0)
 
         def branch(w):
-            def run(carry):
-                dk, dv, dbias = carry
+            def run(dbias):
                 ks, vs, s, m = _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, scale, block)
                 p = jnp.exp(s - lb[..., None]) * m
                 dp = jnp.einsum('kqgd,ksd->kqgs', dob, vs, preferred_element_type=f32)
@@ -170,16 +169,19 @@ def _bwd(scale, block, residuals, d_out):
                 dqb = jnp.einsum('kqgs,ksd->kqgd', ds.astype(q.dtype), ks, preferred_element_type=f32)
                 dks = jnp.einsum('kqgs,kqgd->ksd', ds.astype(q.dtype), qb, preferred_element_type=f32)
                 dvs = jnp.einsum('kqgs,kqgd->ksd', p.astype(dob.dtype), dob, preferred_element_type=f32)
-                at = (row, 0, start * block, 0)
-                dk = _accumulate(dk, dks[None], at)
-                dv = _accumulate(dv, dvs[None], at)
+                # The span's dk, dv placed in a row-sized buffer: the switch returns new values only, so XLA
+                # need not copy the whole-batch accumulators into and out of each branch.
+                place = lambda x: jax.lax.dynamic_update_slice_in_dim(
+                    jnp.zeros((x.shape[0], k.shape[2], x.shape[2]), f32), x, start * block, axis=1)
                 if dbias is not None:
                     dbias = _accumulate(dbias, d_scores, (0, qi * block, 0, start * block))
-                return dqb, dk, dv, dbias
+                return dqb, place(dks), place(dvs), dbias
             return run
 
-        dqb, dk, dv, dbias = jax.lax.switch(width[row, qi] - 1,
-                                            [branch(w) for w in range(1, k.shape[2] // block + 1)], (dk, dv, dbias))
+        dqb, dks, dvs, dbias = jax.lax.switch(width[row, qi] - 1,
+                                             [branch(w) for w in range(1, k.shape[2] // block + 1)], dbias)
+        dk = _accumulate(dk, dks[None], (row, 0, 0, 0))
+        dv = _accumulate(dv, dvs[None], (row, 0, 0, 0))
         dq = jax.lax.dynamic_update_slice(dq, dqb[None], (row, 0, qi * block, 0, 0))
         return dq, dk, dv, dbias
 
