@@ -160,7 +160,7 @@ def _bwd(scale, block, residuals, d_out):
         mask_rows = _slice_block(mask, row, qi * block, block, 0)
 
         def branch(w):
-            def run(dbias):
+            def run(_):
                 ks, vs, s, m = _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, scale, block)
                 p = jnp.exp(s - lb[..., None]) * m
                 dp = jnp.einsum('kqgd,ksd->kqgs', dob, vs, preferred_element_type=f32)
@@ -169,19 +169,20 @@ def _bwd(scale, block, residuals, d_out):
                 dqb = jnp.einsum('kqgs,ksd->kqgd', ds.astype(q.dtype), ks, preferred_element_type=f32)
                 dks = jnp.einsum('kqgs,kqgd->ksd', ds.astype(q.dtype), qb, preferred_element_type=f32)
                 dvs = jnp.einsum('kqgs,kqgd->ksd', p.astype(dob.dtype), dob, preferred_element_type=f32)
-                # The span's dk, dv placed in a row-sized buffer: the switch returns new values only, so XLA
+                # The span's gradients placed in key-length buffers: the switch returns new values only, so XLA
                 # need not copy the whole-batch accumulators into and out of each branch.
-                place = lambda x: jax.lax.dynamic_update_slice_in_dim(
-                    jnp.zeros((x.shape[0], k.shape[2], x.shape[2]), f32), x, start * block, axis=1)
-                if dbias is not None:
-                    dbias = _accumulate(dbias, d_scores, (0, qi * block, 0, start * block))
-                return dqb, place(dks), place(dvs), dbias
+                place = lambda x, axis: jax.lax.dynamic_update_slice_in_dim(
+                    jnp.zeros(x.shape[:axis] + (k.shape[2],) + x.shape[axis + 1:], f32), x, start * block, axis)
+                d_span_bias = None if bias is None else place(d_scores, 3)
+                return dqb, place(dks, 1), place(dvs, 1), d_span_bias
             return run
 
-        dqb, dks, dvs, dbias = jax.lax.switch(width[row, qi] - 1,
-                                             [branch(w) for w in range(1, k.shape[2] // block + 1)], dbias)
+        dqb, dks, dvs, d_span_bias = jax.lax.switch(width[row, qi] - 1,
+                                                    [branch(w) for w in range(1, k.shape[2] // block + 1)], None)
         dk = _accumulate(dk, dks[None], (row, 0, 0, 0))
         dv = _accumulate(dv, dvs[None], (row, 0, 0, 0))
+        if dbias is not None:
+            dbias = _accumulate(dbias, d_span_bias, (0, qi * block, 0, 0))
         dq = jax.lax.dynamic_update_slice(dq, dqb[None], (row, 0, qi * block, 0, 0))
         return dq, dk, dv, dbias
 
