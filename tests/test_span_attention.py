@@ -145,7 +145,8 @@ def _assert_same_model(config, batch, valid):
     np.testing.assert_allclose(loss_span, loss_dense, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(logits_span)[valid], np.asarray(logits_dense)[valid], atol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_dense), jax.tree_util.tree_leaves(grads_span)):
-        np.testing.assert_allclose(b, a, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+        # Summed losses give gradients of order 10: float32 summation order alone moves them by ~1e-6 relative.
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize('prefix_lm', [True, False])

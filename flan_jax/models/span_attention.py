@@ -74,36 +74,46 @@ def _slice_block(x, row, start, size, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, scale, block):
-    """For one query block qb [kv, Bq, G, hd] over the key span of `w` blocks from block `start`: the span's keys and
-    values [kv, S, hd], its masked scores [kv, Bq, G, S] (float32, bias added) and the mask broadcast to them."""
+def _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, block):
+    """For one query block qb [kv, Bq, G, hd] (already scaled) over the key span of `w` blocks from block `start`:
+    the span's keys and values [kv, S, hd] and its masked scores [kv, Bq, G, S] (float32, bias added)."""
     ks = _slice_block(k, row, start * block, w * block, 1)
     vs = _slice_block(v, row, start * block, w * block, 1)
-    s = jnp.einsum('kqgd,ksd->kqgs', qb, ks, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum('kqgd,ksd->kqgs', qb, ks, preferred_element_type=jnp.float32)
     if bias is not None:
         kv, _, g, _ = bias.shape
         s = s + jax.lax.dynamic_slice(bias, (0, qi * block, 0, start * block), (kv, block, g, w * block)).astype(
             jnp.float32)
     m = jax.lax.dynamic_slice_in_dim(mask_rows, start * block, w * block, axis=1)[None, :, None, :]
-    return ks, vs, jnp.where(m, s, MASK_VALUE), m
+    return ks, vs, jnp.where(m, s, MASK_VALUE)
 
 
 def _block_forward(q, k, v, bias, mask, row, qi, start, width, scale, block):
-    qb = _slice_block(q, row, qi * block, block, 1)
+    qb = _scaled(_slice_block(q, row, qi * block, block, 1), scale)
     mask_rows = _slice_block(mask, row, qi * block, block, 0)
+    live = jnp.any(mask_rows, axis=-1)[None, :, None]   # [1, Bq, 1]: queries with at least one key
 
     def branch(w):
         def run(_):
-            _, vs, s, m = _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, scale, block)
+            _, vs, s = _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, block)
             peak = jnp.max(s, axis=-1, keepdims=True)
-            p = jnp.exp(s - peak) * m
-            total = jnp.sum(p, axis=-1, keepdims=True)
-            out = jnp.einsum('kqgs,ksd->kqgd', (p / jnp.maximum(total, 1e-30)).astype(v.dtype), vs)
-            lse = (peak + jnp.log(jnp.maximum(total, 1e-30)))[..., 0]
-            return out, lse
+            # Masked scores are MASK_VALUE below a live row's peak, so exp gives exact zeros there; only rows with
+            # no key at all need the `live` factor. Normalizing after the product divides hd values, not S.
+            p = jnp.exp(s - peak)
+            total = jnp.sum(p, axis=-1)
+            out = jnp.einsum('kqgs,ksd->kqgd', p.astype(v.dtype), vs, preferred_element_type=jnp.float32)
+            out = out * jnp.where(live, 1.0 / total, 0.0)[..., None]
+            # A dead row's log-sum-exp is +|MASK_VALUE|: the backward pass's exp(s - lse) is then zero there too.
+            lse = jnp.where(live, peak[..., 0] + jnp.log(total), -MASK_VALUE)
+            return out.astype(v.dtype), lse
         return run
 
     return jax.lax.switch(width - 1, [branch(w) for w in range(1, k.shape[2] // block + 1)], None)
+
+
+def _scaled(qb, scale: float):
+    """The query block times the score scale, once per block rather than once per score."""
+    return qb if scale == 1.0 else (qb.astype(jnp.float32) * scale).astype(qb.dtype)
 
 
 def _pairs(first):
@@ -153,7 +163,7 @@ def _bwd(scale, block, residuals, d_out):
         dq, dk, dv, dbias = carry
         row, qi = pair // blocks, pair % blocks
         start = first[row, qi]
-        qb = _slice_block(q, row, qi * block, block, 1)
+        qb = _scaled(_slice_block(q, row, qi * block, block, 1), scale)
         dob = _slice_block(d_out, row, qi * block, block, 1)
         lb = _slice_block(lse, row, qi * block, block, 1)
         db = _slice_block(delta, row, qi * block, block, 1)
@@ -161,13 +171,12 @@ def _bwd(scale, block, residuals, d_out):
 
         def branch(w):
             def run(_):
-                ks, vs, s, m = _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, scale, block)
-                p = jnp.exp(s - lb[..., None]) * m
+                ks, vs, s = _span_scores(qb, k, v, bias, mask_rows, row, qi, start, w, block)
+                p = jnp.exp(s - lb[..., None])   # zero at masked scores and in dead rows (see _block_forward)
                 dp = jnp.einsum('kqgd,ksd->kqgs', dob, vs, preferred_element_type=f32)
                 d_scores = p * (dp - db[..., None])   # d loss / d (scaled scores + bias)
-                ds = d_scores * scale
-                dqb = jnp.einsum('kqgs,ksd->kqgd', ds.astype(q.dtype), ks, preferred_element_type=f32)
-                dks = jnp.einsum('kqgs,kqgd->ksd', ds.astype(q.dtype), qb, preferred_element_type=f32)
+                dqb = jnp.einsum('kqgs,ksd->kqgd', d_scores.astype(q.dtype), ks, preferred_element_type=f32) * scale
+                dks = jnp.einsum('kqgs,kqgd->ksd', d_scores.astype(q.dtype), qb, preferred_element_type=f32)
                 dvs = jnp.einsum('kqgs,kqgd->ksd', p.astype(dob.dtype), dob, preferred_element_type=f32)
                 # The span's gradients placed in key-length buffers: the switch returns new values only, so XLA
                 # need not copy the whole-batch accumulators into and out of each branch.
