@@ -2,6 +2,7 @@
 """Runs one benchmark suite and prints its figures as a markdown table.
 
   python scripts/benchmark.py SUITE [--quick] [--json OUT] [--export-npz DIR | --from-npz DIR]
+                                   [--case LABEL] [--dtype float32|bfloat16]     (train, CPU: a subset of cases)
 
 SUITE is a module in scripts/bench/ (packing, ...) exposing run(quick) -> list of rows
 {"suite", "name", "ours", "baseline", "ratio", "unit"}. --json writes the rows plus machine info to OUT.
@@ -56,13 +57,17 @@ def main(argv=None) -> int:
   parser.add_argument("--json", metavar="OUT", help="also write rows and machine info as JSON")
   parser.add_argument("--export-npz", metavar="DIR", help="(train) write packed batches for a GPU host without TF")
   parser.add_argument("--from-npz", metavar="DIR", help="(train) feed packed batches exported by --export-npz")
+  parser.add_argument("--case", metavar="LABEL", help="(train, CPU) only the cases whose label contains LABEL, "
+                      "e.g. llama_small_8l")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="(train, CPU) only this compute dtype")
   args = parser.parse_args(argv)
 
   module = importlib.import_module(f"bench.{args.suite}")
   start = time.time()
-  extra = {k: v for k, v in (("export_npz_dir", args.export_npz), ("from_npz", args.from_npz)) if v}
+  extra = {k: v for k, v in (("export_npz_dir", args.export_npz), ("from_npz", args.from_npz),
+                              ("case", args.case), ("dtype", args.dtype)) if v}
   if extra and "from_npz" not in module.run.__code__.co_varnames:
-    parser.error(f"--export-npz / --from-npz apply to the train suite, not {args.suite!r}")
+    parser.error(f"--export-npz / --from-npz / --case / --dtype apply to the train suite, not {args.suite!r}")
   rows = module.run(quick=args.quick, **extra)
   for r in rows:
     missing = [k for k in bench.ROW_KEYS if k not in r]

@@ -263,20 +263,34 @@ def cpu_cases(quick):
   return [("t5_tiny", model_api.T5Config.preset("tiny"), 4), ("t5_small", model_api.T5Config.preset("small"), 3)]
 
 
-def run_cpu(quick) -> list[dict]:
+def selected_cpu_cases(quick, case=None) -> list[tuple]:
+  """(label, config, rounds, compare) for every CPU case, or those whose label contains `case`."""
+  from bench import _train_decoder  # decoder-only rows vs HF LlamaForCausalLM (see that module)
+
+  cases = [c + (compare_cpu,) for c in cpu_cases(quick)]
+  cases += [c + (_train_decoder.compare_cpu,) for c in _train_decoder.cpu_cases(quick)]
+  if case is None:
+    return cases
+  chosen = [c for c in cases if case in c[0]]
+  if not chosen:
+    raise ValueError(f"train suite --case {case!r}: no CPU case label contains it (labels: "
+                     f"{[c[0] for c in cases]})")
+  return chosen
+
+
+def run_cpu(quick, case=None, dtype=None) -> list[dict]:
+  """All CPU cases (or those `selected_cpu_cases` picks), in both dtypes or only `dtype`."""
   import dataclasses
 
   import torch
 
+  cases = selected_cpu_cases(quick, case)
   torch.set_num_threads(os.cpu_count() or 1)  # JAX's CPU client uses every core as well
-  dtypes = ("float32", "bfloat16")
+  dtypes = ("float32", "bfloat16") if dtype is None else (dtype,)
   peaks = PeakTracker(dtypes)
   peak_seconds = 0.5 if quick else 2.0  # full: 3 measurements x 2 dtypes x 2 frameworks, ~50 s
   peaks.measure(peak_seconds)
   rows, mfu_rows = [], []
-  from bench import _train_decoder  # decoder-only rows vs HF LlamaForCausalLM (see that module)
-  cases = [c + (compare_cpu,) for c in cpu_cases(quick)]
-  cases += [c + (_train_decoder.compare_cpu,) for c in _train_decoder.cpu_cases(quick)]
   for label, base_config, rounds, compare in cases:
     for dtype in dtypes:
       config = dataclasses.replace(base_config, dtype=dtype)
@@ -393,14 +407,15 @@ def run_gpu(quick, from_npz) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def run(quick: bool, export_npz_dir: str | None = None, from_npz: str | None = None) -> list[dict]:
+def run(quick: bool, export_npz_dir: str | None = None, from_npz: str | None = None, case: str | None = None,
+        dtype: str | None = None) -> list[dict]:
   export_npz_dir = export_npz_dir or os.environ.get("FLAN_BENCH_EXPORT_NPZ")
   from_npz = from_npz or os.environ.get("FLAN_BENCH_FROM_NPZ")
   if export_npz_dir:
     export_npz(export_npz_dir)
   if common.platform_name() == "gpu":
     return run_gpu(quick, from_npz)
-  return run_cpu(quick)
+  return run_cpu(quick, case, dtype)
 
 
 if __name__ == "__main__":
