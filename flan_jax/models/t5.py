@@ -61,10 +61,11 @@ class T5Config:
     # positions for contiguous segments (seqio packing) and needs only a [heads, L, L] bias instead of
     # [batch, heads, L, L]. True: use encoder_positions/decoder_positions when the batch has them.
     relative_positions_from_features: bool = False
-    # Query/key block of the span attention (models/span_attention.py) for masked attention without dropout;
-    # 0 (the default) computes the dense [Lq, Lk] scores. At 512/128 with ~190-token inputs the spans skip only a
-    # quarter of the encoder's blocks and the T5 small step measured no faster (docs/benchmarks.md), so it is opt-in.
-    attention_block: int = 0
+    # Query/key block of the span attention (models/span_attention.py) for masked attention without dropout, on
+    # the CPU backend, where both lengths are whole numbers of blocks; 0 computes the dense [Lq, Lk] scores. At
+    # 512/128 the T5 small step measured 0.88x the dense one's time once the bias gradient left the span loop's
+    # carry (docs/benchmarks.md, ninth session).
+    attention_block: int = 128
     peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
