@@ -10,6 +10,7 @@ SUITE is a module in scripts/bench/ (packing, ...) exposing run(quick) -> list o
 import argparse
 import datetime
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
   start = time.time()
   extra = {k: v for k, v in (("export_npz_dir", args.export_npz), ("from_npz", args.from_npz),
                               ("case", args.case), ("dtype", args.dtype)) if v}
-  if extra and "from_npz" not in module.run.__code__.co_varnames:
+  unsupported = [k for k in extra if k not in inspect.signature(module.run).parameters]
+  if unsupported:
     parser.error(f"--export-npz / --from-npz / --case / --dtype apply to the train suite, not {args.suite!r}")
   rows = module.run(quick=args.quick, **extra)
   for r in rows:
