@@ -13,7 +13,8 @@ CPU (the default): T5 1.1 tiny and small-shaped models, batch 8, feature lengths
   - MFU = 3 x forward FLOPs (t5.count_flops_per_example) / step time / matmul peak, where the peak is the better of
     JAX's and torch's square-matmul rate in that dtype, measured in the same run. "mfu" counts the FLOPs of the shapes
     computed (padding included); "useful_mfu" counts each real example at its own lengths.
-  - The three timings (ours, HF fixed shape, HF dynamic padding) alternate round by round, each side timing the
+  - The four timings (ours, HF fixed shape, HF dynamic padding, ours with dense attention scores for the
+    span_vs_dense_attention row) alternate round by round, each side timing the
     second of two steps on its batch (the first absorbs the other framework's thread pool winding down); s/step is
     the median round (the machine may be shared), useful tokens/s is total real tokens / total time over the rounds. The matmul peak
     is measured before and after every model and the best figure is kept.
@@ -29,6 +30,7 @@ and feed them with FLAN_BENCH_FROM_NPZ=DIR (or --from-npz DIR).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -201,6 +203,8 @@ def compare_cpu(label, config, rounds, seed=0) -> tuple[list[dict], dict]:
   hf_dynamic = padded_batches(examples[CPU_BATCH * (rounds + 1):], CPU_LENGTHS, CPU_BATCH, rounds + 1, dynamic=True)
 
   state, ours_step = make_ours(config, seed)
+  # The same model with dense attention scores: the span path's own gain (models/span_attention.py).
+  dense_state, dense_step = make_ours(dataclasses.replace(config, attention_block=0), seed)
   params_copy = jax.tree.map(np.asarray, state["params"])  # before the first (donating) step
   hf_step = make_hf(config, params_copy, config.dtype)
   del params_copy
@@ -208,6 +212,7 @@ def compare_cpu(label, config, rounds, seed=0) -> tuple[list[dict], dict]:
   start = time.perf_counter()
   state, ours_loss = ours_step(state, ours_batches[0])  # compile + warm-up
   compile_s = time.perf_counter() - start
+  dense_state, _ = dense_step(dense_state, ours_batches[0])
   hf_loss = hf_step(hf_fixed[0])
   hf_step(hf_dynamic[0])
   print(f"[train] {label}: first-step loss ours {ours_loss:.4f} (incl. z-loss) vs HF {hf_loss:.4f} (other batch); "
@@ -217,22 +222,26 @@ def compare_cpu(label, config, rounds, seed=0) -> tuple[list[dict], dict]:
   # the first absorbs the hand-over (torch's OpenMP workers spin for a while after a step and slow whatever runs next
   # on the same cores; XLA's pool does the same to torch). Timing single alternating steps made both sides ~30%
   # slower than run alone, and by different amounts.
-  times = {"ours": [], "hf_fixed": [], "hf_dynamic": []}
-  holder = {"state": state}
+  holder = {"state": state, "dense": dense_state}
 
   def ours(batch):
     holder["state"], _ = ours_step(holder["state"], batch)
 
+  def ours_dense_attention(batch):
+    holder["dense"], _ = dense_step(holder["dense"], batch)
+
+  sides = {"ours": (ours, ours_batches), "hf_fixed": (hf_step, hf_fixed), "hf_dynamic": (hf_step, hf_dynamic),
+           "ours_dense_attention": (ours_dense_attention, ours_batches)}
+  times = {side: [] for side in sides}
   for r in range(1, rounds + 1):
-    for side, fn, batches in (("ours", ours, ours_batches), ("hf_fixed", hf_step, hf_fixed),
-                              ("hf_dynamic", hf_step, hf_dynamic)):
+    for side, (fn, batches) in sides.items():
       fn(batches[r])
       start = time.perf_counter()
       fn(batches[r])
       times[side].append(time.perf_counter() - start)
   print(f"[train] {label}: s/step min/median/max ours {common.spread(times['ours'])}, HF fixed "
-        f"{common.spread(times['hf_fixed'])}, HF dynamic {common.spread(times['hf_dynamic'])}; load {common.load_average()}",
-        flush=True)
+        f"{common.spread(times['hf_fixed'])}, HF dynamic {common.spread(times['hf_dynamic'])}, ours dense attention "
+        f"{common.spread(times['ours_dense_attention'])}; load {common.load_average()}", flush=True)
 
   # Median, not min: rounds are adjacent in time, so both sides see the same load mix; a min favours whichever side
   # happened to hit a quiet moment.
@@ -249,6 +258,8 @@ def compare_cpu(label, config, rounds, seed=0) -> tuple[list[dict], dict]:
       row(SUITE, f"{name}_s_per_step (lower is better)", ours_s, hf_s, "s/step"),
       row(SUITE, f"{name}_tokens_per_s", slots / ours_s, slots / hf_s, "token slots/s"),
       row(SUITE, f"{name}_useful_tokens_per_s", ours_useful, hf_useful, "real tokens/s"),
+      row(SUITE, f"{name}_s_per_step_span_vs_dense_attention (ours, lower is better)", ours_s,
+          statistics.median(times["ours_dense_attention"]), "s/step"),
   ]
   achieved = {f"{name}_mfu": (flops_step / ours_s, flops_step / hf_s),
               f"{name}_useful_mfu": (ours_useful_flops, hf_useful_flops)}
@@ -280,8 +291,6 @@ def selected_cpu_cases(quick, case=None) -> list[tuple]:
 
 def run_cpu(quick, case=None, dtype=None) -> list[dict]:
   """All CPU cases (or those `selected_cpu_cases` picks), in both dtypes or only `dtype`."""
-  import dataclasses
-
   import torch
 
   cases = selected_cpu_cases(quick, case)
