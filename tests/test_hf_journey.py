@@ -1,6 +1,6 @@
 """The user journey per family: an HF checkpoint -> train.init_checkpoint -> a few training steps -> `flan-jax
 convert` of the training checkpoint to HF -> transformers loads it and its logits equal ours (our float32 error
-against HF run in float64 within 1.5x HF's own float32 error; T5 within 2x / 2.5x, see below and float32_peer.py).
+against HF run in float64 within 1.5x HF's own float32 error, see float32_peer.py).
 INIT_CHECKPOINT from a training checkpoint is tested on the layout itself in test_trained_checkpoints.py (one more
 training run here would cost ~20 s)."""
 import os
@@ -68,10 +68,12 @@ FAMILIES = {
 }
 
 
-def _tokens(seed=1):
+def _tokens(seed=1, rows=64, length=32):
+    # Enough positions that the error statistics measure the arithmetic, not the draw: at 2 x 10 tokens the T5
+    # worst-position ratio moved between 0.7x and 1.4x with the seed alone.
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, VOCAB, (2, 10))
-    tokens[1, 6:] = 0
+    tokens = rng.integers(3, VOCAB, (rows, length))
+    tokens[1::2, length * 6 // 10:] = 0   # every other row padded
     return tokens
 
 
@@ -83,7 +85,7 @@ def _logits(kind, model, dtype):
     with torch.no_grad():
         ids, attn = torch.from_numpy(tokens), torch.from_numpy(mask.astype(np.int64))
         if kind == "t5":
-            dec = np.concatenate([np.zeros((2, 1), np.int64), tokens[:, :5]], axis=1)
+            dec = np.concatenate([np.zeros((len(tokens), 1), np.int64), tokens[:, :15]], axis=1)
             out = m(input_ids=ids, attention_mask=attn, decoder_input_ids=torch.from_numpy(dec)).logits
             real = np.ones(dec.shape, bool)
         else:
@@ -94,7 +96,7 @@ def _logits(kind, model, dtype):
 def _our_logits(kind, config, params):
     tokens = _tokens().astype(np.int32)
     if kind == "t5":
-        dec = np.concatenate([np.zeros((2, 1), np.int32), tokens[:, :5]], axis=1)
+        dec = np.concatenate([np.zeros((len(tokens), 1), np.int32), tokens[:, :15]], axis=1)
         batch = {"encoder_input_tokens": tokens, "decoder_input_tokens": dec}
     else:
         batch = {"decoder_input_tokens": tokens}
@@ -131,11 +133,7 @@ def test_hf_checkpoint_to_training_and_back_to_hf(kind, tmp_path, monkeypatch):
     hf64, real = _logits(kind, served, torch.float64)
     hf32, _ = _logits(kind, served, torch.float32)
     ours = _our_logits(kind, config, params)
-    # The trained T5 measures 1.46x HF's RMS and 1.79x its worst-position error. Before training the same model
-    # gives 1.09x / 0.83x; our RMS error stays ~1.0e-5, and HF's own falls from 1.27e-5 to 0.69e-5 with these weights.
-    # The decoder families stay under 1.5x on both statistics (tests/test_decoder_hf.py).
-    factors = dict(rms_factor=2.0, max_factor=2.5) if kind == "t5" else {}
-    mine, peer = assert_float32_error_like_peer(ours, hf32, hf64, real[..., None], **factors)
+    mine, peer = assert_float32_error_like_peer(ours, hf32, hf64, real[..., None])
     print(kind, "float32 error vs HF float64: ours", mine, "HF float32", peer)
     assert np.abs(hf64).max() > 0.5
 

@@ -165,6 +165,22 @@ def test_relative_position_buckets_match_hand_computed_values():
     np.testing.assert_array_equal(jax_version, [10, 24])
 
 
+def test_gelu_tanh_is_the_tanh_approximation_accurate_in_both_tails():
+    x = np.concatenate([np.linspace(-12, 12, 20001), np.random.default_rng(0).standard_normal(20000) * 3])
+    x32 = x.astype(np.float32)
+    x64 = x32.astype(np.float64)
+    u = np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)
+    exact = x64 / (1 + np.exp(-2 * u))   # 0.5 x (1 + tanh(u)), without its cancellation even in float64
+    ours = np.asarray(jax.jit(t5.gelu_tanh)(x32), np.float64)
+    np.testing.assert_allclose(ours, exact, atol=1e-6, rtol=0)
+    # Relative accuracy where 1 + tanh(u) cancels (x << 0): the sigmoid form keeps it; the tanh form loses it all
+    # by x = -6 (there it returns 0 or noise of the size of x * 6e-8).
+    tail = (x64 < -2) & (np.abs(exact) > 1e-30)   # float32 normals
+    rel = np.abs(ours[tail] - exact[tail]) / np.abs(exact[tail])
+    assert rel.max() < 5e-5, rel.max()
+    assert np.asarray(jax.jit(t5.gelu_tanh)(jnp.asarray(x32, jnp.bfloat16))).dtype == jnp.bfloat16
+
+
 def test_relative_position_bias_uses_shared_table(params):
     table = params['decoder']['relpos_bias']['rel_embedding']
     pos = np.arange(6)

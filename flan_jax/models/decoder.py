@@ -22,7 +22,7 @@ import numpy as np
 
 from flan_jax.models import peft as peft_lib
 from flan_jax.models import span_attention
-from flan_jax.models.t5 import MASK_VALUE, Dropout, dense, linear
+from flan_jax.models.t5 import MASK_VALUE, Dropout, dense, gelu_tanh, linear
 
 Params = dict
 Batch = Mapping[str, Any]
@@ -216,7 +216,7 @@ def attention(p: Mapping, x: jax.Array, positions: jax.Array, mask: jax.Array, c
 
 def gated_mlp(p: Mapping, x: jax.Array, config: DecoderConfig, drop: Dropout) -> jax.Array:
     gate = linear(p['wi_0'], x, config.dtype)
-    gate = jax.nn.silu(gate) if config.activation == 'silu' else jax.nn.gelu(gate, approximate=True)
+    gate = jax.nn.silu(gate) if config.activation == 'silu' else gelu_tanh(gate)
     hidden = drop(gate * linear(p['wi_1'], x, config.dtype), broadcast_axes=(-2,))
     return linear(p['wo'], hidden, config.dtype)
 
