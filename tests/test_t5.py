@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flan_jax.models import t5
+from flan_jax.models import layers, t5
 
 CONFIG = t5.T5Config(vocab_size=61, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48, num_encoder_layers=2,
                      num_decoder_layers=2)
@@ -120,7 +120,7 @@ def test_hand_written_attention_logits_gradient_matches_autodiff(params, monkeyp
         batch['decoder_loss_weights'] = np.ones_like(batch['decoder_loss_weights'])
     loss, grads = _loss_and_grads(CONFIG, params, batch)
     monkeypatch.setattr(t5, '_masked_shared_bias_logits',
-                        lambda logits, bias, mask: jnp.where(mask, logits + bias, t5.MASK_VALUE))
+                        lambda logits, bias, mask: jnp.where(mask, logits + bias, layers.MASK_VALUE))
     ref_loss, ref_grads = _loss_and_grads(CONFIG, params, batch)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
@@ -171,14 +171,14 @@ def test_gelu_tanh_is_the_tanh_approximation_accurate_in_both_tails():
     x64 = x32.astype(np.float64)
     u = np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)
     exact = x64 / (1 + np.exp(-2 * u))   # 0.5 x (1 + tanh(u)), without its cancellation even in float64
-    ours = np.asarray(jax.jit(t5.gelu_tanh)(x32), np.float64)
+    ours = np.asarray(jax.jit(layers.gelu_tanh)(x32), np.float64)
     np.testing.assert_allclose(ours, exact, atol=1e-6, rtol=0)
     # Relative accuracy where 1 + tanh(u) cancels (x << 0): the sigmoid form keeps it; the tanh form loses it all
     # by x = -6 (there it returns 0 or noise of the size of x * 6e-8).
     tail = (x64 < -2) & (np.abs(exact) > 1e-30)   # float32 normals
     rel = np.abs(ours[tail] - exact[tail]) / np.abs(exact[tail])
     assert rel.max() < 5e-5, rel.max()
-    assert np.asarray(jax.jit(t5.gelu_tanh)(jnp.asarray(x32, jnp.bfloat16))).dtype == jnp.bfloat16
+    assert np.asarray(jax.jit(layers.gelu_tanh)(jnp.asarray(x32, jnp.bfloat16))).dtype == jnp.bfloat16
 
 
 def test_relative_position_bias_uses_shared_table(params):

@@ -22,7 +22,7 @@ import numpy as np
 
 from flan_jax.models import peft as peft_lib
 from flan_jax.models import span_attention
-from flan_jax.models.t5 import MASK_VALUE, Dropout, dense, gelu_tanh, linear
+from flan_jax.models.layers import MASK_VALUE, Dropout, dense, gelu_tanh, linear
 
 Params = dict
 Batch = Mapping[str, Any]

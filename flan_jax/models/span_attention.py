@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-MASK_VALUE = -1e10
+from flan_jax.models.layers import MASK_VALUE
 
 
 def dense_attention(q, k, v, mask, scale: float, bias=None):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flan_jax.models import layers
 from flan_jax.models import peft as peft_lib
 from flan_jax.models import t5
 
@@ -16,7 +17,7 @@ from flan_jax.models import t5
 def _step_at(config: t5.T5Config, params, tokens, position, fixed, cache, rows_per_input: int):
     """Logits [N, vocab] for tokens [N] at decoder position `position`; returns (logits, updated cache)."""
     cross_kv, cross_mask, self_bias = fixed['cross_kv'], fixed['cross_mask'], fixed['self_bias']
-    no_dropout = t5.Dropout(None, 0.0)
+    no_dropout = layers.Dropout(None, 0.0)
     rows = tokens.shape[0]
     max_len = cache['key'][0].shape[1]
     y = t5.embed(params, tokens[:, None], config)                                  # [N, 1, d]
