@@ -6,7 +6,10 @@ setup(
     version="0.1.0",
     description="Flan-style instruction tuning in JAX: templated seqio tasks, packing, T5, Adafactor, eval.",
     python_requires=">=3.10",
-    packages=find_packages(include=["flan_jax", "flan_jax.*", "tasks", "tasks.*"]),
+    # The registrations in tasks/ install as flan_jax.tasks: a `tasks` folder in a user's working directory cannot
+    # shadow them.
+    packages=find_packages(include=["flan_jax", "flan_jax.*"]) + ["flan_jax.tasks", "flan_jax.tasks.flan2021"],
+    package_dir={"flan_jax.tasks": "tasks"},
     package_data={"": ["*.gin", "*.json", "*.jsonl", "*.yaml"]},
     install_requires=[
         "jax>=0.6",

@@ -28,9 +28,9 @@ absl.logging.set_verbosity(absl.logging.ERROR)
 import seqio  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-import tasks.flan2021  # noqa: E402,F401  (registers the collection)
-from flan_jax import mixing, registry  # noqa: E402
-from tasks.flan2021._common import serialized_tfds_load  # noqa: E402
+import flan_jax.tasks.flan2021  # noqa: E402,F401  (registers the collection)
+from flan_jax.data import mixing, registry  # noqa: E402
+from flan_jax.tasks.flan2021._common import serialized_tfds_load  # noqa: E402
 
 
 def bench_python(mixture: str, num_examples: int, mock_examples: int) -> dict:
@@ -84,7 +84,7 @@ def bench_seqio(mixture: str, num_examples: int, mock_examples: int, lengths: di
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mixture", default=tasks.flan2021.TRAIN_MIXTURE)
+    parser.add_argument("--mixture", default=flan_jax.tasks.flan2021.TRAIN_MIXTURE)
     parser.add_argument("--examples", type=int, default=3000, help="examples timed per figure")
     parser.add_argument("--mock_examples", type=int, default=200, help="mock records per TFDS split")
     parser.add_argument("--inputs_length", type=int, default=1024)

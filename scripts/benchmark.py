@@ -23,7 +23,7 @@ _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_SCRIPTS, os.path.dirname(_SCRIPTS)]  # scripts/ for `bench`, the repo root for `flan_jax`, `tasks`
 
 # The same malloc settings as `flan-jax train`; ours and the baseline share the process, so both get them.
-from flan_jax.runtime_env import reexec_with_tuned_malloc  # noqa: E402
+from flan_jax.utils.runtime_env import reexec_with_tuned_malloc  # noqa: E402
 
 if __name__ == "__main__":
   reexec_with_tuned_malloc([os.path.abspath(__file__), *sys.argv[1:]])

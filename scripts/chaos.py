@@ -251,7 +251,8 @@ def verify_checkpoints(reference_dir: str, outcomes: list, steps: int, checkpoin
     sys.path.insert(0, REPO)
     import jax
     import numpy as np
-    from flan_jax.train import checkpointing, loop, main as train_main, optim, partitioning
+    from flan_jax.train import checkpointing, loop, optim, partitioning
+    from flan_jax.cli import train as train_main
 
     _, cfg = train_main.load_config(train_argv(reference_dir, steps, checkpoint_period))
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))

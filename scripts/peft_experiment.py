@@ -27,8 +27,8 @@ def register_mixtures() -> tuple[list, list]:
     """(held-out option eval tasks, seen option eval tasks); registers the held-out cluster's train mixture (its
     zs_opt and zs_noopt variants, example-proportional, as the default train mixture is built) and an eval mixture of
     every option task."""
-    from flan_jax import mixing, registry
-    from tasks import default
+    from flan_jax.data import mixing, registry
+    from flan_jax.tasks import default
     held = [n for n, spec in default.TASKS.items() if spec[0] in default.HELD_OUT_CLUSTERS]
     train = [f"{b}_{v}" for b in held for v in default.TRAIN_VARIANTS if f"{b}_{v}" in registry.list_tasks("default")]
     mixing.register_mixture(HELDOUT_TRAIN, mixing.example_proportional_rates(mixing.num_train_examples(train)))
@@ -57,7 +57,7 @@ def accuracies(results: dict, tasks: list) -> dict:
 
 def evaluate_base(args, out: str) -> dict:
     """The default run's checkpoint evaluated on the option tasks (`flan-jax eval`)."""
-    from flan_jax.train import main as train_main
+    from flan_jax.cli import train as train_main
     run_dir = os.path.join(out, "base_eval")
     argv = ["--gin_file=" + os.path.join(args.base, "config.gin"), f"--gin.MODEL_DIR={run_dir}",
             f"--gin.EVAL_MIXTURE_OR_TASK_NAME={OPTIONS_EVAL}", f"--gin.EVAL_EXAMPLES_PER_TASK={args.eval_examples}",
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.base = os.path.abspath(args.base)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tasks  # noqa: F401  (registers the default collection)
-    from flan_jax.train import main as train_main
+    import flan_jax.tasks  # noqa: F401  (registers the default collection)
+    from flan_jax.cli import train as train_main
     held, seen = register_mixtures()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

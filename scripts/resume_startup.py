@@ -17,9 +17,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tasks  # noqa: E402,F401
+import flan_jax.tasks  # noqa: E402,F401
 from flan_jax import packing  # noqa: E402
-from flan_jax.train import data as data_lib  # noqa: E402
+from flan_jax.pipeline import batches as data_lib  # noqa: E402
 
 MIXTURE, LENGTHS, BATCH = "flan_default_train", {"inputs": 128, "targets": 32}, 8
 

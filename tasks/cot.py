@@ -6,12 +6,12 @@
   - `<cot_dir>/<name>_train.tsv`, FLAN's own files as they are (the layout of the FLAN repository's
     `flan/v2/cot_data`: no header, columns question, answer, rationale) becomes `cot_<name>`. FLAN ships train files
     only, so validation is held out of the train file by a hash of the question (`HELD_OUT_FRACTION` of the
-    questions, `flan_jax.sources.files.HeldOutSplitSource`): deterministic, and a question is never on both sides.
+    questions, `flan_jax.data.sources.files.HeldOutSplitSource`): deterministic, and a question is never on both sides.
     A `<name>_dev.tsv` or `<name>_validation.tsv` beside it is used as the validation split instead.
 A file dataset named gsm8k replaces the TFDS one. Each dataset gets variants:
   cot        "<rationale> So the answer is <answer>." after one of our CoT templates (the training format)
   zs_noopt   the answer alone (direct prompting), fs_noopt with exemplars
-Predictions of the cot variant are post-processed by `flan_jax.templates.extract_cot_answer` and scored by exact
+Predictions of the cot variant are post-processed by `flan_jax.data.templates.extract_cot_answer` and scored by exact
 match. Self-consistency: `self_consistency(samples)` votes over extracted answers; `sample_self_consistency(...)`
 draws k samples at a temperature with `flan_jax.models.decoding.sample_decode` and votes.
 Mixtures: cot_train (every dataset's cot variant, example-proportional, Flan 2022 cap 100k) and cot_eval.
@@ -23,10 +23,10 @@ import os
 import re
 from typing import Sequence
 
-from flan_jax import mixing, registry
-from flan_jax.sources import RecordSource, TfdsSource
-from flan_jax.sources.files import HeldOutSplitSource, JsonlSource, TsvSource
-from flan_jax.templates import FewShotConfig, Template as T, extract_cot_answer
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources import RecordSource, TfdsSource
+from flan_jax.data.sources.files import HeldOutSplitSource, JsonlSource, TsvSource
+from flan_jax.data.templates import FewShotConfig, Template as T, extract_cot_answer
 
 COLLECTION = "cot"
 ENV_COT_DIR = "FLAN_JAX_COT_DIR"

@@ -15,10 +15,10 @@ Mixtures:
 Few-shot variants are registered (inputs fit 256 bytes) but left out of the default train mixture.
 
 Validation records never equal train records: each generator's value space is partitioned between the splits (see
-flan_jax.sources.generated), so seen-task accuracy measures the rule, not recall.
+flan_jax.data.sources.generated), so seen-task accuracy measures the rule, not recall.
 
 Vocabulary: a 2048-piece BPE model trained on first use on the train records of the train mixture's tasks only (see
-flan_jax.vocabularies), so words and labels are single pieces and prompts are ~2.8x shorter than in bytes; the tiny
+flan_jax.data.vocabularies), so words and labels are single pieces and prompts are ~2.8x shorter than in bytes; the tiny
 default model then learns the seen classification tasks within minutes. FLAN_JAX_VOCAB overrides it.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from flan_jax import mixing, registry, vocabularies
-from flan_jax.sources.generated import GeneratedSource
-from flan_jax.sources import generated as gen
-from flan_jax.templates import FewShotConfig, Template as T
+from flan_jax.data import mixing, registry, vocabularies
+from flan_jax.data.sources.generated import GeneratedSource
+from flan_jax.data.sources import generated as gen
+from flan_jax.data.templates import FewShotConfig, Template as T
 
 COLLECTION = "default"
 SEED = 0
@@ -161,7 +161,7 @@ def vocabulary_corpus() -> list[str]:
 
 def vocabulary(seed: int = SEED):
     """The T5 SentencePiece model named by FLAN_JAX_VOCAB if set, else a BPE model trained on this collection's own
-    prompts (on first use, then cached; see flan_jax.vocabularies)."""
+    prompts (on first use, then cached; see flan_jax.data.vocabularies)."""
     if os.environ.get("FLAN_JAX_VOCAB"):
         return registry.DEFAULT_VOCABULARY
     generators = (__file__, gen.__file__, registry.__file__, vocabularies.__file__)

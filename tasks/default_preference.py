@@ -5,7 +5,7 @@ own prompt (its templates, its seen-cluster wording) and the preference follows 
 the correct answer, `rejected` a wrong one: for arithmetic the other operation's result (a - b for a + b, and back),
 for lists a wrong order (descending, or one adjacent pair left unswapped) or a wrong element (the minimum, or the
 runner-up). Ties (a + b = |a - b| when b = 0) are drawn again. Prompts are partitioned between
-train and validation exactly as the instruction task's records are (flan_jax.sources.generated: same generator, same
+train and validation exactly as the instruction task's records are (flan_jax.data.sources.generated: same generator, same
 partition key), so a validation prompt is in neither the preference train split nor the SFT train split.
 
 Mixture flan_default_preference: the four `<task>_pref` seqio tasks, equal rates.
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import random
 
-from flan_jax import mixing, preference_data, registry
-from flan_jax.sources import generated as gen
-from flan_jax.sources.generated import GeneratedSource
-from tasks import default
+from flan_jax.data import mixing, preference as preference_data, registry
+from flan_jax.data.sources import generated as gen
+from flan_jax.data.sources.generated import GeneratedSource
+from flan_jax.tasks import default
 
 PREFERENCE_MIXTURE = "flan_default_preference"
 NUM_EXAMPLES = {"train": 10_000, "validation": 200}

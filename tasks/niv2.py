@@ -6,7 +6,7 @@ Per NIv2 task `<task>` (from splits/default/{train,test}_tasks.txt):
   niv2tk_<task>_zs_noopt            Tk-Instruct encoding (default "def_pos2": definition + 2 positive examples);
                                     train reads at most 100 instances per task (Tk-Instruct's default).
 Split "test" is the first 100 instances. Cluster = the task's first category. Metrics: exact match and ROUGE-L
-(x100, max over the task's references in `flan_jax.sources.niv2.score`; the seqio metrics see the first reference).
+(x100, max over the task's references in `flan_jax.data.sources.niv2.score`; the seqio metrics see the first reference).
 Mixtures: niv2_train / niv2_eval (FLAN-style), niv2tk_train / niv2tk_eval (Tk-Instruct style; eval on "test").
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 import re
 from typing import Sequence
 
-from flan_jax import mixing, registry
-from flan_jax.sources import niv2
-from flan_jax.templates import FewShotConfig, Template as T
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources import niv2
+from flan_jax.data.templates import FewShotConfig, Template as T
 
 COLLECTION = "niv2"
 ENV_NIV2_DIR = "FLAN_JAX_NIV2_DIR"
@@ -99,6 +99,7 @@ def register(niv2_dir: str, *, encoding: str = "def_pos2", split_dir: str = "def
         result.base_tasks[task] = (f"niv2_{name}", f"niv2tk_{name}")
     _register_mixtures(result)
     LAST_REGISTRATION = result
+    registry.record_collection("niv2", result)
     return result
 
 

@@ -17,9 +17,9 @@ import os
 
 import seqio
 
-from flan_jax import mixing, registry
-from flan_jax.sources import FunctionSource
-from flan_jax.templates import Template as T
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources import FunctionSource
+from flan_jax.data.templates import Template as T
 
 COLLECTION = "selfinstruct"
 ENV_DIR = "FLAN_JAX_SELFINSTRUCT_DIR"

@@ -28,12 +28,12 @@ import os
 import re
 from typing import Callable, Mapping, Sequence
 
-from flan_jax import mixing, registry
-from flan_jax.sources import RecordSource, TfdsSource
-from flan_jax.sources.files import JsonlSource
-from flan_jax.sources.promptsource import (CompiledTemplate, PromptsourceSource, TemplateLoadError,
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources import RecordSource, TfdsSource
+from flan_jax.data.sources.files import JsonlSource
+from flan_jax.data.sources.promptsource import (CompiledTemplate, PromptsourceSource, TemplateLoadError,
                                            read_templates_dir)
-from flan_jax.templates import Template
+from flan_jax.data.templates import Template
 
 COLLECTION = "t0"
 ENV_PROMPTSOURCE_DIR = "FLAN_JAX_PROMPTSOURCE_DIR"
@@ -315,6 +315,7 @@ def register(promptsource_dir: str, data_dir: str | None = None, *, original_tas
             diagnostics.registered.setdefault(dataset.name, []).append(name)
     _register_mixtures(diagnostics)
     LAST_DIAGNOSTICS = diagnostics
+    registry.record_collection("t0", diagnostics)
     return diagnostics
 
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from scripts import chaos
-from flan_jax.train import main as train_main
+from flan_jax.cli import train as train_main
 
 STEPS, PERIOD = 6, 2
 

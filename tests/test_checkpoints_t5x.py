@@ -193,24 +193,25 @@ def test_chunk_shape_divides_and_fits(shape, itemsize):
 
 def test_convert_cli_t5x_to_hf_and_orbax(legacy_dir, params, slots, tmp_path, capsys):
     from flan_jax.checkpoints import convert, hf
+    from flan_jax.cli import convert as convert_cli
     hf_dir = str(tmp_path / 'hf')
-    assert convert.main(['--from', 't5x', '--to', 'hf', legacy_dir, hf_dir]) == 0
+    assert convert_cli.main(['--from', 't5x', '--to', 'hf', legacy_dir, hf_dir]) == 0
     config, loaded = hf.load_hf(hf_dir)
     assert config == CONFIG
     _assert_same_arrays(loaded, params)
 
     orbax_dir = str(tmp_path / 'orbax')
-    assert convert.main(['--from', 't5x', '--to', 'orbax', legacy_dir, orbax_dir]) == 0
+    assert convert_cli.main(['--from', 't5x', '--to', 'orbax', legacy_dir, orbax_dir]) == 0
     loaded, opt = t5x.load_t5x(orbax_dir, with_optimizer_state=True)
     _assert_same_arrays(loaded, params)
     assert opt['step'] == STEP
     _assert_same_arrays(opt['slots'], slots)
 
     back = str(tmp_path / 'from_hf')
-    assert convert.main(['--from', 'hf', '--to', 'orbax', hf_dir, back]) == 0
+    assert convert_cli.main(['--from', 'hf', '--to', 'orbax', hf_dir, back]) == 0
     _assert_same_arrays(t5x.load_t5x(back), params)
 
-    assert convert.main(['--from', 't5x', '--to', 'hf', str(tmp_path / 'nothing_here'), hf_dir]) == 1
+    assert convert_cli.main(['--from', 't5x', '--to', 'hf', str(tmp_path / 'nothing_here'), hf_dir]) == 1
     assert 'not found' in capsys.readouterr().err
 
 
@@ -220,7 +221,8 @@ def test_orbax_with_optimizer_state_has_t5x_placeholders_and_relative_paths(para
     monkeypatch.chdir(tmp_path)
     legacy = t5x.save_t5x_legacy(params, 'legacy', STEP, param_states=slots)
     from flan_jax.checkpoints import convert
-    assert convert.main(['--from', 't5x', '--to', 'orbax', os.path.relpath(legacy), 'out/checkpoint_7']) == 0
+    from flan_jax.cli import convert as convert_cli
+    assert convert_cli.main(['--from', 't5x', '--to', 'orbax', os.path.relpath(legacy), 'out/checkpoint_7']) == 0
     import orbax.checkpoint as ocp
     written = ocp.PyTreeCheckpointer().restore(os.path.abspath('out/checkpoint_7/state'))
     with open(os.path.join(legacy, 'checkpoint'), 'rb') as f:

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import seqio
 
-from flan_jax import data_cli, mixing, registry
+from flan_jax.cli import data as data_cli
+
+from flan_jax.data import mixing, registry
 from flan_jax.models import t5
-from flan_jax.templates import extract_cot_answer
-from tasks import cot
+from flan_jax.data.templates import extract_cot_answer
+from flan_jax.tasks import cot
 
 COT_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "cot")
 

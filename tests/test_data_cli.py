@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from flan_jax import data_cli
+from flan_jax.cli import data as data_cli
 
 
 def run(*argv):
@@ -44,9 +44,9 @@ def test_bad_arguments_fail_clearly():
 
 
 def test_show_mock_renders_a_tfds_task_offline():
-    from flan_jax import registry
-    from flan_jax.sources import TfdsSource
-    from flan_jax.templates import Template
+    from flan_jax.data import registry
+    from flan_jax.data.sources import TfdsSource
+    from flan_jax.data.templates import Template
 
     labels = ["negative", "positive"]
     registry.register_task(
@@ -71,9 +71,9 @@ def _listed_names(*argv):
 
 
 def test_show_reports_skipped_records_with_reason_and_line(tmp_path):
-    from flan_jax import registry
-    from flan_jax.sources.files import JsonlSource
-    from flan_jax.templates import Template
+    from flan_jax.data import registry
+    from flan_jax.data.sources.files import JsonlSource
+    from flan_jax.data.templates import Template
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"q": "one", "a": "1"}\n{"q": "two"\n["a list"]\n{"q": "three"}\n{"q": "four", "a": "4"}\n')
@@ -107,7 +107,7 @@ def test_show_accepts_every_name_data_list_prints():
 
 
 def test_show_fails_naming_the_reason_when_no_record_renders(capsys):
-    from tasks import t0
+    from flan_jax.tasks import t0
 
     toy = t0.T0Dataset("toy_qa", "toy_qa", "train", "multiple_choice_qa", {"train": 30, "validation": 6})
     t0.register(PS_DIR, f"{FIXTURES}/t0_data", datasets=[toy])

@@ -109,10 +109,11 @@ def test_greedy_kv_cache_decoding_matches_hf_generate(kind, tmp_path):
 def test_convert_cli_both_ways(tmp_path):
     """HF -> orbax -> HF with `flan-jax convert`; the orbax side needs --hf_config for a decoder."""
     from flan_jax.checkpoints import convert
+    from flan_jax.cli import convert as convert_cli
     _hf_model('qwen2', tmp_path)
     src = str(tmp_path / 'qwen2')
-    assert convert.main(['--from', 'hf', '--to', 'orbax', src, str(tmp_path / 'orbax')]) == 0
-    assert convert.main(['--from', 't5x', '--to', 'hf', '--hf_config', src, str(tmp_path / 'orbax'),
+    assert convert_cli.main(['--from', 'hf', '--to', 'orbax', src, str(tmp_path / 'orbax')]) == 0
+    assert convert_cli.main(['--from', 't5x', '--to', 'hf', '--hf_config', src, str(tmp_path / 'orbax'),
                          str(tmp_path / 'back')]) == 0
     config, params = checkpoints.load_hf(src)
     config2, params2 = checkpoints.load_hf(str(tmp_path / 'back'))

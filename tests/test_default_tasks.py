@@ -5,10 +5,10 @@ import sys
 
 import seqio
 
-import tasks  # noqa: F401  (registers the default collection)
-from flan_jax import mixing, registry
-from flan_jax.sources.generated import GeneratedSource
-from tasks import default
+import flan_jax.tasks  # noqa: F401  (registers the default collection)
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources.generated import GeneratedSource
+from flan_jax.tasks import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,7 @@ def test_mixtures():
 
 
 def test_generated_data_is_deterministic_in_seed():
-    from flan_jax.sources import generated as gen
+    from flan_jax.data.sources import generated as gen
 
     a = GeneratedSource("parity", gen.gen_parity, seed=0)
     b = GeneratedSource("parity", gen.gen_parity, seed=0)
@@ -86,10 +86,10 @@ def test_seqio_dataset_of_a_default_task():
 def test_import_tasks_is_cheap_and_builds_nothing(tmp_path):
     code = ("import time, tensorflow, seqio\n"
             "t = time.time()\n"
-            "import tasks\n"
+            "import flan_jax.tasks\n"
             "elapsed = time.time() - t\n"
-            "from flan_jax import registry\n"
-            "from flan_jax.sources.generated import GeneratedSource\n"
+            "from flan_jax.data import registry\n"
+            "from flan_jax.data.sources.generated import GeneratedSource\n"
             "print(elapsed, registry.datasets_built(), GeneratedSource.records_generated, len(registry.list_tasks()))\n")
     cache = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", FLAN_JAX_CACHE=str(cache))
@@ -104,7 +104,7 @@ def test_import_tasks_is_cheap_and_builds_nothing(tmp_path):
 def test_template_choice_is_independent_of_the_label():
     """Regression: record generation and template choice once shared a seed, so the template revealed the label."""
     import collections
-    from flan_jax import registry
+    from flan_jax.data import registry
     spec = registry.task_spec("keyword_sentiment")
     counts = collections.Counter()
     for index, example in zip(range(2000), registry.iter_examples(spec, "zs_noopt", "train")):

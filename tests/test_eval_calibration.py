@@ -6,10 +6,11 @@ import pytest
 import seqio
 import tensorflow as tf
 
-import tasks  # noqa: F401  (registers the default collection)
-from tasks import default
+import flan_jax.tasks  # noqa: F401  (registers the default collection)
+from flan_jax.tasks import default
 from flan_jax import models
-from flan_jax.evaluation import calibration, evaluator as ev, metrics
+from flan_jax.evaluation import calibration, evaluator as ev
+from flan_jax.data import metrics
 from flan_jax.evaluation.suites.common import CONTENT_FREE_INPUTS
 
 CFG = models.T5Config(vocab_size=2048, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
@@ -151,7 +152,8 @@ def test_few_shot_without_enough_exemplars_names_the_task(overlap_task):
 
 def test_gin_train_config_reaches_the_periodic_evaluator(tmp_path):
     import dataclasses
-    from flan_jax.train import loop, main, validation
+    from flan_jax.train import loop, validation
+    from flan_jax.cli import train as main
     cfg = main.train_config(model_dir=str(tmp_path), model=CFG, mixture_or_task_name=default.TRAIN_MIXTURE,
                             task_feature_lengths=LENGTHS, train_steps=1, eval_mixture_or_task_name="parity_zs_opt",
                             eval_examples_per_task=2, eval_few_shot=1, eval_calibrate=True)

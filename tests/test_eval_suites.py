@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import seqio
 
-from flan_jax import suites_cli
+from flan_jax.cli import eval_suite as suites_cli
 from flan_jax.evaluation import calibration
 from flan_jax.evaluation.suites import bbh, mgsm, mmlu, tydiqa
 from flan_jax.evaluation.suites.runner import RunOptions, SuiteRunner
@@ -247,7 +247,7 @@ def test_runner_serves_a_decoder_only_model_through_the_model_interface():
 
 @pytest.mark.slow
 def test_cli_run_from_gin_and_checkpoint_writes_metrics_predictions_and_table(tmp_path, capsys):
-    from flan_jax.train import main as train_main_lib
+    from flan_jax.cli import train as train_main_lib
     from flan_jax.train.metrics_log import read_metrics
     tiny = os.path.join(REPO, "gin_configs", "runs", "tiny_test.gin")
     d = str(tmp_path / "run")

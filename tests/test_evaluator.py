@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-import tasks  # noqa: F401
+import flan_jax.tasks  # noqa: F401
 from flan_jax.evaluation import evaluator as ev
 from flan_jax.models import t5
 
@@ -117,7 +117,7 @@ def test_aggregates_group_tasks_as_declared(parity_evaluator):
 
 def test_default_eval_tasks_are_seen_or_held_out_by_their_declared_cluster():
     from flan_jax.train import loop
-    from tasks import default
+    from flan_jax.tasks import default
     seen = loop.seen_base_tasks(default.TRAIN_MIXTURE)
     evaluator = ev.Evaluator(default.EVAL_MIXTURE, LENGTHS, CFG, seen_base_tasks=seen, examples_per_task=1)
     held_out = {name for name, spec in default.TASKS.items() if spec[0] in default.HELD_OUT_CLUSTERS}

@@ -16,9 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import seqio  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-import tasks.flan2021 as flan2021  # noqa: E402
-from flan_jax import mixing, registry  # noqa: E402
-from tasks.flan2021 import _common, nli, paraphrase, misc, summarization  # noqa: E402
+import flan_jax.tasks.flan2021 as flan2021  # noqa: E402
+from flan_jax.data import mixing, registry  # noqa: E402
+from flan_jax.tasks.flan2021 import _common, nli, paraphrase, misc, summarization  # noqa: E402
 
 MOCK_EXAMPLES = 110  # random mock records are sometimes unusable (e.g. an ARC answer key naming no choice)
 MIN_RENDERED = 100

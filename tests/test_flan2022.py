@@ -4,8 +4,10 @@ import os
 
 import pytest
 
-from flan_jax import data_cli, mixing, registry
-from tasks import flan2022
+from flan_jax.cli import data as data_cli
+
+from flan_jax.data import mixing, registry
+from flan_jax.tasks import flan2022
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

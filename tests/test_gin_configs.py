@@ -5,7 +5,7 @@ import os
 import pytest
 
 from flan_jax.models import t5
-from flan_jax.train import main as train_main
+from flan_jax.cli import train as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Preference runs (reward/dpo/ppo, their shared preference_defaults.gin) bind `preference.*`, not `train.*`: their

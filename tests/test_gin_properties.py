@@ -1,6 +1,6 @@
 """Random gin overrides on tiny_test.gin: every invalid value is caught before any work, as a ConfigError naming its key.
 
-`flan_jax.train.main._configured(argv)` parses gin and runs loop.validate_config without training. An oracle written
+`flan_jax.cli.train._configured(argv)` parses gin and runs loop.validate_config without training. An oracle written
 from the meaning of each setting decides which keys of the merged configuration are invalid; then either
   - some key is invalid  -> ConfigError whose one-line message names one of the invalid keys, or
   - all keys are valid   -> a TrainConfig carrying exactly the overridden values.
@@ -14,7 +14,7 @@ import tempfile
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from flan_jax.train import main as train_main
+from flan_jax.cli import train as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "gin_configs", "runs", "tiny_test.gin")

@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-import tasks  # noqa: F401  (registers the default collection)
-from flan_jax import mixing, registry
-from flan_jax.sources import FunctionSource
-from flan_jax.sources.generated import GeneratedSource, record_key
-from tasks import default
+import flan_jax.tasks  # noqa: F401  (registers the default collection)
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources import FunctionSource
+from flan_jax.data.sources.generated import GeneratedSource, record_key
+from flan_jax.tasks import default
 
 
 def shared_records(source, split: str = "validation") -> int:

@@ -13,8 +13,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from flan_jax import checkpoints, models  # noqa: E402
-from flan_jax.checkpoints import convert, trained  # noqa: E402
-from flan_jax.train import main as train_main  # noqa: E402
+from flan_jax.checkpoints import convert, run_dir as trained  # noqa: E402
+from flan_jax.cli import convert as convert_cli
+from flan_jax.cli import train as train_main  # noqa: E402
 from tests.float32_peer import assert_float32_error_like_peer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +128,7 @@ def test_hf_checkpoint_to_training_and_back_to_hf(kind, tmp_path, monkeypatch):
     assert np.allclose(checkpoints.t5x.flatten(params)["token_embedder/embedding"][:, :4], same_start, atol=0.05)
 
     out = str(tmp_path / "hf_out")
-    assert convert.main(["--from", "t5x", "--to", "hf", str(tmp_path / "run" / "checkpoint_2"), out]) == 0
+    assert convert_cli.main(["--from", "t5x", "--to", "hf", str(tmp_path / "run" / "checkpoint_2"), out]) == 0
     model_cls = type(hf_model)
     served = model_cls.from_pretrained(out).eval()
     hf64, real = _logits(kind, served, torch.float64)

@@ -10,7 +10,9 @@ import tensorflow as tf
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from flan_jax import hf_vocabularies as hv, models  # noqa: E402
+from flan_jax.data.vocabularies import hf as hv  # noqa: E402
+
+from flan_jax import models
 
 CORPUS = ["Is the review positive or negative? A great film!", 'She said "yes" and left.', "2 + 3 = 5, so odd.",
           "Translate to French: the cat sleeps.", "Answer: positive", "Answer: negative"] * 20
@@ -148,7 +150,8 @@ def test_init_checkpoint_reorders_rows_and_convert_puts_them_back(tmp_path):
     """HF dir -> INIT_CHECKPOINT with this vocabulary (rows into seqio ids) -> a training checkpoint recording the
     swaps -> `flan-jax convert` to HF: the tokenizer's own row order again."""
     from flan_jax import checkpoints
-    from flan_jax.checkpoints import convert, trained
+    from flan_jax.checkpoints import convert, run_dir as trained
+    from flan_jax.cli import convert as convert_cli
     from flan_jax.train import checkpointing, init_from, optim, step as step_lib
     _byte_level_bpe(tmp_path)
     vocab = hv.HFTokenizerVocabulary(str(tmp_path))
@@ -168,6 +171,6 @@ def test_init_checkpoint_reorders_rows_and_convert_puts_them_back(tmp_path):
     ckpt = checkpointing.Checkpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(1, state, {"step": 1, "model": trained.model_record(config, vocab)})
     ckpt.close()
-    assert convert.main(["--from", "t5x", "--to", "hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert convert_cli.main(["--from", "t5x", "--to", "hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     _, back = checkpoints.load_hf(str(tmp_path / "out"))
     jax.tree.map(np.testing.assert_array_equal, back, hf_params)

@@ -12,9 +12,9 @@ import collections
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from flan_jax import registry
-from flan_jax.sources import FunctionSource
-from flan_jax.templates import Template
+from flan_jax.data import registry
+from flan_jax.data.sources import FunctionSource
+from flan_jax.data.templates import Template
 
 FIELDS = ("question", "answer")
 RATIONALE = "why"

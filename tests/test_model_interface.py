@@ -85,7 +85,7 @@ PUBLISHED_PARAMS = {'llama3_2_1b': 1.236e9, 'llama3_1_8b': 8.030e9, 'qwen2_5_0_5
 
 def test_published_decoder_shapes():
     import gin
-    from flan_jax.train import main  # noqa: F401  (registers DecoderConfig with gin)
+    from flan_jax.cli import train as main  # noqa: F401  (registers DecoderConfig with gin)
     for name, want in PUBLISHED_PARAMS.items():
         gin.clear_config()
         gin.parse_config_file(str(ROOT / 'gin_configs' / 'models' / f'{name}.gin'), skip_unknown=['train'])

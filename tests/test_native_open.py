@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 
-import tasks  # noqa: F401  (the default collection: cheap generated sources)
-from flan_jax import mixing, native_pipeline, registry
-from flan_jax.sources import FunctionSource
-from flan_jax.templates import Template
+import flan_jax.tasks  # noqa: F401  (the default collection: cheap generated sources)
+from flan_jax.data import mixing, registry
+from flan_jax.pipeline import native as native_pipeline
+from flan_jax.data.sources import FunctionSource
+from flan_jax.data.templates import Template
 
 
 def _pairs(stream, count):

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import seqio
 
-import tasks  # noqa: F401
-from flan_jax import native_pipeline, packing, registry
+import flan_jax.tasks  # noqa: F401
+from flan_jax.pipeline import native as native_pipeline
+from flan_jax import packing
+from flan_jax.data import registry
 
 LENGTHS = {"inputs": 256, "targets": 64}
 
@@ -106,7 +108,9 @@ def test_saved_position_resumes_the_stream_bitwise():
 def test_trainer_on_the_native_pipeline_resumes_bitwise(tmp_path, monkeypatch):
     """Train 8 steps; separately train 4, stop, and resume to 8: the losses of steps 5-8 must be identical, and the
     resumed run continues from the saved input position instead of replaying the stream."""
-    from flan_jax.train import data as data_lib, loop, main as train_main_lib
+    from flan_jax.pipeline import batches as data_lib
+    from flan_jax.train import loop
+    from flan_jax.cli import train as train_main_lib
     from flan_jax.train.metrics_log import read_metrics
     tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs", "runs",
                         "tiny_test.gin")

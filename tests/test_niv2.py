@@ -6,9 +6,11 @@ import os
 import pytest
 import seqio
 
-from flan_jax import data_cli, mixing, registry
-from flan_jax.sources import niv2
-from tasks import niv2 as niv2_tasks
+from flan_jax.cli import data as data_cli
+
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources import niv2
+from flan_jax.tasks import niv2 as niv2_tasks
 
 NIV2_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "niv2")
 

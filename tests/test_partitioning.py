@@ -109,8 +109,8 @@ def test_data_shards_follow_the_mesh():
 
 def test_an_epoch_is_split_over_shards_without_duplicates_or_gaps():
     """Per-process shards: every example of a pass is read by exactly one of the data shards."""
-    import tasks  # noqa: F401  (registers the mixtures)
-    from flan_jax import native_pipeline
+    import flan_jax.tasks  # noqa: F401  (registers the mixtures)
+    from flan_jax.pipeline import native as native_pipeline
     name = "parity_zs_opt"
     whole = lambda i, n: [tuple(a.tolist()) + (-1,) + tuple(b.tolist()) for a, b in native_pipeline.task_token_stream(
         name, shuffle=False, repeat=False, shard_index=i, num_shards=n)]

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from flan_jax import models
-from flan_jax.checkpoints import trained
-from flan_jax.train import checkpointing, data as data_lib, loop, main as train_main, optim, partitioning, peft, step as step_lib
+from flan_jax.checkpoints import run_dir as trained
+from flan_jax.cli import convert as convert_cli
+from flan_jax.train import checkpointing, loop, optim, partitioning, peft_state as peft, step as step_lib
+from flan_jax.pipeline import batches as data_lib
+from flan_jax.cli import train as train_main
 from flan_jax.train.metrics_log import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +63,7 @@ def lora_run(base_dir, tmp_path_factory):
 
 def _restored(model_dir, base):
     cfg = _config(model_dir, base=base)
-    from flan_jax.train.evaluate import restore_params
+    from flan_jax.train.restore import restore_params
     return cfg, restore_params(cfg, model_dir)
 
 
@@ -200,9 +203,9 @@ def test_eval_loads_base_plus_peft(lora_run, base_dir):
 
 
 def test_merge_peft_checkpoint_gives_the_unmerged_logits(lora_run, tmp_path):
-    from flan_jax.train.evaluate import restore_params
+    from flan_jax.train.restore import restore_params
     out = str(tmp_path / "merged")
-    assert peft.merge_main(["--merge-peft", *_flags(lora_run), out]) == 0
+    assert convert_cli.merge_main(["--merge-peft", *_flags(lora_run), out]) == 0
     cfg, (params, step) = _restored(lora_run, None)
     base_cfg = _config(out, peft_gin=None)
     merged, merged_step = restore_params(base_cfg, out)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flan_jax.train.preference import ppo_math as pm
+from flan_jax.train.rl import ppo_math as pm
 
 
 def test_gae_matches_hand_computation_and_ignores_padding():
@@ -117,8 +117,8 @@ def test_masked_whiten_ignores_padding():
 
 # --- rollouts and updates on tiny models ---------------------------------------------------------------------------
 from flan_jax import models  # noqa: E402
-from flan_jax.train.preference import ppo, rollout as rollout_lib  # noqa: E402
-from flan_jax.train.preference import ppo_main  # noqa: E402  (imported before any test locks gin)
+from flan_jax.train.rl import ppo, rollout as rollout_lib  # noqa: E402
+from flan_jax.cli import ppo as ppo_main  # noqa: E402  (imported before any test locks gin)
 
 T5_TINY = models.T5Config(vocab_size=16, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
                           num_decoder_layers=1)
@@ -203,7 +203,7 @@ def test_learned_reward_reads_a_reward_model_checkpoint_and_scores_at_the_last_r
 def test_ppo_gin_config_parses_into_ppo_and_run_configs():
     import os
     import gin
-    from flan_jax.train import main as train_main
+    from flan_jax.cli import train as train_main
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = train_main.parse_flags([f'--gin_file={repo}/gin_configs/runs/ppo_default_cpu.gin', '--gin.REWARD=rule',
                                    '--gin.ppo.iterations=3'])
@@ -242,7 +242,7 @@ def _ptx_stream():
 
 @pytest.mark.slow
 def test_ppo_resume_equals_an_uninterrupted_run(tmp_path):
-    from flan_jax.train.preference import ppo_resume
+    from flan_jax.train.rl import ppo_resume
     params = models.init_params(T5_TINY, jax.random.PRNGKey(0))
     prompts = ppo.PromptSet(PROMPTS, ('',) * len(PROMPTS))
     base = ppo.PPOConfig(iterations=4, rollout_batch_size=8, ppo_epochs=1, num_minibatches=2, learning_rate=3e-2,
@@ -276,8 +276,8 @@ def test_ppo_resume_equals_an_uninterrupted_run(tmp_path):
 def test_rule_gin_restricts_prompts_to_the_list_tasks_and_comma_lists_load_each_task():
     import os
     import gin
-    from flan_jax.train import main as train_main
-    from flan_jax.train.preference import prompts as prompts_lib
+    from flan_jax.cli import train as train_main
+    from flan_jax.train.rl import prompts as prompts_lib
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = train_main.parse_flags([f'--gin_file={repo}/gin_configs/runs/ppo_rule_cpu.gin'])
     try:

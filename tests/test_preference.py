@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flan_jax import models, preference_data, registry
-from flan_jax.sources import FunctionSource, MalformedRecordError
-from flan_jax.templates import Template
+from flan_jax import models
+
+from flan_jax.data import preference as preference_data, registry
+from flan_jax.data.sources import FunctionSource, MalformedRecordError
+from flan_jax.data.templates import Template
 from flan_jax.train import optim
 from flan_jax.train.preference import losses, pairs, reward, scoring, steps
-from flan_jax.train.preference import main as pref_main  # imported before any test locks gin
+from flan_jax.cli import preference as pref_main  # imported before any test locks gin
 
 T5_CFG = models.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24, num_encoder_layers=1,
                          num_decoder_layers=1)
@@ -142,8 +144,8 @@ def test_truncation_is_counted(tmp_path):
 
 
 def test_embedded_preferences_follow_the_rule_and_validation_prompts_are_unseen():
-    import tasks  # noqa: F401
-    from tasks import default_preference as dp
+    import flan_jax.tasks  # noqa: F401
+    from flan_jax.tasks import default_preference as dp
     for name, (generate, _) in dp.WRONG_ANSWERS.items():
         spec = preference_data.preference_spec(name + "_pref")
         base = registry.task_spec(name).source

@@ -4,10 +4,10 @@ import collections
 import pytest
 import seqio
 
-from flan_jax import mixing, registry, rendered_source
-from flan_jax.evaluation import metrics
-from flan_jax.sources import FunctionSource
-from flan_jax.templates import FewShotConfig, Template, TemplateError
+from flan_jax.data import mixing, registry, render as rendered_source
+from flan_jax.data import metrics
+from flan_jax.data.sources import FunctionSource
+from flan_jax.data.templates import FewShotConfig, Template, TemplateError
 
 COLORS = ["red", "green", "blue"]
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from flan_jax import runtime_env
+from flan_jax.utils import runtime_env
 
 
 def test_tuned_environ_adds_the_tunables_and_keeps_the_users_own():
@@ -26,7 +26,7 @@ def test_tuned_environ_adds_the_tunables_and_keeps_the_users_own():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are Linux-only")
 def test_entry_point_restarts_once_with_the_tunables():
-    child = ("from flan_jax.runtime_env import reexec_with_tuned_malloc as r; import os, sys; "
+    child = ("from flan_jax.utils.runtime_env import reexec_with_tuned_malloc as r; import os, sys; "
              "print('run', os.environ.get('GLIBC_TUNABLES', '-')); "
              "r(['-c', 'import os; print(\"child\", os.environ[\"GLIBC_TUNABLES\"])'])")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime_env.OPT_OUT_VARIABLE)}

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import seqio
 
-from flan_jax import registry
+from flan_jax.data import registry
 from flan_jax.generation import filters, prompts, self_instruct
 from flan_jax.generation.model import TextModel
 from flan_jax.generation.rouge import RougePool
 from flan_jax.models import t5
-from tasks import selfinstruct
+from flan_jax.tasks import selfinstruct
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = os.path.join(REPO, "tasks", "self_instruct_seed_tasks.jsonl")
@@ -42,7 +42,7 @@ def _check_report_and_rows(report, rows, seeds):
 
 
 def test_pipeline_accounting_with_a_random_model(tmp_path):
-    from tasks import default
+    from flan_jax.tasks import default
     vocab = default.vocabulary()     # word-sized pieces, so random outputs still contain words
     config = t5.T5Config(vocab_size=vocab.vocab_size, emb_dim=32, num_heads=2, head_dim=8, mlp_dim=48,
                          num_encoder_layers=1, num_decoder_layers=1)
@@ -110,9 +110,9 @@ def test_cli_end_to_end_trains_on_generated_data(tmp_path, capsys):
     of the default collection) generates data with the CLI; the data is registered and trained on."""
     import shutil
 
-    from flan_jax.generation import cli
-    from flan_jax.train import main as train_main
-    from tasks import default
+    from flan_jax.cli import self_instruct as cli
+    from flan_jax.cli import train as train_main
+    from flan_jax.tasks import default
 
     seed_dir, model_dir, out = tmp_path / "seeds", str(tmp_path / "model"), str(tmp_path / "si")
     seed_dir.mkdir()

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import seqio
 
-import tasks  # noqa: F401  (registers the default tasks)
-from flan_jax import packing, registry
-from flan_jax.train import data as data_lib
+import flan_jax.tasks  # noqa: F401  (registers the default tasks)
+from flan_jax import packing
+from flan_jax.data import registry
+from flan_jax.pipeline import batches as data_lib
 
 MIXTURE = "test_seqio_resume_mix"
 LENGTHS = {"inputs": 64, "targets": 16}
@@ -67,8 +68,8 @@ def test_seqio_position_resumes_bitwise_without_rendering_again(monkeypatch, mak
 
 
 def _register_task_with_bad_records():
-    from flan_jax.sources import FunctionSource
-    from flan_jax.templates import Template
+    from flan_jax.data.sources import FunctionSource
+    from flan_jax.data.templates import Template
     records = [{"thing": f"thing {i}", "answer": "yes"} if i % 3 else {"answer": "yes"} for i in range(6000)]
     source = FunctionSource(lambda split: records, num_examples={"train": 6000, "validation": 6000})
     return registry.register_task("t_resume_errors", source, [Template("Name {thing}.", "{answer}")],

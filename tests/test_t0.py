@@ -7,9 +7,11 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-from flan_jax import data_cli, mixing, registry
-from flan_jax.sources import promptsource as ps
-from tasks import t0
+from flan_jax.cli import data as data_cli
+
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources import promptsource as ps
+from flan_jax.tasks import t0
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 PS_DIR = os.path.join(FIXTURES, "promptsource")

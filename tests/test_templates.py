@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from flan_jax import templates as tpl
-from flan_jax.templates import Template
+from flan_jax.data import templates as tpl
+from flan_jax.data.templates import Template
 
 
 def test_render_fields_and_escaped_braces():
@@ -118,7 +118,7 @@ def test_extract_cot_answer(text, answer):
 
 
 def test_cot_answer_extraction_prefers_the_longest_phrase():
-    from flan_jax.templates import extract_cot_answer
+    from flan_jax.data.templates import extract_cot_answer
     assert extract_cot_answer("Step by step... the final answer is 42.") == "42"
     assert extract_cot_answer("So the answer to the question is 17.") == "17"
     assert extract_cot_answer("The final answer: seven") == "seven"

@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from flan_jax.sources import TfdsSource, to_python  # noqa: E402
+from flan_jax.data.sources import TfdsSource, to_python  # noqa: E402
 
 MOCK = dict(policy=tfds.testing.MockPolicy.USE_CODE)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flan_jax.train import main as train_main_lib
+from flan_jax.cli import train as train_main_lib
 from flan_jax.train.metrics_log import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from flan_jax import checkpoints, models
-from flan_jax.checkpoints import convert, trained
-from flan_jax.train import checkpointing, data as data_lib, evaluate, init_from, loop, optim, step as step_lib
+from flan_jax.checkpoints import convert, run_dir as trained
+from flan_jax.cli import convert as convert_cli
+from flan_jax.train import checkpointing, evaluate, init_from, loop, optim, step as step_lib
+from flan_jax.pipeline import batches as data_lib
 
 T5 = models.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
                      num_decoder_layers=1)
@@ -54,11 +56,11 @@ def test_init_checkpoint_and_convert_read_params_of_every_layout(tmp_path, confi
         init_from.load_checkpoint_params(str(model_dir), config, with_optimizer_state=True)
 
     # flan-jax convert: the recorded config is used (a decoder's RoPE scaling cannot be read off shapes).
-    assert convert.main(["--from", "t5x", "--to", "hf", str(model_dir / "checkpoint_3"), str(tmp_path / "hf")]) == 0
+    assert convert_cli.main(["--from", "t5x", "--to", "hf", str(model_dir / "checkpoint_3"), str(tmp_path / "hf")]) == 0
     hf_config, hf_params = checkpoints.load_hf(str(tmp_path / "hf"))
     assert hf_config == config
     _assert_same_params(hf_params, params)
-    assert convert.main(["--from", "t5x", "--to", "orbax", str(model_dir / "best"), str(tmp_path / "orbax")]) == 0
+    assert convert_cli.main(["--from", "t5x", "--to", "orbax", str(model_dir / "best"), str(tmp_path / "orbax")]) == 0
     if config is T5:
         _assert_same_params(checkpoints.load_t5x(str(tmp_path / "orbax")), params)
 

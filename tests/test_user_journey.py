@@ -6,7 +6,9 @@ import textwrap
 
 import pytest
 
-from flan_jax import cli, data_cli
+from flan_jax import cli
+
+from flan_jax.cli import data as data_cli
 
 MODULE = "journey_user_tasks"   # unique: the module stays imported for the rest of the test session
 LABELS = ("positive", "negative")
@@ -23,9 +25,9 @@ def _write_user_files(folder):
     with open(os.path.join(folder, f"{MODULE}.py"), "w") as f:
         f.write(textwrap.dedent(f'''
             import os
-            from flan_jax import registry
-            from flan_jax.sources.files import JsonlSource
-            from flan_jax.templates import Template
+            from flan_jax.data import registry
+            from flan_jax.data.sources.files import JsonlSource
+            from flan_jax.data.templates import Template
 
             HERE = os.path.dirname(os.path.abspath(__file__))
             registry.register_task(
@@ -99,5 +101,5 @@ def test_gin_file_imports_the_user_module_as_in_t5x(user_dir):
     # Config, gin import and task validation pass; only the checkpoint is missing (nothing was trained here).
     with pytest.raises(FileNotFoundError, match="no checkpoint_<step> found"):
         cli.main(["eval", "--gin_file=my_run.gin", "--checkpoint=run_gin"])
-    from flan_jax import registry
+    from flan_jax.data import registry
     assert registry.task_info("my_gin_reviews_zs_opt").collection == "mine"

@@ -1,8 +1,8 @@
 """The on-the-fly SentencePiece vocabulary: lazy, cached, deterministic, lossless; and the default collection's."""
 import seqio
 
-from flan_jax import vocabularies
-from flan_jax.sources import generated as gen
+from flan_jax.data import vocabularies
+from flan_jax.data.sources import generated as gen
 
 CORPUS = [f"Is {n} even or odd?\n\nOPTIONS:\n- even\n- odd" for n in range(300)] + \
          [f"The {w} was here. {w.upper()}" for w in gen.WORDS] * 5
@@ -37,8 +37,8 @@ def test_special_ids_digits_and_lossless_round_trip(tmp_path):
 
 
 def test_default_collection_vocabulary_has_word_pieces():
-    import tasks  # noqa: F401
-    from flan_jax import registry
+    import flan_jax.tasks  # noqa: F401
+    from flan_jax.data import registry
     vocab = registry.task_spec("topic").vocabulary
     assert isinstance(vocab, vocabularies.CorpusSentencePieceVocabulary) and vocab.vocab_size <= 2048
     for words in (*gen.TOPIC_WORDS.values(), *gen.SENTIMENT_WORDS.values(), tuple(gen.TOPIC_WORDS)):

@@ -1,19 +1,19 @@
 """Checkpoint conversion: T5X (legacy or orbax), our training checkpoints, or HF in; HF or T5X-style orbax out.
 
-    flan-jax convert --from t5x|hf --to hf|orbax IN OUT
+    flan-jax convert --from t5x|hf --to hf|orbax IN OUT   (flan_jax/cli/convert.py)
 
-A PEFT run merged into base shapes (LoRA): `flan-jax convert --merge-peft ...` (flan_jax/train/peft.py, merge_main).
+A PEFT run merged into base shapes (LoRA): `flan-jax convert --merge-peft ...` (train/peft_state.py, merged_params).
 `--from t5x` also takes our own training checkpoints (MODEL_DIR/checkpoint_<N>, MODEL_DIR/best, or MODEL_DIR for
 its latest): their params are read without the optimizer state, with the model config the checkpoint records.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from typing import Optional, Sequence
+import json
+import os
 
+from flan_jax.checkpoints import hf, hf_decoder
 from flan_jax.checkpoints.hf import export_hf, load_hf
-from flan_jax.checkpoints import trained
+from flan_jax.checkpoints import run_dir as trained
 from flan_jax.checkpoints.t5x import infer_config, load_t5x, save_orbax_params
 
 SOURCES = ('t5x', 'hf')
@@ -48,47 +48,9 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, *, config=None
 
 def config_from_hf_file(path: str):
     """T5Config or DecoderConfig from an HF config.json (or the directory holding one)."""
-    import json
-    import os
-    from flan_jax.checkpoints import hf, hf_decoder
     file = os.path.join(path, 'config.json') if os.path.isdir(path) else path
     with open(file) as f:
         hf_config = json.load(f)
     if hf_config.get('model_type') in hf_decoder.MODEL_TYPES:
         return hf_decoder.config_from_hf(hf_config, source=file)
     return hf.config_from_hf(hf_config, source=file)
-
-
-def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog='flan-jax convert', description=__doc__.splitlines()[0])
-    parser.add_argument('--from', dest='src_format', choices=SOURCES, required=True)
-    parser.add_argument('--to', dest='dst_format', choices=DESTINATIONS, required=True)
-    parser.add_argument('--preset', default=None,
-                        help='T5Config preset (tiny/small/base/large/xl/xxl) to validate a T5X source against')
-    parser.add_argument('--hf_config', default=None,
-                        help='HF config.json (or its directory) describing a T5X/orbax source, e.g. the HF checkpoint '
-                             'a decoder-only model was finetuned from (its shapes alone do not fix RoPE or norms)')
-    parser.add_argument('src', metavar='IN')
-    parser.add_argument('dst', metavar='OUT')
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = None
-    if args.hf_config:
-        config = config_from_hf_file(args.hf_config)
-    if args.preset:
-        from flan_jax.models import T5Config
-        config = T5Config.preset(args.preset)
-    try:
-        out = convert(args.src_format, args.dst_format, args.src, args.dst, config=config)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f'flan-jax convert: {e}', file=sys.stderr)
-        return 1
-    print(f'wrote {out}')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from flan_jax.tree_paths import flatten, unflatten  # noqa: F401  (part of this module's API)
+from flan_jax.utils.tree_paths import flatten, unflatten  # noqa: F401  (part of this module's API)
 
 LEGACY_VERSION = 3
 SLOT_NAMES = ('v_row', 'v_col', 'v', 'm')

@@ -1,4 +1,4 @@
-"""Vocabulary rows of a checkpoint in another id order (flan_jax.hf_vocabularies keeps T5's pad 0 / EOS 1 by
+"""Vocabulary rows of a checkpoint in another id order (flan_jax.data.vocabularies.hf keeps T5's pad 0 / EOS 1 by
 swapping ids of HF vocabularies): the permutation and its application to every parameter axis named 'vocab'."""
 from __future__ import annotations
 

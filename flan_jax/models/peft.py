@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flan_jax import tree_paths
+from flan_jax.utils import tree_paths
 
 METHODS = ('lora', 'adapter', 'prompt', 'prefix')
 DEFAULT_LORA_TARGETS = r'.*attention/(query|key|value|out)/kernel'

@@ -5,10 +5,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from flan_jax.runtime_env import reexec_with_tuned_malloc
+from flan_jax.utils.runtime_env import reexec_with_tuned_malloc
 
 reexec_with_tuned_malloc(["-m", "flan_jax.train", *sys.argv[1:]])
 
-from flan_jax.train.main import main  # noqa: E402
+from flan_jax.cli.train import main  # noqa: E402
 
 sys.exit(main())

@@ -28,10 +28,10 @@ def _flat(tree):
 def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool = False, vocabulary=None):
     """(params, slots or None, step or None), checked against model_cfg's parameter shapes by name.
 
-    vocabulary: the training vocabulary; an HF tokenizer vocabulary (flan_jax.hf_vocabularies) swaps a few ids, and
+    vocabulary: the training vocabulary; an HF tokenizer vocabulary (flan_jax.data.vocabularies.hf) swaps a few ids, and
     an HF checkpoint's vocabulary rows are then put into those ids."""
     from flan_jax import checkpoints
-    from flan_jax.checkpoints import trained
+    from flan_jax.checkpoints import run_dir as trained
     if trained.find_trained_checkpoint(path) is not None:
         if with_optimizer_state:
             raise ValueError(f"INIT_CHECKPOINT={path} is one of our training checkpoints: only its params are loaded "

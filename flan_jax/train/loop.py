@@ -13,8 +13,9 @@ import numpy as np
 import seqio
 
 from flan_jax import models
-from flan_jax.checkpoints import trained as trained_checkpoints
-from flan_jax.train import checkpointing, data as data_lib, optim, partitioning, peft, step as step_lib
+from flan_jax.checkpoints import run_dir as trained_checkpoints
+from flan_jax.train import checkpointing, optim, partitioning, peft_state as peft, step as step_lib
+from flan_jax.pipeline import batches as data_lib
 from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
 
 

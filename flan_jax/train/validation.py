@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from flan_jax import native_pipeline
+from flan_jax.pipeline import native as native_pipeline
 from flan_jax import models
-from flan_jax.train import data as data_lib, loss as loss_lib, optim, partitioning
+from flan_jax.pipeline import batches as data_lib
+from flan_jax.train import loss as loss_lib, optim, partitioning
 
 SCHEDULES = ("constant", "warmup_constant", "rsqrt")
 AGGREGATES = ("mean_seen", "mean_heldout")

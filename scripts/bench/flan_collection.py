@@ -84,7 +84,7 @@ def prepare_mock_builder(tfds_name: str, splits: dict, data_dir: str, seed: int 
 
 def materialize(data_dir: str, num_train: int = MOCK_TRAIN, num_validation: int = MOCK_VALIDATION) -> None:
   """Prepares every flan2021 dataset's mock shards in `data_dir` (skips those already there)."""
-  import tasks.flan2021 as flan2021
+  import flan_jax.tasks.flan2021 as flan2021
 
   start, built = time.perf_counter(), 0
   for dataset in flan2021.datasets():
@@ -101,8 +101,8 @@ def materialize(data_dir: str, num_train: int = MOCK_TRAIN, num_validation: int 
 
 def time_native(num_examples: int, seed: int = 0) -> dict:
   """First-batch latency, then steady examples/s over `num_examples` more examples (child process)."""
-  import tasks.flan2021  # noqa: F401  (registration only)
-  from flan_jax import native_pipeline
+  import flan_jax.tasks.flan2021  # noqa: F401  (registration only)
+  from flan_jax.pipeline import native as native_pipeline
   from flan_jax.packing import PackedEncDecFeatureConverter
 
   converter = PackedEncDecFeatureConverter()

@@ -1,7 +1,7 @@
 """Packing suite: flan_jax best-fit packing vs seqio.EncDecFeatureConverter(pack=True) on the same example stream.
 
 Streams (each example already trimmed to the feature lengths, as seqio.get_dataset delivers it):
-  a_default_mixture   the embedded `flan_default_train` mixture (`import tasks`), lengths of the default CPU run
+  a_default_mixture   the embedded `flan_default_train` mixture (`import flan_jax.tasks`), lengths of the default CPU run
   b_lognormal_190_12  lognormal lengths, mean inputs 190 / targets 12, sigma 0.5 / 0.5, lengths 1024/256
   c_lognormal_382_61  lognormal lengths, mean inputs 382 / targets 61, sigma 0.5 / 0.5, lengths 1024/256
   d_heavy_tail_382_61 (full run only) as c with sigma 1.0 / 1.0: 2.7% of targets are cut at 256 and each must sit
@@ -66,7 +66,7 @@ def lognormal_stream(n, mean_in, mean_tg, sigma_in, sigma_tg, lengths, seed=0):
 def mixture_stream(name, lengths, n):
   """First n examples of a registered seqio mixture (trimmed to lengths), or None if it is not registered."""
   try:
-    import tasks  # noqa: F401  (registers the embedded default collection)
+    import flan_jax.tasks  # noqa: F401  (registers the embedded default collection)
     mixture = seqio.get_mixture_or_task(name)
   except Exception as e:  # pylint: disable=broad-except
     print(f"[packing] skipping {name}: {type(e).__name__}: {e}")

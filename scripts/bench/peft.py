@@ -222,7 +222,7 @@ def peft_side(config, optimizer, base_params, batch, mesh, mesh_cfg) -> Side:
   import jax
   import jax.numpy as jnp
 
-  from flan_jax.train import partitioning, peft, step as step_lib
+  from flan_jax.train import partitioning, peft_state as peft, step as step_lib
 
   _, shardings, frozen_abstract = peft.abstract_train_state(config, optimizer, mesh_cfg, mesh)
   trainable = peft.init_trainable(config, jax.random.PRNGKey(1), base_params)

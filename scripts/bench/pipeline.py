@@ -1,10 +1,10 @@
 """Pipeline suite: examples/s through templating + tokenizing + packing of the default training mixture.
 
 Sides (each reads the same N mixture examples, unshuffled, seed 0):
-  ours (seqio path)  `flan_default_train` as registered (flan_jax.registry renders records in Python, in chunks of
+  ours (seqio path)  `flan_default_train` as registered (flan_jax.data.registry renders records in Python, in chunks of
                      128 examples per tf.data element) -> seqio tokenize/append EOS -> Mixture sampling -> flan_jax
                      PackedEncDecFeatureConverter.
-  native             train.input_pipeline='native' (flan_jax.native_pipeline.mixture_token_stream): the same tasks
+  native             train.input_pipeline='native' (flan_jax.pipeline.native.mixture_token_stream): the same tasks
                      rendered, tokenized and mixed in Python without tf.data, then flan_jax.packing.pack_examples.
   seqio get_dataset  what a FLAN user runs on the registered seqio Mixture: `Mixture.get_dataset` ->
                      `seqio.EncDecFeatureConverter(pack=True)`, i.e. `seqio.get_dataset(MIXTURE, LENGTHS,
@@ -56,7 +56,7 @@ def register_plain_task(task_name: str) -> str:
   import seqio
   import tensorflow as tf
 
-  from flan_jax import registry
+  from flan_jax.data import registry
 
   info = registry.task_info(task_name)
   spec, variant = registry.task_spec(info.base_task), info.variant
@@ -135,11 +135,13 @@ def timed_pass(mixture, converter, num_examples: int) -> tuple[float, float, int
 
 
 def timed_native(num_examples: int) -> tuple[float, float, int]:
-  """(seconds, seconds to the first batch, packed rows) for flan_jax.native_pipeline: the first N examples of the
+  """(seconds, seconds to the first batch, packed rows) for flan_jax.pipeline.native: the first N examples of the
   mixture stream (train.input_pipeline='native'), packed to the end (buffer flushed) and batched by 64."""
   import itertools
 
-  from flan_jax import native_pipeline, packing
+  from flan_jax.pipeline import native as native_pipeline
+
+  from flan_jax import packing
 
   converter = packing.PackedEncDecFeatureConverter()
   lengths = (LENGTHS["inputs"], LENGTHS["targets"])
@@ -197,7 +199,7 @@ def run(quick: bool) -> list[dict]:
     print(f"[pipeline] skipped: {e}", flush=True)
     return []
 
-  import tasks  # noqa: F401  (registers the embedded default collection)
+  import flan_jax.tasks  # noqa: F401  (registers the embedded default collection)
   from flan_jax.packing import PackedEncDecFeatureConverter
 
   ours = seqio.get_mixture_or_task(MIXTURE)

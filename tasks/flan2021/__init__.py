@@ -1,4 +1,4 @@
-"""The FLAN 2021 collection over TFDS: `import tasks.flan2021` registers every dataset and the mixtures.
+"""The FLAN 2021 collection over TFDS: `import flan_jax.tasks.flan2021` registers every dataset and the mixtures.
 
 Each dataset (`_common.Flan2021Dataset`, listed per cluster module) becomes registry tasks `<name>_<variant>`
 (zs_opt / zs_noopt / fs_opt / fs_noopt for option datasets, zs_noopt / fs_noopt otherwise, plus `inv` where the
@@ -20,11 +20,11 @@ Registration builds no dataset: split sizes are declared from the TFDS builders'
 """
 from __future__ import annotations
 
-from flan_jax import mixing, registry
-from flan_jax.sources import TfdsSource
-from tasks.flan2021 import (closed_book_qa, commonsense, coreference, misc, nli, paraphrase, rc_commonsense,
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources import TfdsSource
+from flan_jax.tasks.flan2021 import (closed_book_qa, commonsense, coreference, misc, nli, paraphrase, rc_commonsense,
                             reading_comprehension, sentiment, struct_to_text, summarization, translation)
-from tasks.flan2021._common import COLLECTION, SUMMARY_METRICS, TRAIN_EXAMPLE_CAP, Flan2021Dataset
+from flan_jax.tasks.flan2021._common import COLLECTION, SUMMARY_METRICS, TRAIN_EXAMPLE_CAP, Flan2021Dataset
 
 SEED = 0
 RATE_CAP = mixing.FLAN2021_RATE_CAP

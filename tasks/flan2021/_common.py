@@ -1,6 +1,6 @@
 """Shared pieces of the Flan 2021 collection: the dataset declaration, record helpers and QA metrics.
 
-A cluster module lists `Flan2021Dataset`s; `tasks.flan2021.register()` turns each into registry tasks. Helpers that
+A cluster module lists `Flan2021Dataset`s; `flan_jax.tasks.flan2021.register()` turns each into registry tasks. Helpers that
 read TFDS records return None for a record that cannot be mapped (label out of range, no answer, ...), which the
 registry counts as a data error of that task instead of dropping it silently.
 """
@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from flan_jax.evaluation import metrics
-from flan_jax.templates import Template
+from flan_jax.data import metrics
+from flan_jax.data.templates import Template
 
 COLLECTION = "flan2021"
 TRAIN_EXAMPLE_CAP = 30_000  # FLAN 2021: at most 30k training examples per dataset

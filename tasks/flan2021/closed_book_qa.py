@@ -1,8 +1,8 @@
 """Closed-book QA: TriviaQA (no context), Natural Questions (open), ARC Easy, ARC Challenge."""
 from __future__ import annotations
 
-from flan_jax.templates import Template as T
-from tasks.flan2021._common import QA_METRICS, Flan2021Dataset, first_text
+from flan_jax.data.templates import Template as T
+from flan_jax.tasks.flan2021._common import QA_METRICS, Flan2021Dataset, first_text
 
 CLUSTER = "closed_book_qa"
 _TV = {"train": "train", "validation": "validation"}

@@ -2,8 +2,8 @@
 mock data cannot fill validly, StoryCloze needs a manual download)."""
 from __future__ import annotations
 
-from flan_jax.templates import Template as T
-from tasks.flan2021._common import Flan2021Dataset, label_name
+from flan_jax.data.templates import Template as T
+from flan_jax.tasks.flan2021._common import Flan2021Dataset, label_name
 
 CLUSTER = "commonsense"
 _TV = {"train": "train", "validation": "validation"}

@@ -5,8 +5,8 @@ premise/hypothesis templates (they ask a yes/no question), and invert into "writ
 """
 from __future__ import annotations
 
-from flan_jax.templates import Template as T
-from tasks.flan2021._common import Flan2021Dataset, label_name
+from flan_jax.data.templates import Template as T
+from flan_jax.tasks.flan2021._common import Flan2021Dataset, label_name
 
 CLUSTER = "nli"
 THREE_WAY = ("yes", "it is not possible to tell", "no")

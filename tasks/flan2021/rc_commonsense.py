@@ -1,8 +1,8 @@
 """Reading comprehension with commonsense: CosmosQA, ReCoRD."""
 from __future__ import annotations
 
-from flan_jax.templates import Template as T
-from tasks.flan2021._common import QA_METRICS, Flan2021Dataset, first_text, label_name
+from flan_jax.data.templates import Template as T
+from flan_jax.tasks.flan2021._common import QA_METRICS, Flan2021Dataset, first_text, label_name
 
 CLUSTER = "reading_comprehension_commonsense"
 _TV = {"train": "train", "validation": "validation"}

@@ -1,8 +1,8 @@
 """Sentiment: IMDB reviews, Yelp polarity, SST-2."""
 from __future__ import annotations
 
-from flan_jax.templates import Template as T
-from tasks.flan2021._common import Flan2021Dataset, label_name
+from flan_jax.data.templates import Template as T
+from flan_jax.tasks.flan2021._common import Flan2021Dataset, label_name
 
 CLUSTER = "sentiment"
 POLARITY = ("negative", "positive")

@@ -1,8 +1,8 @@
 """Structured data to text: E2E NLG (cleaned), WebNLG, DART, CommonGen (GEM)."""
 from __future__ import annotations
 
-from flan_jax.templates import Template as T
-from tasks.flan2021._common import SUMMARY_METRICS, Flan2021Dataset, join_list, linearize_table
+from flan_jax.data.templates import Template as T
+from flan_jax.tasks.flan2021._common import SUMMARY_METRICS, Flan2021Dataset, join_list, linearize_table
 
 CLUSTER = "struct_to_text"
 

@@ -1,8 +1,8 @@
 """Summarization: CNN/DailyMail, Gigaword, XSum, AESLC, Multi-News, and AG News (FLAN 2021 files AG News here)."""
 from __future__ import annotations
 
-from flan_jax.templates import Template as T
-from tasks.flan2021._common import SUMMARY_METRICS, Flan2021Dataset, label_name
+from flan_jax.data.templates import Template as T
+from flan_jax.tasks.flan2021._common import SUMMARY_METRICS, Flan2021Dataset, label_name
 
 CLUSTER = "summarization"
 _TV = {"train": "train", "validation": "validation"}

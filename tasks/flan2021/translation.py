@@ -5,8 +5,8 @@ The forward templates translate into English; the inversion templates translate 
 """
 from __future__ import annotations
 
-from flan_jax.templates import Template as T
-from tasks.flan2021._common import TRANSLATION_METRICS, Flan2021Dataset
+from flan_jax.data.templates import Template as T
+from flan_jax.tasks.flan2021._common import TRANSLATION_METRICS, Flan2021Dataset
 
 CLUSTER = "translation"
 

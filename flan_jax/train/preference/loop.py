@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from flan_jax import models, preference_data
+from flan_jax import models
+
+from flan_jax.data import preference as preference_data
 from flan_jax.train import checkpointing, loop as sft_loop, optim, partitioning
 from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
 from flan_jax.train.preference import losses, pairs, reward, steps

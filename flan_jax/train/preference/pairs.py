@@ -11,7 +11,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import seqio
 
-from flan_jax import preference_data
+from flan_jax.data import preference as preference_data
 
 EOS_ID = 1
 

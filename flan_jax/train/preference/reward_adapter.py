@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 
 from flan_jax import models
 from flan_jax.train import checkpointing
-from flan_jax.train.preference import loop as preference_loop, ppo_math, reward, scoring
+from flan_jax.train.preference import loop as preference_loop, reward, scoring
+from flan_jax.train.rl import ppo_math
 
 
 def load_reward_params(reward_model_dir: str, model_cfg) -> dict:

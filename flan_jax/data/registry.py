@@ -1,0 +1,489 @@
+"""Register a templated task once; get one seqio Task per prompt variant.
+
+Variants (seqio task name ``<task>_<variant>``):
+  zs_opt    zero-shot, options appended ("OPTIONS:\\n- a\\n- b", or a randomized style)     option tasks only
+  zs_noopt  zero-shot, no options shown (the "options" feature still lists them for scoring)
+  fs_opt    few-shot exemplars from the train split + options                                option tasks only
+  fs_noopt  few-shot, no options shown
+  cot       chain of thought: target "<rationale> So the answer is <answer>."              when rationale_field
+  inv       input inversion templates (no options)                                           when inversion_templates
+Tasks without options get only zs_noopt / fs_noopt (plus cot / inv when declared).
+
+Each example picks its template at random, deterministically from (seed, task, split, record index); every valid
+record yields exactly one example. Malformed records (missing field, wrong type, empty string, target not among the
+options, map_fn returned None) are skipped and counted per seqio task (`data_error_counts()`), or raise at once
+with record_policy="fail_fast". Registration builds no dataset: split sizes come from the source's declared counts.
+
+Example (a TFDS dataset with 3 templates, as tasks/flan2021 does)::
+
+    from flan_jax.data import registry
+    from flan_jax.data.sources import TfdsSource
+    from flan_jax.data.templates import Template
+
+    LABELS = ["yes", "no"]
+    registry.register_task(
+        "rte",
+        TfdsSource("super_glue/rte", {"train": "train", "validation": "validation"},
+                   map_fn=lambda r: {"premise": r["premise"], "hypothesis": r["hypothesis"],
+                                     "answer": LABELS[r["label"]]},
+                   num_examples={"train": 2490, "validation": 277}),
+        templates=[Template("{premise}\\nDoes this mean that \\"{hypothesis}\\" is true?", "{answer}"),
+                   Template("Premise: {premise}\\nHypothesis: {hypothesis}\\nDoes the premise entail it?", "{answer}"),
+                   Template("{premise}\\n\\nQuestion: is \\"{hypothesis}\\" true?", "{answer}")],
+        fields=["premise", "hypothesis", "answer"],
+        fixed_options=LABELS,             # or options_field="options" when each record carries its own list
+        cluster="nli", collection="flan2021",
+        max_examples=30_000)              # FLAN 2021 train cap
+    # -> ["rte_zs_opt", "rte_zs_noopt", "rte_fs_opt", "rte_fs_noopt"]
+
+`task_info("rte_zs_opt")` then gives base task, variant, cluster, has_options, ...; `list_tasks("flan2021")` lists
+the registered seqio task names; mixtures are built with `flan_jax.data.mixing`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+import threading
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import seqio
+
+from flan_jax.data import render as rendered_source, templates as tpl
+from flan_jax.data import metrics
+from flan_jax.data.sources import MalformedRecordError, RecordSource, check_record
+
+VARIANTS = ("zs_opt", "zs_noopt", "fs_opt", "fs_noopt", "cot", "inv")
+RECORD_POLICIES = ("skip_and_count", "fail_fast")
+OPTIONS_STYLES = ("default", "random")
+COT_TARGET = "{%s} So the answer is %s."
+
+def _default_vocabulary() -> seqio.Vocabulary:
+    """ByteVocabulary, or the SentencePiece model named by FLAN_JAX_VOCAB (e.g. the T5 vocabulary
+    gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model, 100 extra ids) for real runs. seqio loads the
+    model lazily, so registration stays cheap."""
+    import os
+    path = os.environ.get("FLAN_JAX_VOCAB")
+    return seqio.SentencePieceVocabulary(path, extra_ids=100) if path else seqio.ByteVocabulary()
+
+
+DEFAULT_VOCABULARY = _default_vocabulary()
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Everything one `register_task` call declared (validated)."""
+
+    name: str
+    source: RecordSource
+    templates: tuple[tpl.Template, ...]
+    fields: tuple[str, ...]
+    cluster: str
+    collection: str
+    options_field: str | None
+    fixed_options: tuple[str, ...] | None
+    options_style: str
+    rationale_field: str | None
+    cot_templates: tuple[tpl.Template, ...]
+    inversion_templates: tuple[tpl.Template, ...]
+    few_shot: tpl.FewShotConfig
+    vocabulary: seqio.Vocabulary
+    record_policy: str
+    seed: int
+    max_examples: Mapping[str, int]
+    metric_fns: tuple[Callable, ...] | None
+
+    @property
+    def has_options(self) -> bool:
+        return self.options_field is not None or self.fixed_options is not None
+
+    def num_examples(self, split: str) -> int | None:
+        count = self.source.num_examples(split)
+        cap = self.max_examples.get(split)
+        if cap is None:
+            return count
+        return cap if count is None else min(count, cap)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """What the trainer/evaluator/CLI need to know about one registered seqio task."""
+
+    name: str
+    base_task: str
+    variant: str
+    cluster: str
+    collection: str
+    has_options: bool          # the "options" feature is non-empty (rank classification applies)
+    num_templates: int
+    splits: tuple[str, ...]
+    num_examples: Mapping[str, int | None]
+    metric: str                # "accuracy" for option variants, else "exact_match" (or the custom metric names)
+    source: str
+
+
+_SPECS: dict[str, TaskSpec] = {}
+_INFOS: dict[str, TaskInfo] = {}
+_DATA_ERRORS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+_SPLIT_ERRORS: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+_ERRORS_LOCK = threading.Lock()
+_POOLS: dict[tuple[str, str], list[tuple[int, dict]]] = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering (pure Python; unit-testable without TF)
+# ----------------------------------------------------------------------------------------------------------------
+
+def normalize_record(spec: TaskSpec, record: Any, need_rationale: bool = False) -> dict:
+    """Checks a source record for `spec`; returns {field: str} (+ "_options"). Raises MalformedRecordError."""
+    values = check_record(record, spec.fields + ((spec.rationale_field,) if need_rationale else ()),
+                          spec.options_field)
+    if spec.fixed_options is not None:
+        values["_options"] = list(spec.fixed_options)
+    return values
+
+
+def example_rng(spec: TaskSpec, split: str, index: int) -> random.Random:
+    """The per-example random stream: template, options style and exemplars all come from it.
+
+    Its seed string has its own namespace: a source that seeds records from (seed, name, split, index) too would
+    otherwise draw the same numbers, and the template choice would leak the label."""
+    return random.Random(f"prompt/{spec.seed}/{spec.name}/{split}/{index}")
+
+
+def variant_templates(spec: TaskSpec, variant: str) -> tuple[tpl.Template, ...]:
+    if variant == "cot":
+        return spec.cot_templates
+    if variant == "inv":
+        return spec.inversion_templates
+    return spec.templates
+
+
+def _length_fn(spec: TaskSpec) -> Callable[[str], int]:
+    if spec.few_shot.length_unit == "bytes":
+        return tpl.byte_length
+    return lambda text: len(spec.vocabulary.encode(text))
+
+
+def _render_one(spec: TaskSpec, variant: str, template: tpl.Template, values: Mapping[str, Any],
+                style: tpl.OptionsStyle | None) -> tuple[str, str, list[str]]:
+    """Renders (input, target, scored options) for one record with a fixed template and options style."""
+    inputs, target = template.render(values)
+    options = values.get("_options") if variant in ("zs_opt", "zs_noopt", "fs_opt", "fs_noopt") else None
+    if not options:
+        return inputs, target, []
+    if target not in options:
+        raise MalformedRecordError("target_not_in_options", f"target {target!r} not in {options}")
+    if style is None:  # noopt: options are not shown, but stay available for rank classification
+        return inputs, target, list(options)
+    return tpl.apply_options(inputs, target, options, style)
+
+
+def render_example(spec: TaskSpec, variant: str, split: str, index: int, values: Mapping[str, Any],
+                   pool: Sequence[tuple[int, Mapping[str, Any]]] = ()) -> dict:
+    """Renders one normalized record into {"inputs", "targets", "options", "template_index"}."""
+    rng = example_rng(spec, split, index)
+    templates = variant_templates(spec, variant)
+    template_index = rng.randrange(len(templates))
+    template = templates[template_index]
+    style = None
+    if variant.endswith("_opt"):
+        style = tpl.DEFAULT_OPTIONS_STYLE if spec.options_style == "default" else tpl.random_options_style(rng)
+    inputs, target, options = _render_one(spec, variant, template, values, style)
+    if variant.startswith("fs_") and pool:
+        exemplars = []
+        # Draw a few spares so dropping the example itself (or an identical prompt) still leaves k exemplars.
+        for pool_pos in rng.sample(range(len(pool)), min(len(pool), spec.few_shot.num_exemplars + 2)):
+            pool_index, pool_values = pool[pool_pos]
+            if split == _pool_split(spec) and pool_index == index:
+                continue
+            try:
+                x, y, _ = _render_one(spec, variant, template, pool_values, style)
+            except MalformedRecordError:
+                continue
+            if x == inputs:
+                continue
+            exemplars.append((x, y))
+            if len(exemplars) == spec.few_shot.num_exemplars:
+                break
+        inputs, _ = tpl.assemble_few_shot(inputs, exemplars, rng, spec.few_shot, _length_fn(spec))
+    return {"inputs": inputs, "targets": target, "options": options, "template_index": template_index}
+
+
+def _pool_split(spec: TaskSpec) -> str:
+    return "train" if "train" in spec.source.splits else spec.source.splits[0]
+
+
+def exemplar_pool(spec: TaskSpec) -> list[tuple[int, dict]]:
+    """Valid records from the head of the train split (cached per task); built only when a few-shot dataset is."""
+    key = (spec.name, _pool_split(spec))
+    if key not in _POOLS:
+        pool = []
+        for index, record in spec.source.first_records(key[1], spec.few_shot.exemplar_pool_size):
+            try:
+                pool.append((index, normalize_record(spec, record)))
+            except MalformedRecordError:
+                pass
+        _POOLS[key] = pool
+    return _POOLS[key]
+
+
+def _count_error(task_name: str, split: str, reason: str) -> None:
+    with _ERRORS_LOCK:
+        _DATA_ERRORS[task_name][reason] += 1
+        _SPLIT_ERRORS[task_name, split][reason] += 1
+
+
+def render_record(spec: TaskSpec, variant: str, split: str, index: int, record: Any, pool) -> dict | None:
+    """One record rendered, or None after counting why it was skipped (fail_fast: raises, naming the record)."""
+    try:
+        values = normalize_record(spec, record, need_rationale=(variant == "cot"))
+        return render_example(spec, variant, split, index, values, pool)
+    except MalformedRecordError as e:
+        task_name = f"{spec.name}_{variant}"
+        if spec.record_policy == "fail_fast":
+            raise MalformedRecordError(e.reason, e.detail, f"task {task_name!r}, split {split!r}, "
+                                                           f"record {index}") from None
+        _count_error(task_name, split, e.reason)
+        return None
+
+
+def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0, num_shards: int = 1, *,
+                  start_record: int = 0, with_index: bool = False) -> Iterator[dict]:
+    """Python stream of rendered examples for one variant and split (what the seqio source wraps).
+
+    start_record: records with a smaller index are passed over unread by normalize/render (a resumed input pipeline
+    continues from its cursor); with_index: yield (record index, example) pairs.
+    """
+    pool = exemplar_pool(spec) if variant.startswith("fs_") else ()
+    cap = spec.max_examples.get(split)
+    for index, record in spec.source.records(split, shard_index, num_shards):
+        if cap is not None and index >= cap:
+            break
+        if index < start_record:
+            continue
+        example = render_record(spec, variant, split, index, record, pool)
+        if example is not None:  # outside the renderer's try: closing a suspended stream must not count an error
+            yield (index, example) if with_index else example
+
+
+def datasets_built() -> int:
+    """How many registry datasets have been built in this process (registration alone builds none)."""
+    return rendered_source.datasets_built()
+
+
+def data_error_counts(task: str | None = None, split: str | None = None) -> dict:
+    """{seqio task name: {reason: count}} of skipped records (counted on every pass over the data); of one split's
+    records only when `split` is given; of one task when `task` is (then just {reason: count})."""
+    with _ERRORS_LOCK:
+        if split is None:
+            counts = {name: dict(c) for name, c in _DATA_ERRORS.items() if c}
+        else:
+            counts = {name: dict(c) for (name, s), c in _SPLIT_ERRORS.items() if s == split and c}
+    return counts.get(task, {}) if task is not None else counts
+
+
+def restore_data_error_counts(counts: Mapping[str, Mapping[str, int]], split: str) -> None:
+    """Sets one split's counts to saved ones (a resumed input pipeline does not read those records again)."""
+    with _ERRORS_LOCK:
+        for (name, s), counter in list(_SPLIT_ERRORS.items()):
+            if s == split:
+                _DATA_ERRORS[name].subtract(counter)
+                counter.clear()
+        for name, reasons in counts.items():
+            _SPLIT_ERRORS[name, split].update(reasons)
+            _DATA_ERRORS[name].update(reasons)
+        for name in list(_DATA_ERRORS):
+            _DATA_ERRORS[name] = +_DATA_ERRORS[name]  # drop reasons whose count fell to 0
+
+
+def reset_data_error_counts() -> None:
+    with _ERRORS_LOCK:
+        _DATA_ERRORS.clear()
+        _SPLIT_ERRORS.clear()
+
+
+def _available_variants(spec: TaskSpec) -> list[str]:
+    variants = ["zs_opt", "zs_noopt", "fs_opt", "fs_noopt"] if spec.has_options else ["zs_noopt", "fs_noopt"]
+    return variants + ["cot"] * bool(spec.cot_templates) + ["inv"] * bool(spec.inversion_templates)
+
+
+def _metric_fns(spec: TaskSpec, variant: str) -> tuple[list[Callable], Callable]:
+    if variant == "cot":
+        return [metrics.exact_match], tpl.cot_postprocessor
+    if spec.has_options and variant != "inv":
+        return [metrics.accuracy], metrics.text_postprocessor
+    return list(spec.metric_fns or [metrics.exact_match]), metrics.text_postprocessor
+
+
+def _normalize_caps(name: str, max_examples: int | Mapping[str, int] | None, splits: Sequence[str]) -> dict:
+    if max_examples is None:
+        return {}
+    caps = {"train": max_examples} if isinstance(max_examples, int) else dict(max_examples)
+    for split, cap in caps.items():
+        if split not in splits or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"task {name!r}: max_examples[{split!r}]={cap!r} invalid (splits: {list(splits)})")
+    return caps
+
+
+def register_task(
+    name: str,
+    source: RecordSource,
+    templates: Sequence[tpl.Template],
+    *,
+    fields: Sequence[str],
+    cluster: str,
+    collection: str = "default",
+    options_field: str | None = None,
+    fixed_options: Sequence[str] | None = None,
+    options_style: str = "default",
+    rationale_field: str | None = None,
+    cot_templates: Sequence[tpl.Template] | None = None,
+    inversion_templates: Sequence[tpl.Template] = (),
+    few_shot: tpl.FewShotConfig = tpl.FewShotConfig(),
+    variants: Sequence[str] | None = None,
+    vocabulary: seqio.Vocabulary | None = None,
+    record_policy: str = "skip_and_count",
+    seed: int = 0,
+    max_examples: int | Mapping[str, int] | None = None,
+    metric_fns: Sequence[Callable] | None = None,
+    shuffle_buffer_size: int | None = 1000,
+) -> list[str]:
+    """Registers seqio Tasks `<name>_<variant>` for every applicable variant; returns their names.
+
+    Args:
+      name: base task name (letters, digits, underscores).
+      source: a `flan_jax.data.sources.RecordSource` (declare num_examples so mixing rates work without a build).
+      templates: `Template`s over `fields`; for option tasks the rendered target must be one of the options.
+      fields: the str fields every record provides (templates are validated against them).
+      cluster / collection: grouping for held-out evaluation and `list_tasks(collection)`.
+      options_field: record field holding that record's option list; or `fixed_options` for one shared list.
+      options_style: "default" ("OPTIONS:\\n- a\\n- b") or "random" (header/markers/end drawn per example; letter
+        and number markers make the target the marker and the "options" feature the markers).
+      rationale_field: record field with a chain-of-thought rationale -> adds the `cot` variant.
+      cot_templates: defaults to each template's input + a CoT instruction, target "<rationale> So the answer is ...".
+      inversion_templates: templates over the same fields that invert the task -> adds the `inv` variant.
+      few_shot: exemplar count, length budget and formats for fs_* variants.
+      variants: restrict to a subset of the applicable variants.
+      vocabulary: for "inputs"/"targets" (default seqio.ByteVocabulary(); pass a SentencePiece one for real runs).
+      record_policy: "skip_and_count" (default) or "fail_fast".
+      seed: template/exemplar choice seed.
+      max_examples: cap on records read per split (int = train only; e.g. 30_000 for FLAN 2021).
+      metric_fns: metric functions for generative variants (default exact_match); option variants use accuracy.
+    """
+    bad_fixed = fixed_options is not None and (len(fixed_options) < 2 or not all(
+        isinstance(o, str) and o.strip() for o in fixed_options))
+    for failed, problem in (
+            (not name or not name.replace("_", "").isalnum(), "use letters, digits and underscores in task names"),
+            (record_policy not in RECORD_POLICIES, f"record_policy {record_policy!r} not in {RECORD_POLICIES}"),
+            (options_style not in OPTIONS_STYLES, f"options_style {options_style!r} not in {OPTIONS_STYLES}"),
+            (options_field is not None and fixed_options is not None, "give options_field or fixed_options, not both"),
+            (bad_fixed, f"fixed_options must be >= 2 non-empty strings, got {fixed_options!r}"),
+            (not isinstance(source, RecordSource), f"source must be a RecordSource, got {type(source).__name__}")):
+        if failed:
+            raise ValueError(f"task {name!r}: {problem}")
+    fields = tuple(fields)
+    tpl.validate_templates(name, list(templates), fields)
+    if inversion_templates:
+        tpl.validate_templates(name, list(inversion_templates), fields, kind="inversion template")
+    if cot_templates is not None and rationale_field is None:
+        raise ValueError(f"task {name!r}: cot_templates need a rationale_field")
+    cot = ()
+    if rationale_field is not None:
+        cot = tuple(cot_templates) if cot_templates is not None else tuple(
+            tpl.Template(f"{t.input}\n\n{tpl.COT_INSTRUCTIONS[i % len(tpl.COT_INSTRUCTIONS)]}",
+                         COT_TARGET % (rationale_field, t.target)) for i, t in enumerate(templates))
+        tpl.validate_templates(name, list(cot), fields + (rationale_field,), kind="cot template")
+
+    spec = TaskSpec(
+        name=name, source=source, templates=tuple(templates), fields=fields, cluster=cluster, collection=collection,
+        options_field=options_field, fixed_options=tuple(fixed_options) if fixed_options is not None else None,
+        options_style=options_style, rationale_field=rationale_field, cot_templates=cot,
+        inversion_templates=tuple(inversion_templates), few_shot=few_shot,
+        vocabulary=vocabulary or DEFAULT_VOCABULARY, record_policy=record_policy, seed=seed,
+        max_examples=_normalize_caps(name, max_examples, source.splits),
+        metric_fns=tuple(metric_fns) if metric_fns else None)
+
+    available = _available_variants(spec)
+    chosen = list(variants) if variants is not None else available
+    for variant in chosen:
+        if variant not in available:
+            raise ValueError(f"task {name!r}: variant {variant!r} not available (available: {available})")
+
+    unregister_task(name)
+    _SPECS[name] = spec
+    output_features = {key: seqio.Feature(vocabulary=spec.vocabulary, add_eos=True) for key in ("inputs", "targets")}
+    names = []
+    for variant in chosen:
+        task_name = f"{name}_{variant}"
+        fns, postprocess = _metric_fns(spec, variant)
+        if task_name in seqio.TaskRegistry.names():
+            seqio.TaskRegistry.remove(task_name)
+        seqio.TaskRegistry.add(
+            task_name, source=rendered_source.RenderedSource(spec, variant), output_features=output_features,
+            preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+            postprocess_fn=postprocess, metric_fns=fns, shuffle_buffer_size=shuffle_buffer_size)
+        _INFOS[task_name] = TaskInfo(
+            name=task_name, base_task=name, variant=variant, cluster=cluster, collection=collection,
+            has_options=spec.has_options and variant not in ("cot", "inv"),
+            num_templates=len(variant_templates(spec, variant)), splits=source.splits,
+            num_examples={s: spec.num_examples(s) for s in source.splits},
+            metric=",".join(getattr(f, "__name__", "metric") for f in fns), source=source.describe())
+        names.append(task_name)
+    return names
+
+
+def unregister_task(name: str) -> None:
+    """Removes a base task and all its variants (re-registration replaces them)."""
+    spec = _SPECS.pop(name, None)
+    if spec is None:
+        return
+    for task_name in [n for n, info in _INFOS.items() if info.base_task == name]:
+        del _INFOS[task_name]
+        if task_name in seqio.TaskRegistry.names():
+            seqio.TaskRegistry.remove(task_name)
+    for key in [k for k in _POOLS if k[0] == name]:
+        del _POOLS[key]
+
+
+def task_info(task_name: str) -> TaskInfo:
+    """TaskInfo of a registered seqio task name such as "parity_zs_opt"."""
+    try:
+        return _INFOS[task_name]
+    except KeyError:
+        raise KeyError(f"no flan_jax task named {task_name!r} (registered: {len(_INFOS)}; did you import flan_jax.tasks or pass --module?)") \
+            from None
+
+
+def task_spec(base_task: str) -> TaskSpec:
+    try:
+        return _SPECS[base_task]
+    except KeyError:
+        raise KeyError(f"no flan_jax base task named {base_task!r}") from None
+
+
+def list_tasks(collection: str | None = None, *, cluster: str | None = None,
+               variant: str | None = None) -> list[str]:
+    """Sorted seqio task names registered through this module, optionally filtered."""
+    return sorted(n for n, info in _INFOS.items()
+                  if (collection is None or info.collection == collection)
+                  and (cluster is None or info.cluster == cluster)
+                  and (variant is None or info.variant == variant))
+
+
+def list_base_tasks(collection: str | None = None) -> list[str]:
+    return sorted(n for n, spec in _SPECS.items() if collection is None or spec.collection == collection)
+
+
+# --- collections registered on demand (NIv2, T0, ...): what a registration produced, for the library to ask ------
+_COLLECTIONS: dict[str, Any] = {}
+
+
+def record_collection(name: str, registration: Any) -> None:
+    """Called by a collection's register(): the registration result (its task names, diagnostics) under `name`."""
+    _COLLECTIONS[name] = registration
+
+
+def collection_registration(name: str) -> Any:
+    """What the last registration of collection `name` produced (e.g. "niv2": its base tasks), or None."""
+    return _COLLECTIONS.get(name)
