@@ -33,7 +33,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers", "import-linter", "grimp"],
         "bench": ["torch==2.13.0", "transformers"],
     },
     entry_points={"console_scripts": ["flan-jax=flan_jax.cli:main"]},

@@ -12,13 +12,11 @@ A file dataset named gsm8k replaces the TFDS one. Each dataset gets variants:
   cot        "<rationale> So the answer is <answer>." after one of our CoT templates (the training format)
   zs_noopt   the answer alone (direct prompting), fs_noopt with exemplars
 Predictions of the cot variant are post-processed by `flan_jax.data.templates.extract_cot_answer` and scored by exact
-match. Self-consistency: `self_consistency(samples)` votes over extracted answers; `sample_self_consistency(...)`
-draws k samples at a temperature with `flan_jax.models.decoding.sample_decode` and votes.
+match. Self-consistency voting over sampled CoT outputs lives with inference: flan_jax/evaluation/self_consistency.py.
 Mixtures: cot_train (every dataset's cot variant, example-proportional, Flan 2022 cap 100k) and cot_eval.
 """
 from __future__ import annotations
 
-import collections
 import os
 import re
 from typing import Sequence
@@ -152,52 +150,6 @@ def register(cot_dir: str | None = None, *, include_gsm8k: bool = True, seed: in
             mixing.register_mixture("cot_train", mixing.example_proportional_rates(counts, example_cap=TRAIN_CAP))
         mixing.register_mixture("cot_eval", {f"{n}_cot": 1.0 for n in names})
     return names
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Self-consistency
-# ----------------------------------------------------------------------------------------------------------------
-
-def self_consistency(samples: Sequence[Sequence[str]]) -> list[str]:
-    """Majority vote over the extracted answers of each example's sampled CoT outputs.
-
-    `samples[i]` are the k decoded outputs for example i. Ties go to the answer reached first; empty extracted
-    answers do not vote (an example whose samples are all empty gets "").
-    """
-    voted = []
-    for outputs in samples:
-        answers = [a for a in (extract_cot_answer(o) for o in outputs) if a]
-        counts = collections.Counter(answers)
-        voted.append(max(answers, key=lambda a: (counts[a], -answers.index(a))) if answers else "")
-    return voted
-
-
-def sample_self_consistency(config, params, encoder_input_tokens, *, vocabulary, rng, num_samples: int = 8,
-                            temperature: float = 0.7, max_decode_len: int = 128, top_k: int = 0,
-                            top_p: float = 1.0) -> tuple[list[str], list[list[str]]]:
-    """Draws `num_samples` CoT outputs per input with sample_decode and votes; returns (answers, samples).
-
-    encoder_input_tokens: int32 [B, L]. The B inputs are repeated k times in one decode batch (rows i*k..i*k+k-1
-    belong to input i), so one call samples everything.
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from flan_jax.models import decoding
-
-    if num_samples < 1:
-        raise ValueError(f"sample_self_consistency: num_samples must be >= 1, got {num_samples}")
-    tokens = jnp.repeat(jnp.asarray(encoder_input_tokens, jnp.int32), num_samples, axis=0)
-    decoded = np.asarray(jax.device_get(decoding.sample_decode(
-        config, params, tokens, max_decode_len, rng, temperature=temperature, top_k=top_k, top_p=top_p)))
-    texts = []
-    for row in decoded:
-        ids = row.tolist()
-        ids = ids[:ids.index(1)] if 1 in ids else ids
-        texts.append(vocabulary.decode([i for i in ids if i > 1]))
-    samples = [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(texts) // num_samples)]
-    return self_consistency(samples), samples
 
 
 def register_from_env() -> list[str] | None:

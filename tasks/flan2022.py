@@ -18,6 +18,9 @@ from __future__ import annotations
 import os
 
 from flan_jax.data import mixing, registry
+import flan_jax.tasks.flan2021
+from flan_jax.tasks import niv2, t0
+from flan_jax.tasks import cot, niv2, t0
 
 MIXTURE = "flan2022"
 TEMPLATE_TYPES = ("zs_opt", "zs_noopt", "fs_opt", "fs_noopt")
@@ -53,8 +56,6 @@ def _train_bases(collection: str) -> list[str]:
 
 def submixtures() -> dict[str, dict[str, float]]:
     """{collection: {task: rate}} of the registered collections (Flan 2021 is imported if needed)."""
-    import flan_jax.tasks.flan2021  # noqa: F401  (registers on import)
-    from flan_jax.tasks import niv2, t0
 
     subs = {"flan2021": dataset_rates({b: [b] for b in _train_bases("flan2021")}, CAPS["flan2021"],
                                       inversion_share=INVERSION_SHARE)}
@@ -77,7 +78,6 @@ def submixtures() -> dict[str, dict[str, float]]:
 def register(promptsource_dir: str | None = None, niv2_dir: str | None = None, cot_dir: str | None = None,
              t0_data_dir: str | None = None) -> dict[str, dict[str, float]]:
     """Registers the collections whose folders are given, then the `flan2022` mixture; returns its submixtures."""
-    from flan_jax.tasks import cot, niv2, t0
 
     if promptsource_dir:
         t0.register(promptsource_dir, t0_data_dir)
@@ -105,7 +105,6 @@ def describe_missing() -> str:
 
 def _register_from_env() -> None:
     # flan_jax.tasks.t0 / flan_jax.tasks.niv2 / flan_jax.tasks.cot already registered what their environment variables name on import.
-    from flan_jax.tasks import cot, niv2, t0  # noqa: F401
     register()
 
 

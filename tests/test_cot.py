@@ -12,6 +12,7 @@ from flan_jax.cli import data as data_cli
 from flan_jax.data import mixing, registry
 from flan_jax.models import t5
 from flan_jax.data.templates import extract_cot_answer
+from flan_jax.evaluation import self_consistency
 from flan_jax.tasks import cot
 
 COT_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "cot")
@@ -53,7 +54,7 @@ def test_self_consistency_votes_on_extracted_answers():
     samples = [["... so the answer is 7.", "The answer is (7)", "Answer: 8"],
                ["answer is 3", "answer is 4"],          # tie: first reached wins
                ["", "   "]]
-    assert cot.self_consistency(samples) == ["7", "3", ""]
+    assert self_consistency.self_consistency(samples) == ["7", "3", ""]
 
 
 def test_sample_self_consistency_on_tiny_model():
@@ -63,17 +64,17 @@ def test_sample_self_consistency_on_tiny_model():
     tokens = np.zeros([2, 8], np.int32)
     tokens[0, :4] = vocab.encode("1+1") + [1]
     tokens[1, :3] = vocab.encode("ab") + [1]
-    answers, samples = cot.sample_self_consistency(config, params, tokens, vocabulary=vocab,
+    answers, samples = self_consistency.sample_self_consistency(config, params, tokens, vocabulary=vocab,
                                                    rng=jax.random.PRNGKey(1), num_samples=3, temperature=0.0,
                                                    max_decode_len=6)
     assert len(answers) == 2 and [len(s) for s in samples] == [3, 3]
     assert all(len(set(s)) == 1 for s in samples)   # temperature 0 = greedy: the k samples agree
-    assert answers == cot.self_consistency(samples)
-    _, hot = cot.sample_self_consistency(config, params, tokens, vocabulary=vocab, rng=jax.random.PRNGKey(1),
+    assert answers == self_consistency.self_consistency(samples)
+    _, hot = self_consistency.sample_self_consistency(config, params, tokens, vocabulary=vocab, rng=jax.random.PRNGKey(1),
                                          num_samples=4, temperature=5.0, max_decode_len=6)
     assert any(len(set(s)) > 1 for s in hot)         # high temperature: samples differ
     with pytest.raises(ValueError, match="num_samples"):
-        cot.sample_self_consistency(config, params, tokens, vocabulary=vocab, rng=jax.random.PRNGKey(1),
+        self_consistency.sample_self_consistency(config, params, tokens, vocabulary=vocab, rng=jax.random.PRNGKey(1),
                                     num_samples=0)
 
 

@@ -13,6 +13,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from flan_jax.data.vocabularies import hf as hv  # noqa: E402
 
 from flan_jax import models
+from flan_jax.checkpoints import vocab_rows
 
 CORPUS = ["Is the review positive or negative? A great film!", 'She said "yes" and left.', "2 + 3 = 5, so odd.",
           "Translate to French: the cat sleeps.", "Answer: positive", "Answer: negative"] * 20
@@ -107,7 +108,7 @@ def test_reordered_rows_give_the_checkpoints_logits_in_seqio_ids(tmp_path):
     config = models.DecoderConfig(vocab_size=vocab.vocab_size + 3, emb_dim=16, num_layers=1, num_heads=2,
                                   num_kv_heads=1, head_dim=8, mlp_dim=32, tie_embeddings=False)
     hf_params = jax.device_get(models.init_params(config, jax.random.PRNGKey(0)))
-    ours = hv.reorder_vocabulary_rows(config, hf_params, vocab.hf_order)
+    ours = vocab_rows.reorder_vocabulary_rows(config, hf_params, vocab.hf_order)
     ids = np.asarray([[0] + vocab.encode("A great film!")], np.int32)
     batch = lambda tokens: {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
                             "decoder_causal_attention": np.zeros_like(tokens)}
@@ -117,7 +118,7 @@ def test_reordered_rows_give_the_checkpoints_logits_in_seqio_ids(tmp_path):
     our_logits = forward(ours, batch(ids))
     np.testing.assert_allclose(np.asarray(our_logits), np.asarray(hf_logits)[..., order], rtol=1e-6, atol=1e-6)
     from flan_jax.checkpoints import vocab_rows
-    back = hv.reorder_vocabulary_rows(config, ours, vocab_rows.inverse(vocab.hf_order))
+    back = vocab_rows.reorder_vocabulary_rows(config, ours, vocab_rows.inverse(vocab.hf_order))
     np.testing.assert_array_equal(back["token_embedder"]["embedding"], hf_params["token_embedder"]["embedding"])
 
 

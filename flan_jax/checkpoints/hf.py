@@ -24,6 +24,11 @@ import numpy as np
 
 from flan_jax.checkpoints import hf_decoder
 from flan_jax.checkpoints.t5x import check_params, flatten, unflatten
+from flan_jax.models import T5Config
+from safetensors.numpy import load_file
+import ml_dtypes
+from safetensors.numpy import save_file
+from flan_jax.models import is_encoder_decoder
 
 _ATTENTION = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
 _MLP = ('wi_0', 'wi_1', 'wo')
@@ -74,7 +79,6 @@ def hf_name_map(config) -> dict:
 
 def config_from_hf(hf: Mapping, source: str = 'config.json', **overrides):
     """T5Config from an HF T5 config dict; only T5 1.1 (gated-gelu) models are accepted."""
-    from flan_jax.models import T5Config
     model_type = hf.get('model_type', 't5')
     if model_type not in ('t5', 'mt5'):
         raise ValueError(f'{source}: model_type={model_type!r}; only T5 1.1 / mT5 (model_type t5 or mt5) is '
@@ -129,7 +133,6 @@ def config_to_hf(config) -> dict:
 # Reading weights.
 
 def _load_safetensors(files: list) -> dict:
-    from safetensors.numpy import load_file
     weights = {}
     for f in files:
         weights.update(load_file(f))
@@ -137,7 +140,7 @@ def _load_safetensors(files: list) -> dict:
 
 
 def _load_torch_bin(files: list) -> dict:
-    import torch
+    import torch  # lazy: torch is optional (the test/bench extras), only .bin checkpoints need it
     weights = {}
     for f in files:
         # weights_only=True: never unpickle arbitrary objects from a downloaded file.
@@ -216,7 +219,6 @@ def load_hf(path: str, **config_overrides):
 
 
 def _bfloat16():
-    import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16)
 
 
@@ -229,8 +231,6 @@ def export_hf(config, params: Mapping, out_dir: str, *, max_shard_bytes: int = 0
     Weights keep their dtype (float32 / bfloat16). max_shard_bytes > 0 splits the weights into
     model-0000i-of-0000n.safetensors files with a model.safetensors.index.json, like HF does.
     """
-    from safetensors.numpy import save_file
-    from flan_jax.models import is_encoder_decoder
     if not is_encoder_decoder(config):
         return hf_decoder.export(config, params, out_dir)
     flat = {p: np.asarray(a) for p, a in flatten(params).items()}

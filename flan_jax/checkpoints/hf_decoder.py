@@ -18,6 +18,9 @@ from typing import Mapping
 import numpy as np
 
 from flan_jax.checkpoints.t5x import flatten, unflatten
+from flan_jax.models import DecoderConfig
+import ml_dtypes
+from safetensors.numpy import save_file
 
 MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'gemma': 'GemmaForCausalLM'}
 _ATTENTION = {'q_proj': 'query', 'k_proj': 'key', 'v_proj': 'value', 'o_proj': 'out'}
@@ -59,7 +62,6 @@ def _rope(hf: Mapping):
 
 
 def config_from_hf(hf: Mapping, source: str = 'config.json', **overrides):
-    from flan_jax.models import DecoderConfig
     kind = hf.get('model_type')
     if kind not in MODEL_TYPES:
         raise ValueError(f'{source}: model_type={kind!r}; decoder-only models supported: {sorted(MODEL_TYPES)}')
@@ -127,13 +129,11 @@ def load(path: str, hf_config: Mapping, weights: dict, **config_overrides):
 
 
 def _bfloat16():
-    import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16)
 
 
 def export(config, params: Mapping, out_dir: str) -> str:
     """config.json + model.safetensors that transformers' *ForCausalLM loads."""
-    from safetensors.numpy import save_file
     flat = {p: np.asarray(a) for p, a in flatten(params).items()}
     tensors = {}
     for hf_name, (ours, transpose) in hf_name_map(config).items():

@@ -16,6 +16,11 @@ import re
 from typing import Any, Optional
 
 import numpy as np
+from flan_jax import models
+from etils import epath
+import orbax.checkpoint as ocp
+import jax
+from flan_jax.checkpoints import t5x, vocab_rows
 
 STEP_PREFIX = 'checkpoint'
 STATE_ITEM, META_ITEM = 'state', 'meta'
@@ -26,7 +31,6 @@ def model_record(config, vocabulary=None) -> dict:
     """JSON-ready {'family', 'config'} of a model config (T5Config, DecoderConfig), saved in each checkpoint's meta;
     with an HF tokenizer vocabulary also the id swaps it applies (flan_jax.data.vocabularies.hf), so that an export can
     put the vocabulary rows back into the tokenizer's own order."""
-    from flan_jax import models
     record = {'family': models.family(config).name, 'config': dataclasses.asdict(config)}
     swaps = getattr(vocabulary, 'swaps', None)
     if swaps:
@@ -36,7 +40,6 @@ def model_record(config, vocabulary=None) -> dict:
 
 def model_from_record(record: dict):
     """The model config saved by model_record (JSON lists back to the tuples the frozen configs hold)."""
-    from flan_jax import models
     config_type = models.family_by_name(record['family']).config_type
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record['config'].items()}
     return config_type(**fields)
@@ -44,7 +47,6 @@ def model_from_record(record: dict):
 
 # --- locating ----------------------------------------------------------------------------------------------------------
 def _is_step_dir(path: str) -> bool:
-    from etils import epath
     root = epath.Path(path)
     return (root / STATE_ITEM).is_dir() and (root / META_ITEM).is_dir()
 
@@ -52,7 +54,6 @@ def _is_step_dir(path: str) -> bool:
 def find_trained_checkpoint(path: str) -> Optional[tuple[str, int]]:
     """(checkpoint_<N> dir, N) when `path` is one of our training checkpoints, a MODEL_DIR (its latest) or
     MODEL_DIR/best; None when it is none of these (a T5X or HF checkpoint, say). Unfinished (tmp) saves are skipped."""
-    from etils import epath
     path = os.fspath(path).rstrip('/')
     path = path if '://' in path else os.path.abspath(path)
     root = epath.Path(path)
@@ -69,7 +70,6 @@ def find_trained_checkpoint(path: str) -> Optional[tuple[str, int]]:
 
 
 def read_meta(checkpoint_dir: str) -> dict:
-    import orbax.checkpoint as ocp
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(checkpoint_dir, META_ITEM))
 
 
@@ -80,8 +80,6 @@ def restore_params(checkpoint_dir: str, abstract_params: Any = None):
     abstract_params: a tree of jax.ShapeDtypeStruct with .sharding (restored as sharded jax.Arrays, as training lays
     them out); None restores numpy arrays of the saved shapes and dtypes (for conversion on one host).
     """
-    import jax
-    import orbax.checkpoint as ocp
     state_dir = os.path.join(checkpoint_dir, STATE_ITEM)
     checkpointer = ocp.PyTreeCheckpointer()
     if abstract_params is None:
@@ -116,7 +114,6 @@ def load_trained(path: str, config=None):
     The parameters are checked against the config by name and shape. Vocabulary rows trained in an HF tokenizer
     vocabulary's swapped ids are put back into the tokenizer's order (what HF export and serving expect).
     """
-    from flan_jax.checkpoints import t5x, vocab_rows
     params, step = load_params(path)
     checkpoint_dir, _ = find_trained_checkpoint(path)
     flat = t5x.flatten(params)

@@ -23,6 +23,12 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from flan_jax.utils.tree_paths import flatten, unflatten  # noqa: F401  (part of this module's API)
+from flan_jax import models as model_api
+from flan_jax.models import T5Config
+import tensorstore as ts
+from flax import serialization
+from etils import epath
+import orbax.checkpoint as ocp
 
 LEGACY_VERSION = 3
 SLOT_NAMES = ('v_row', 'v_col', 'v', 'm')
@@ -34,7 +40,6 @@ _MIN_DIM_SIZE_TO_FACTOR = 128
 
 def expected_shapes(config) -> dict:
     """{flat path: shape tuple} for a T5Config, from the model's own parameter table."""
-    from flan_jax import models as model_api
     return {path: tuple(s.shape) for path, s in flatten(model_api.param_shapes(config)).items()}
 
 
@@ -65,7 +70,6 @@ def infer_config(params: Mapping, **overrides):
     """T5Config whose shapes match `params` (nested or flat). Fields that shapes cannot tell
     (layer_norm_epsilon, relative_attention_max_distance, dropout_rate, dtypes) take T5Config defaults
     unless given in `overrides`."""
-    from flan_jax.models import T5Config
     flat = params if any('/' in k for k in params) else flatten(params)
     try:
         vocab, d = np.shape(flat['token_embedder/embedding'])
@@ -137,7 +141,6 @@ def _chunk_shape(shape, itemsize: int) -> list:
 
 def _write_tensorstore(ckpt_dir: str, name: str, array: np.ndarray) -> dict:
     """Write `array` as zarr+gzip under ckpt_dir/<dotted name>; return the relative spec T5X stores."""
-    import tensorstore as ts
     relative = name.replace('/', '.')
     spec = {'driver': 'zarr', 'dtype': array.dtype.name,
             'kvstore': {'driver': 'file', 'path': relative},
@@ -157,7 +160,6 @@ def save_t5x_legacy(params: Mapping, path: str, step: int, param_states: Optiona
     zero slots shaped like a fresh T5X Adafactor so stock T5X can restore the checkpoint.
     Parameters and full-size v/m slots go to TensorStore; factored slots and the step stay inline.
     """
-    from flax import serialization
     flat_params = {p: np.asarray(a) for p, a in flatten(params).items()}
     if param_states is None:
         flat_states = {p: default_adafactor_slots(a.shape) for p, a in flat_params.items()}
@@ -210,7 +212,6 @@ def _is_ts_spec(value) -> bool:
 
 def _read_tensorstore(spec: Mapping, ckpt_dir: str, name: str) -> np.ndarray:
     """Open a spec as stored in the msgpack: relative path, any of file/gfile/gcs kvstores."""
-    import tensorstore as ts
     spec = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in spec.items()}
     metadata = spec.get('metadata', {})
     # Chunking and compression are read from the zarr metadata on disk; T5X drops them too.
@@ -255,7 +256,6 @@ def absolute_path(path) -> str:
 
 def _find_checkpoint(path: str) -> tuple[str, str]:
     """Resolve `path` (local, relative or gs://) to ('legacy', msgpack file) or ('orbax', state dir)."""
-    from etils import epath
     root = epath.Path(absolute_path(path))
     if root.is_file():
         return 'legacy', str(root)
@@ -275,8 +275,6 @@ def _find_checkpoint(path: str) -> tuple[str, str]:
 
 
 def _read_legacy(msgpack_file: str) -> dict:
-    from etils import epath
-    from flax import serialization
     raw = epath.Path(msgpack_file).read_bytes()
     if raw.startswith(b'model_checkpoint_path'):
         raise ValueError(f'{msgpack_file} is a TensorFlow (Mesh TF) checkpoint index, not a T5X checkpoint')
@@ -289,7 +287,6 @@ def _read_legacy(msgpack_file: str) -> dict:
 
 
 def _read_orbax(state_dir: str) -> dict:
-    import orbax.checkpoint as ocp
     checkpointer = ocp.PyTreeCheckpointer()
     metadata = checkpointer.metadata(state_dir)
     tree = getattr(metadata, 'item_metadata', None) or metadata
@@ -349,8 +346,6 @@ def save_orbax_params(params: Mapping, path: str, *, step: Optional[int] = None,
     m}, the unused ones as (1,)-shaped zeros, which is the tree T5X's checkpointer restores into. Returns the state
     dir. `load_t5x(path)` reads it back.
     """
-    import orbax.checkpoint as ocp
-    from etils import epath
     tree = {'target': _to_numpy_tree(params)}
     if step is not None or slots:
         tree['state'] = {'step': np.asarray(step or 0, np.int32),

@@ -5,14 +5,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-
-
-def order_from_swaps(size: int, swaps: Sequence[Sequence[int]]) -> np.ndarray:
-    """new id -> old id: the identity with the transpositions (i, j) applied in turn."""
-    order = np.arange(size, dtype=np.int64)
-    for i, j in swaps:
-        order[[i, j]] = order[[j, i]]
-    return order
+import jax
+from flan_jax import models
+from flan_jax.data.vocabularies.hf import order_from_swaps  # noqa: F401  (part of this module's API)
 
 
 def inverse(order: np.ndarray) -> np.ndarray:
@@ -23,9 +18,7 @@ def reorder_vocabulary_rows(config, params: dict, order: np.ndarray) -> dict:
     """params with every 'vocab' axis (embedding rows, untied output columns) permuted by `order` (new index ->
     old); `inverse(order)` puts them back. Rows past len(order) (a model vocab_size padded beyond the tokenizer's)
     stay where they are."""
-    import jax
 
-    from flan_jax import models
     order = np.asarray(order, np.int64)
 
     def one(axes, value):

@@ -5,6 +5,8 @@ import importlib
 import os
 import sys
 from typing import Optional, Sequence
+from flan_jax.utils.runtime_env import reexec_with_tuned_malloc
+import difflib
 
 # Quiet TensorFlow (input pipeline only) before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -38,7 +40,6 @@ def usage() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is None:  # a real command line (not a call from Python): restart once with the tuned malloc
-        from flan_jax.utils.runtime_env import reexec_with_tuned_malloc
         reexec_with_tuned_malloc(["-m", "flan_jax.cli", *sys.argv[1:]])
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -46,7 +47,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        import difflib
         close = difflib.get_close_matches(command, COMMANDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"flan-jax: unknown command {command!r}{hint}\n\n{usage()}", file=sys.stderr)

@@ -67,7 +67,6 @@ def merge_main(argv) -> int:
         print(f"usage: {MERGE_USAGE}", file=sys.stderr)
         return 2
     out, rest = args[-1], args[:-1]
-    from flan_jax.cli import train as train_main
     try:
         flags, cfg = train_main.load_config(rest)
         if not peft_state.enabled(cfg.model):

@@ -25,6 +25,16 @@ import sys
 from typing import Sequence, TextIO
 
 import numpy as np
+from flan_jax.utils.user_modules import import_modules
+import seqio
+from flan_jax.data import mixing
+from flan_jax.data import registry
+import flan_jax.tasks.flan2022
+from flan_jax.tasks import t0
+from flan_jax.tasks import niv2
+from flan_jax.tasks import cot
+from flan_jax.tasks import flan2022
+from flan_jax.data import mixing, registry
 
 PERCENTILES = (50, 90, 99)
 
@@ -63,7 +73,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _import_registrations(modules: Sequence[str]) -> None:
-    from flan_jax.utils.user_modules import import_modules
 
     importlib.import_module("flan_jax.tasks")
     try:
@@ -73,8 +82,6 @@ def _import_registrations(modules: Sequence[str]) -> None:
 
 
 def _tasks_and_rates(name: str) -> list[tuple[str, float]]:
-    import seqio
-    from flan_jax.data import mixing
 
     try:
         seqio.get_mixture_or_task(name)
@@ -87,7 +94,6 @@ def _tasks_and_rates(name: str) -> list[tuple[str, float]]:
 
 
 def _variants_of_base_task(name: str) -> list[str]:
-    from flan_jax.data import registry
 
     if name not in registry.list_base_tasks():
         return []
@@ -95,7 +101,6 @@ def _variants_of_base_task(name: str) -> list[str]:
 
 
 def _default_split(name: str, task: str) -> str:
-    import seqio
 
     splits = seqio.get_mixture_or_task(task).splits
     preferred = "validation" if "eval" in name else "train"
@@ -105,7 +110,7 @@ def _default_split(name: str, task: str) -> str:
 def _mock_context(enabled: bool, num_examples: int):
     if not enabled:
         return contextlib.nullcontext()
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: TFDS is heavy; importing a registration must stay cheap
 
     return tfds.testing.mock_data(num_examples=max(num_examples, 10), policy=tfds.testing.MockPolicy.USE_CODE)
 
@@ -115,7 +120,6 @@ def _text(value) -> str:
 
 
 def cmd_list(args, out: TextIO) -> int:
-    from flan_jax.data import registry
 
     if args.collection in COLLECTION_MODULES:
         return _list_collection(args, out)
@@ -131,7 +135,6 @@ def cmd_list(args, out: TextIO) -> int:
 
 
 def cmd_show(args, out: TextIO) -> int:
-    import seqio
 
     empty = []
     with _mock_context(args.mock, args.num_examples):
@@ -168,7 +171,6 @@ def cmd_show(args, out: TextIO) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _source_chain(task_name: str) -> list:
-    from flan_jax.data import registry
 
     try:
         source = registry.task_spec(registry.task_info(task_name).base_task).source
@@ -193,7 +195,6 @@ def _source_counts(task_name: str) -> tuple[dict, dict]:
 
 def _skip_snapshot(task_name: str) -> tuple[dict, dict]:
     """Counters before reading a task (few-shot exemplar pools are built first so their reads are not counted)."""
-    from flan_jax.data import registry
 
     try:
         info = registry.task_info(task_name)
@@ -209,7 +210,6 @@ def _skips_since(task_name: str, before: tuple[dict, dict]) -> dict:
 
     A source's own reasons replace the registry's `record_is_none` when they account for exactly those records
     (a source read for another split, as a held-out split reads the whole train file, may count more)."""
-    from flan_jax.data import registry
 
     registry_before, source_before = before
     reasons = {r: n - registry_before.get(r, 0) for r, n in registry.data_error_counts(task_name).items()}
@@ -243,8 +243,7 @@ def _length_stats(lengths: np.ndarray, limit: int) -> str:
 
 
 def cmd_stats(args, out: TextIO) -> int:
-    import seqio
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow takes seconds to import; only the input pipeline needs it
 
     task_rates = _tasks_and_rates(args.name)
     total_rate = sum(rate for _, rate in task_rates) or 1.0
@@ -280,7 +279,6 @@ def cmd_stats(args, out: TextIO) -> int:
     print(f"# total scanned {totals['n']}: truncated inputs {totals['inputs']}, targets {totals['targets']}", file=out)
     print(f"# skipped malformed records: {skipped or 'none'}", file=out)
     if args.name.startswith("flan2022"):
-        import flan_jax.tasks.flan2022
         print(f"# flan2022 missing collections: {flan_jax.tasks.flan2022.describe_missing()}", file=out)
     return 0
 
@@ -333,30 +331,22 @@ def _register_collections(args) -> None:
         raise SystemExit("flan-jax data: the niv2 collection needs --niv2-dir DIR (a natural-instructions clone) "
                          "or $FLAN_JAX_NIV2_DIR")
     if ps_dir and (wanted in ("t0", "flan2022") or not wanted):
-        from flan_jax.tasks import t0
         t0.register(ps_dir, args.t0_data_dir)
     if niv2_dir and (wanted in ("niv2", "flan2022") or not wanted):
-        from flan_jax.tasks import niv2
         niv2.register(niv2_dir)
     if wanted == "cot" or cot_dir:
-        from flan_jax.tasks import cot
         cot.register(cot_dir)
     if wanted == "flan2022":
-        from flan_jax.tasks import flan2022
         flan2022.register()
 
 
 def _already_registered(name: str | None) -> bool:
-    import seqio
-    from flan_jax.data import registry
 
     return bool(name) and (name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
                            or name in registry.list_base_tasks())
 
 
 def _t0_render_check(num_records: int, mock: bool, out: TextIO) -> None:
-    from flan_jax.data import registry
-    from flan_jax.tasks import t0
 
     failing = 0
     with _mock_context(mock, num_records):
@@ -380,7 +370,6 @@ def _t0_render_check(num_records: int, mock: bool, out: TextIO) -> None:
 
 
 def _list_collection(args, out: TextIO) -> int:
-    from flan_jax.data import mixing, registry
 
     collection = _wanted_collection(args)
     if collection == "t0":
@@ -410,7 +399,6 @@ def _list_collection(args, out: TextIO) -> int:
             spec = registry.task_spec(name)
             print(f"{name}\t{spec.source.describe()}\t{len(spec.cot_templates)}", file=out)
         return 0
-    from flan_jax.tasks import flan2022
     for task, rate in sorted(mixing.mixture_rates(flan2022.MIXTURE).items()):
         print(f"{task}\t{registry.task_info(task).collection}\t{rate:.6g}", file=out)
     print(f"# flan2022 missing collections: {flan2022.describe_missing()}", file=out)

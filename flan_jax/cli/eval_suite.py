@@ -20,6 +20,9 @@ import time
 from typing import Optional, Sequence
 
 from flan_jax.evaluation.suites import SUITES, suite_module
+from flan_jax.cli import train as train_main
+from flan_jax.evaluation.suites.runner import RunOptions, SuiteRunner
+from flan_jax.train.metrics_log import MetricsWriter
 
 
 def _run_parser():
@@ -75,7 +78,6 @@ def _mean(results) -> dict:
 
 def run_main(argv: Sequence[str]) -> int:
     args, gin_argv = _run_parser().parse_known_args(argv)
-    from flan_jax.cli import train as train_main
     try:
         flags, cfg = train_main.load_config(gin_argv)
     except train_main.ConfigError as e:
@@ -93,7 +95,6 @@ def run_main(argv: Sequence[str]) -> int:
         print(f"flan-jax eval-suite: --calibrate applies to rank classification; {args.suite} --mode {mode} "
               "generates, so only raw metrics are reported", file=sys.stderr)
     params, step, vocab = train_main.restore_trained(cfg, flags.checkpoint)
-    from flan_jax.evaluation.suites.runner import RunOptions, SuiteRunner
     try:
         options = RunOptions(args.batch_size, args.max_input_len, args.max_decode_len, args.calibrate,
                              args.max_batch_tokens)
@@ -102,7 +103,6 @@ def run_main(argv: Sequence[str]) -> int:
         return 2
     runner = SuiteRunner(cfg.model, params, vocab, options)
     folder = args.output_dir or os.path.join(cfg.model_dir, "eval_suites", f"{args.suite}_{mode}")
-    from flan_jax.train.metrics_log import MetricsWriter
     writer, results, start = MetricsWriter(cfg.model_dir, enable_tensorboard=False), [], time.perf_counter()
     for result in runner.run_many(tasks):
         results.append(result)

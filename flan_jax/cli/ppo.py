@@ -26,6 +26,9 @@ from flan_jax.pipeline import batches as data_lib
 from flan_jax.cli import train as main_lib
 from flan_jax.train.metrics_log import MetricsWriter
 from flan_jax.train.rl import ppo, ppo_resume, prompts as prompts_lib, rollout as rollout_lib, rule_reward
+from flan_jax.train.preference import reward_adapter
+from flan_jax import models
+import orbax.checkpoint as ocp
 
 REWARDS = ("learned", "rule")
 
@@ -89,13 +92,11 @@ def checkpoint_config(run: RunConfig) -> Optional[ppo_resume.CheckpointConfig]:
 def make_reward_fn(run: RunConfig, model_cfg, vocabulary):
     if run.reward == "rule":
         return rule_reward.exact_match_reward(vocabulary)
-    from flan_jax.train.preference import reward_adapter
     return reward_adapter.learned_reward(run.reward_model_dir, model_cfg)
 
 
 def ptx_batches(train_cfg, run: RunConfig):
     """Batches of the SFT mixture (the SFT run's packing), ptx_batch_size rows each."""
-    from flan_jax import models
     input_cfg = dataclasses.replace(train_cfg.input, global_batch_size=run.ptx_batch_size)
     converter = models.feature_converter(train_cfg.model, seed=train_cfg.seed)
     return (dict(b) for b in data_lib.train_batches(input_cfg, converter))
@@ -147,7 +148,6 @@ def run(argv: Sequence[str]) -> dict:
 
 
 def _save_params(model_dir: str, params) -> None:
-    import orbax.checkpoint as ocp
     path = os.path.abspath(os.path.join(model_dir, "policy_params"))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, jax.device_get(params), force=True)

@@ -11,6 +11,9 @@ from flan_jax.cli import train as sft_main
 
 from flan_jax.train import optim, partitioning
 from flan_jax.train.preference import loop
+import os
+from flan_jax.utils.user_modules import import_modules
+from etils import epath
 
 
 @gin.configurable("preference")
@@ -36,14 +39,12 @@ def preference_config(kind: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, m
 
 def configure(argv: Sequence[str]) -> loop.PreferenceConfig:
     """Flags -> task modules -> gin -> a validated PreferenceConfig, as `flan-jax train` does it."""
-    import os
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from flan_jax.utils.user_modules import import_modules
     args = sft_main.parse_flags(argv)
     import_modules(args.module)
     sft_main.configure_gin(args)
     sft_main.maybe_init_distributed()
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow takes seconds to import; only the input pipeline needs it
     tf.config.set_visible_devices([], "GPU")   # TensorFlow reads data only
     cfg = preference_config()
     loop.validate(cfg)
@@ -61,7 +62,6 @@ def preference_main(argv: Sequence[str]) -> dict:
     except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as e:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
         raise sft_main.ConfigError(first) from e
-    from etils import epath
     epath.Path(cfg.model_dir).mkdir(parents=True, exist_ok=True)
     epath.Path(cfg.model_dir, "config.gin").write_text(gin.config_str())
     summary = loop.run(cfg)

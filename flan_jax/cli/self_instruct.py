@@ -12,6 +12,11 @@ import argparse
 import os
 import sys
 from typing import Optional, Sequence
+import seqio
+from flan_jax.generation import prompts, self_instruct
+from flan_jax.generation.model import TextModel
+from flan_jax.cli.train import load_trained_model
+from flan_jax.cli.train import ConfigError
 
 DEFAULT_SEED_TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                   "tasks", "self_instruct_seed_tasks.jsonl")
@@ -36,11 +41,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def run(argv: Sequence[str]) -> dict:
-    import seqio
 
-    from flan_jax.generation import prompts, self_instruct
-    from flan_jax.generation.model import TextModel
-    from flan_jax.cli.train import load_trained_model
 
     args, model_flags = parse(argv)
     seeds = prompts.load_seed_tasks(args.seed_tasks)
@@ -61,7 +62,6 @@ def run(argv: Sequence[str]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from flan_jax.cli.train import ConfigError
     try:
         report = run(sys.argv[1:] if argv is None else list(argv))
     except (ConfigError, ValueError, FileNotFoundError) as e:

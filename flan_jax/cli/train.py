@@ -22,6 +22,10 @@ from flan_jax.pipeline import batches as data_lib
 from flan_jax.evaluation import predictions
 from flan_jax.train.metrics_log import MetricsWriter
 from flan_jax.train import restore, loop, loss as loss_lib, optim, partitioning, step as step_lib
+from gin import resource_reader
+from flan_jax import packing
+import dataclasses
+from flan_jax.utils.user_modules import import_modules
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                                         "gin_configs")
@@ -41,7 +45,6 @@ def _tolerate_namespace_packages_in_gin() -> None:
     Why a private name: gin registers this reader at import, ahead of any reader we could add (the public
     gin.config.register_file_reader only appends), and has no public way to remove or wrap one; its existence check
     catches ValueError but not the TypeError, so the parse function is the one place to turn one into the other."""
-    from gin import resource_reader
     original = resource_reader._parse_config_path
 
     def parse_config_path(config_path):
@@ -56,8 +59,6 @@ def _tolerate_namespace_packages_in_gin() -> None:
 @functools.lru_cache(maxsize=None)
 def _register_converters() -> None:
     """Feature converters selectable from gin (registered once per process)."""
-    import seqio
-    from flan_jax import packing
     gin.external_configurable(seqio.EncDecFeatureConverter, name="EncDecFeatureConverter", module="seqio")
     gin.external_configurable(packing.PackedPrefixLMFeatureConverter, name="PackedPrefixLMFeatureConverter",
                               module="flan_jax.packing")
@@ -110,7 +111,6 @@ def train_config(
 
     peft: a PeftConfig (gin_configs/peft/*.gin) set on the model config, whichever family it is."""
     if peft is not None:
-        import dataclasses
         model = dataclasses.replace(model, peft=peft)
     return loop.TrainConfig(
             model_dir=model_dir, model=model,
@@ -215,12 +215,11 @@ def _setup(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     args = parse_flags(argv)
-    from flan_jax.utils.user_modules import import_modules
     import_modules(args.module)  # before gin: its tasks may be named by MIXTURE_OR_TASK_NAME
     configure_gin(args)
     maybe_init_distributed()
     # Keep TensorFlow (data pipeline only) off accelerators and from grabbing their memory.
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow takes seconds to import; only the input pipeline needs it
     tf.config.set_visible_devices([], "GPU")
     return args
 

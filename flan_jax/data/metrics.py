@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from rouge_score import rouge_scorer
+import sacrebleu
 
 
 def to_text(value: Any) -> str:
@@ -74,7 +76,6 @@ def rouge_l(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str, flo
     if not targets:
         return {"rouge_l": float("nan")}
     if _ROUGE_SCORER is None:
-        from rouge_score import rouge_scorer  # lazy: only evaluation needs it
         _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = []
     for target, prediction in zip(targets, predictions):
@@ -85,7 +86,6 @@ def rouge_l(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str, flo
 
 def bleu(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str, float]:
     """Corpus BLEU (sacrebleu defaults, 13a tokenization), x100 as sacrebleu reports it."""
-    import sacrebleu  # lazy
 
     _check_lengths(targets, predictions, "bleu")
     if not targets:

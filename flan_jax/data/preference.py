@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from flan_jax.data import templates as tpl
 from flan_jax.data.sources import MalformedRecordError, RecordSource, check_record
+from flan_jax.data import registry
 
 RESPONSES_FIELD = "responses"
 CHOSEN_FIELD, REJECTED_FIELD = "chosen", "rejected"
@@ -139,7 +140,6 @@ def _context(spec: PreferenceSpec, split: str, index: int) -> str:
 
 def iter_groups(name: str, split: str, shard_index: int = 0, num_shards: int = 1) -> Iterator[PromptGroup]:
     """Rendered prompts with their ranked responses, in source order; bad records skipped and counted."""
-    from flan_jax.data import registry
     spec = preference_spec(name)
     for index, record in spec.source.records(split, shard_index, num_shards):
         try:

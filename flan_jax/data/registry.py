@@ -41,17 +41,16 @@ the registered seqio task names; mixtures are built with `flan_jax.data.mixing`.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import random
-import threading
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import seqio
 
 from flan_jax.data import render as rendered_source, templates as tpl
+from flan_jax.data.spec import TaskInfo, TaskSpec  # noqa: F401  (part of this module's API)
 from flan_jax.data import metrics
 from flan_jax.data.sources import MalformedRecordError, RecordSource, check_record
+import os
 
 VARIANTS = ("zs_opt", "zs_noopt", "fs_opt", "fs_noopt", "cot", "inv")
 RECORD_POLICIES = ("skip_and_count", "fail_fast")
@@ -62,7 +61,6 @@ def _default_vocabulary() -> seqio.Vocabulary:
     """ByteVocabulary, or the SentencePiece model named by FLAN_JAX_VOCAB (e.g. the T5 vocabulary
     gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model, 100 extra ids) for real runs. seqio loads the
     model lazily, so registration stays cheap."""
-    import os
     path = os.environ.get("FLAN_JAX_VOCAB")
     return seqio.SentencePieceVocabulary(path, extra_ids=100) if path else seqio.ByteVocabulary()
 
@@ -70,237 +68,26 @@ def _default_vocabulary() -> seqio.Vocabulary:
 DEFAULT_VOCABULARY = _default_vocabulary()
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """Everything one `register_task` call declared (validated)."""
-
-    name: str
-    source: RecordSource
-    templates: tuple[tpl.Template, ...]
-    fields: tuple[str, ...]
-    cluster: str
-    collection: str
-    options_field: str | None
-    fixed_options: tuple[str, ...] | None
-    options_style: str
-    rationale_field: str | None
-    cot_templates: tuple[tpl.Template, ...]
-    inversion_templates: tuple[tpl.Template, ...]
-    few_shot: tpl.FewShotConfig
-    vocabulary: seqio.Vocabulary
-    record_policy: str
-    seed: int
-    max_examples: Mapping[str, int]
-    metric_fns: tuple[Callable, ...] | None
-
-    @property
-    def has_options(self) -> bool:
-        return self.options_field is not None or self.fixed_options is not None
-
-    def num_examples(self, split: str) -> int | None:
-        count = self.source.num_examples(split)
-        cap = self.max_examples.get(split)
-        if cap is None:
-            return count
-        return cap if count is None else min(count, cap)
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskInfo:
-    """What the trainer/evaluator/CLI need to know about one registered seqio task."""
-
-    name: str
-    base_task: str
-    variant: str
-    cluster: str
-    collection: str
-    has_options: bool          # the "options" feature is non-empty (rank classification applies)
-    num_templates: int
-    splits: tuple[str, ...]
-    num_examples: Mapping[str, int | None]
-    metric: str                # "accuracy" for option variants, else "exact_match" (or the custom metric names)
-    source: str
-
-
 _SPECS: dict[str, TaskSpec] = {}
 _INFOS: dict[str, TaskInfo] = {}
-_DATA_ERRORS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-_SPLIT_ERRORS: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
-_ERRORS_LOCK = threading.Lock()
-_POOLS: dict[tuple[str, str], list[tuple[int, dict]]] = {}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rendering (pure Python; unit-testable without TF)
-# ----------------------------------------------------------------------------------------------------------------
-
-def normalize_record(spec: TaskSpec, record: Any, need_rationale: bool = False) -> dict:
-    """Checks a source record for `spec`; returns {field: str} (+ "_options"). Raises MalformedRecordError."""
-    values = check_record(record, spec.fields + ((spec.rationale_field,) if need_rationale else ()),
-                          spec.options_field)
-    if spec.fixed_options is not None:
-        values["_options"] = list(spec.fixed_options)
-    return values
-
-
-def example_rng(spec: TaskSpec, split: str, index: int) -> random.Random:
-    """The per-example random stream: template, options style and exemplars all come from it.
-
-    Its seed string has its own namespace: a source that seeds records from (seed, name, split, index) too would
-    otherwise draw the same numbers, and the template choice would leak the label."""
-    return random.Random(f"prompt/{spec.seed}/{spec.name}/{split}/{index}")
-
-
-def variant_templates(spec: TaskSpec, variant: str) -> tuple[tpl.Template, ...]:
-    if variant == "cot":
-        return spec.cot_templates
-    if variant == "inv":
-        return spec.inversion_templates
-    return spec.templates
-
-
-def _length_fn(spec: TaskSpec) -> Callable[[str], int]:
-    if spec.few_shot.length_unit == "bytes":
-        return tpl.byte_length
-    return lambda text: len(spec.vocabulary.encode(text))
-
-
-def _render_one(spec: TaskSpec, variant: str, template: tpl.Template, values: Mapping[str, Any],
-                style: tpl.OptionsStyle | None) -> tuple[str, str, list[str]]:
-    """Renders (input, target, scored options) for one record with a fixed template and options style."""
-    inputs, target = template.render(values)
-    options = values.get("_options") if variant in ("zs_opt", "zs_noopt", "fs_opt", "fs_noopt") else None
-    if not options:
-        return inputs, target, []
-    if target not in options:
-        raise MalformedRecordError("target_not_in_options", f"target {target!r} not in {options}")
-    if style is None:  # noopt: options are not shown, but stay available for rank classification
-        return inputs, target, list(options)
-    return tpl.apply_options(inputs, target, options, style)
-
-
-def render_example(spec: TaskSpec, variant: str, split: str, index: int, values: Mapping[str, Any],
-                   pool: Sequence[tuple[int, Mapping[str, Any]]] = ()) -> dict:
-    """Renders one normalized record into {"inputs", "targets", "options", "template_index"}."""
-    rng = example_rng(spec, split, index)
-    templates = variant_templates(spec, variant)
-    template_index = rng.randrange(len(templates))
-    template = templates[template_index]
-    style = None
-    if variant.endswith("_opt"):
-        style = tpl.DEFAULT_OPTIONS_STYLE if spec.options_style == "default" else tpl.random_options_style(rng)
-    inputs, target, options = _render_one(spec, variant, template, values, style)
-    if variant.startswith("fs_") and pool:
-        exemplars = []
-        # Draw a few spares so dropping the example itself (or an identical prompt) still leaves k exemplars.
-        for pool_pos in rng.sample(range(len(pool)), min(len(pool), spec.few_shot.num_exemplars + 2)):
-            pool_index, pool_values = pool[pool_pos]
-            if split == _pool_split(spec) and pool_index == index:
-                continue
-            try:
-                x, y, _ = _render_one(spec, variant, template, pool_values, style)
-            except MalformedRecordError:
-                continue
-            if x == inputs:
-                continue
-            exemplars.append((x, y))
-            if len(exemplars) == spec.few_shot.num_exemplars:
-                break
-        inputs, _ = tpl.assemble_few_shot(inputs, exemplars, rng, spec.few_shot, _length_fn(spec))
-    return {"inputs": inputs, "targets": target, "options": options, "template_index": template_index}
-
-
-def _pool_split(spec: TaskSpec) -> str:
-    return "train" if "train" in spec.source.splits else spec.source.splits[0]
-
-
-def exemplar_pool(spec: TaskSpec) -> list[tuple[int, dict]]:
-    """Valid records from the head of the train split (cached per task); built only when a few-shot dataset is."""
-    key = (spec.name, _pool_split(spec))
-    if key not in _POOLS:
-        pool = []
-        for index, record in spec.source.first_records(key[1], spec.few_shot.exemplar_pool_size):
-            try:
-                pool.append((index, normalize_record(spec, record)))
-            except MalformedRecordError:
-                pass
-        _POOLS[key] = pool
-    return _POOLS[key]
-
-
-def _count_error(task_name: str, split: str, reason: str) -> None:
-    with _ERRORS_LOCK:
-        _DATA_ERRORS[task_name][reason] += 1
-        _SPLIT_ERRORS[task_name, split][reason] += 1
-
-
-def render_record(spec: TaskSpec, variant: str, split: str, index: int, record: Any, pool) -> dict | None:
-    """One record rendered, or None after counting why it was skipped (fail_fast: raises, naming the record)."""
-    try:
-        values = normalize_record(spec, record, need_rationale=(variant == "cot"))
-        return render_example(spec, variant, split, index, values, pool)
-    except MalformedRecordError as e:
-        task_name = f"{spec.name}_{variant}"
-        if spec.record_policy == "fail_fast":
-            raise MalformedRecordError(e.reason, e.detail, f"task {task_name!r}, split {split!r}, "
-                                                           f"record {index}") from None
-        _count_error(task_name, split, e.reason)
-        return None
-
-
-def iter_examples(spec: TaskSpec, variant: str, split: str, shard_index: int = 0, num_shards: int = 1, *,
-                  start_record: int = 0, with_index: bool = False) -> Iterator[dict]:
-    """Python stream of rendered examples for one variant and split (what the seqio source wraps).
-
-    start_record: records with a smaller index are passed over unread by normalize/render (a resumed input pipeline
-    continues from its cursor); with_index: yield (record index, example) pairs.
-    """
-    pool = exemplar_pool(spec) if variant.startswith("fs_") else ()
-    cap = spec.max_examples.get(split)
-    for index, record in spec.source.records(split, shard_index, num_shards):
-        if cap is not None and index >= cap:
-            break
-        if index < start_record:
-            continue
-        example = render_record(spec, variant, split, index, record, pool)
-        if example is not None:  # outside the renderer's try: closing a suspended stream must not count an error
-            yield (index, example) if with_index else example
+# Rendering lives in render.py; these names stay reachable here, where task authors and tools look for them.
+normalize_record = rendered_source.normalize_record
+example_rng = rendered_source.example_rng
+variant_templates = rendered_source.variant_templates
+render_example = rendered_source.render_example
+exemplar_pool = rendered_source.exemplar_pool
+render_record = rendered_source.render_record
+iter_examples = rendered_source.iter_examples
+data_error_counts = rendered_source.data_error_counts
+restore_data_error_counts = rendered_source.restore_data_error_counts
+reset_data_error_counts = rendered_source.reset_data_error_counts
 
 
 def datasets_built() -> int:
     """How many registry datasets have been built in this process (registration alone builds none)."""
     return rendered_source.datasets_built()
-
-
-def data_error_counts(task: str | None = None, split: str | None = None) -> dict:
-    """{seqio task name: {reason: count}} of skipped records (counted on every pass over the data); of one split's
-    records only when `split` is given; of one task when `task` is (then just {reason: count})."""
-    with _ERRORS_LOCK:
-        if split is None:
-            counts = {name: dict(c) for name, c in _DATA_ERRORS.items() if c}
-        else:
-            counts = {name: dict(c) for (name, s), c in _SPLIT_ERRORS.items() if s == split and c}
-    return counts.get(task, {}) if task is not None else counts
-
-
-def restore_data_error_counts(counts: Mapping[str, Mapping[str, int]], split: str) -> None:
-    """Sets one split's counts to saved ones (a resumed input pipeline does not read those records again)."""
-    with _ERRORS_LOCK:
-        for (name, s), counter in list(_SPLIT_ERRORS.items()):
-            if s == split:
-                _DATA_ERRORS[name].subtract(counter)
-                counter.clear()
-        for name, reasons in counts.items():
-            _SPLIT_ERRORS[name, split].update(reasons)
-            _DATA_ERRORS[name].update(reasons)
-        for name in list(_DATA_ERRORS):
-            _DATA_ERRORS[name] = +_DATA_ERRORS[name]  # drop reasons whose count fell to 0
-
-
-def reset_data_error_counts() -> None:
-    with _ERRORS_LOCK:
-        _DATA_ERRORS.clear()
-        _SPLIT_ERRORS.clear()
 
 
 def _available_variants(spec: TaskSpec) -> list[str]:
@@ -442,8 +229,7 @@ def unregister_task(name: str) -> None:
         del _INFOS[task_name]
         if task_name in seqio.TaskRegistry.names():
             seqio.TaskRegistry.remove(task_name)
-    for key in [k for k in _POOLS if k[0] == name]:
-        del _POOLS[key]
+    rendered_source.forget_exemplar_pools(name)
 
 
 def task_info(task_name: str) -> TaskInfo:

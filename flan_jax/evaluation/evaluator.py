@@ -28,6 +28,7 @@ from flan_jax.evaluation import calibration, few_shot, scoring
 from flan_jax.data import metrics as metrics_lib
 from flan_jax.evaluation.suites.common import CONTENT_FREE_INPUTS
 from flan_jax import models
+from flan_jax.data import registry
 from flan_jax.models import decoding
 
 
@@ -65,9 +66,8 @@ class EvalOptions:
 
 def base_task_name(task_name: str) -> str:
     try:
-        from flan_jax.data import registry
         return registry.task_info(task_name).base_task
-    except Exception:  # tasks registered outside our registry are their own base task
+    except KeyError:  # tasks registered outside our registry are their own base task
         return task_name
 
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from flan_jax.models import decoder, peft, t5, t5_cache
+from flan_jax.models import lm_inputs
+from flan_jax import packing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,6 @@ def _t5_option_logits(config, params, inputs, options):
 
 def _decoder_option_logits(config, params, inputs, options):
     """Each option row is BOS ++ inputs ++ option laid out as one prefix-LM segment; logits of the option part."""
-    from flan_jax.models import lm_inputs
     batch, num_options, length = options.shape
     features = lm_inputs.prompt_and_targets(jnp.repeat(inputs, num_options, axis=0),
                                             options.reshape(batch * num_options, length))
@@ -111,12 +112,10 @@ def _decoder_project_logits(config, params, hidden, *, dropout_rng=None):
 
 
 def _t5_converter(**options):
-    from flan_jax import packing
     return packing.PackedEncDecFeatureConverter(**options)
 
 
 def _decoder_converter(**options):
-    from flan_jax import packing
     return packing.PackedPrefixLMFeatureConverter(**options)
 
 

@@ -16,6 +16,10 @@ import jax
 import numpy as np
 import seqio
 
+from flan_jax.data import registry
+from flan_jax.pipeline import native as native_pipeline
+from flan_jax.pipeline import seqio_input
+
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
@@ -78,7 +82,6 @@ class HostBatches:
     def state(self) -> Optional[dict]:
         if not hasattr(self._source, "state"):
             return None
-        from flan_jax.data import registry
         return {"position": self._source.state(), "data_errors": registry.data_error_counts(split=self._split)}
 
 
@@ -95,7 +98,6 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
     index, count = (jax.process_index(), jax.process_count()) if shard is None else (shard.index, shard.count)
     per_shard = cfg.input_sharding == "per_process_shard" and count > 1
     if input_state is not None:  # the records before the position are not read again: neither are their errors
-        from flan_jax.data import registry
         registry.restore_data_error_counts(input_state["data_errors"], cfg.split)
         input_state = input_state["position"]
     local = local_batch_size(cfg.global_batch_size, shard)
@@ -103,7 +105,6 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
     counts_truncation = hasattr(feature_converter, "stats")
     batch_size = local if per_shard else cfg.global_batch_size
     if cfg.pipeline == "native":
-        from flan_jax.pipeline import native as native_pipeline
         batches = native_pipeline.packed_batches(
                 cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter, split=cfg.split,
                 seed=cfg.seed, shuffle=cfg.shuffle, shard_index=index if per_shard else 0,
@@ -112,7 +113,6 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
             for _ in range(skip_batches):
                 next(batches)
     else:
-        from flan_jax.pipeline import seqio_input
         batches = seqio_input.seqio_batches(
                 cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter, split=cfg.split,
                 shuffle=cfg.shuffle, seed=cfg.seed,
@@ -148,10 +148,6 @@ def pipeline_counters(feature_converter) -> dict:
 def data_errors_by_task(split: Optional[str] = None) -> dict:
     """{task: {"data_errors": total, "data_errors/<reason>": n}} from the registry's skip-and-count policy, of the
     records of `split` (all splits if None). Restored with the input position on resume."""
-    try:
-        from flan_jax.data import registry
-    except ImportError:
-        return {}
     result = {}
     for task, reasons in registry.data_error_counts(split=split).items():
         values = {"data_errors": float(sum(reasons.values()))}

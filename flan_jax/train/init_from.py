@@ -17,11 +17,14 @@ import numpy as np
 import optax
 
 from flan_jax import models
+from flan_jax.checkpoints.t5x import flatten
+from flan_jax import checkpoints
+from flan_jax.checkpoints import run_dir as trained
+from flan_jax.checkpoints import vocab_rows
 
 
 def _flat(tree):
     """(path 'a/b/c', leaf) pairs, the checkpoints' own flattening."""
-    from flan_jax.checkpoints.t5x import flatten
     return flatten(tree).items()
 
 
@@ -30,8 +33,6 @@ def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool =
 
     vocabulary: the training vocabulary; an HF tokenizer vocabulary (flan_jax.data.vocabularies.hf) swaps a few ids, and
     an HF checkpoint's vocabulary rows are then put into those ids."""
-    from flan_jax import checkpoints
-    from flan_jax.checkpoints import run_dir as trained
     if trained.find_trained_checkpoint(path) is not None:
         if with_optimizer_state:
             raise ValueError(f"INIT_CHECKPOINT={path} is one of our training checkpoints: only its params are loaded "
@@ -46,7 +47,6 @@ def load_checkpoint_params(path: str, model_cfg, *, with_optimizer_state: bool =
         _, params = checkpoints.load_hf(path)
         slots = step = None
         if getattr(vocabulary, "hf_order", None) is not None:
-            from flan_jax.checkpoints import vocab_rows
             params = vocab_rows.reorder_vocabulary_rows(model_cfg, params, vocabulary.hf_order)
     elif with_optimizer_state:
         params, opt = checkpoints.load_t5x(path, with_optimizer_state=True)

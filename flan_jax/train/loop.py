@@ -17,6 +17,11 @@ from flan_jax.checkpoints import run_dir as trained_checkpoints
 from flan_jax.train import checkpointing, optim, partitioning, peft_state as peft, step as step_lib
 from flan_jax.pipeline import batches as data_lib
 from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
+from flan_jax.train import validation
+from flan_jax.evaluation.evaluator import base_task_name
+from flan_jax.train import init_from
+from flan_jax.evaluation import evaluator as evaluator_lib
+from flan_jax.train.flops import measure_matmul_peak_tflops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +59,10 @@ class NonFiniteLossError(RuntimeError):
 
 def validate_config(cfg: TrainConfig, num_devices: int) -> None:
     """Every check that can fail before any work, each naming its config key (see train/validation.py)."""
-    from flan_jax.train import validation
     validation.validate_config(cfg, num_devices)
 
 
 def seen_base_tasks(mixture_or_task_name: str) -> set:
-    from flan_jax.evaluation.evaluator import base_task_name
     return {base_task_name(t.name) for t in seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name))}
 
 
@@ -94,7 +97,6 @@ def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
     init = jax.jit(lambda rng: step_lib.init_state(cfg.model, optimizer, rng), out_shardings=shardings)
     state = init(jax.random.PRNGKey(cfg.seed))
     if cfg.init_checkpoint:
-        from flan_jax.train import init_from
         params, opt_state, step = init_from.initial_params_and_opt_state(
             cfg.init_checkpoint, cfg.model, jax.device_get(state["opt_state"]), cfg.restore_optimizer_state,
             vocabulary=data_lib.targets_vocabulary(cfg.input))
@@ -108,7 +110,6 @@ def _init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
 
 def make_evaluator(cfg: TrainConfig):
     """The periodic evaluator of cfg (EVAL_MIXTURE_OR_TASK_NAME, examples per task, batch, few-shot, calibration)."""
-    from flan_jax.evaluation import evaluator as evaluator_lib
     return evaluator_lib.Evaluator(
         cfg.eval_mixture_or_task_name, cfg.input.task_feature_lengths, cfg.model,
         seen_base_tasks=seen_base_tasks(cfg.input.mixture_or_task_name), examples_per_task=cfg.eval_examples_per_task,
@@ -188,7 +189,6 @@ class _Session:
         self.train_step = self._jit_step(optimizer, shardings)
         self._open_input()
         self.evaluator = make_evaluator(cfg) if cfg.eval_mixture_or_task_name else None
-        from flan_jax.train.flops import measure_matmul_peak_tflops
         self.peak_tflops = cfg.peak_tflops or measure_matmul_peak_tflops(cfg.model.dtype) * jax.device_count()
         self.progress = ProgressPrinter(cfg.train_steps)
         self.parameter_counts = peft.parameter_counts(cfg.model)

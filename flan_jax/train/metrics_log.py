@@ -14,6 +14,7 @@ import time
 from typing import Mapping, Optional
 
 import jax
+from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
@@ -26,7 +27,6 @@ class MetricsWriter:
 
     def _tensorboard(self, split: str):
         if split not in self._tb:
-            from tensorboardX import SummaryWriter  # imported lazily: start-up cost only when used
             self._tb[split] = SummaryWriter(os.path.join(self._model_dir, "tb", split))
         return self._tb[split]
 

@@ -27,6 +27,9 @@ from flan_jax import models
 from flan_jax.checkpoints import run_dir as trained
 from flan_jax.train import checkpointing, init_from, partitioning
 from flan_jax.pipeline import batches as data_lib
+import seqio
+from flan_jax.data import registry
+from flan_jax.train import optim
 
 PEFT_KEY = "peft"
 REFERENCE_FILE = "peft_base.json"
@@ -118,9 +121,7 @@ def mixture_class_labels(mixture_or_task_name: str) -> list[str]:
     fixed options, or the options of a task whose records carry their own when those form a small closed set (its
     first LABEL_SCAN_EXAMPLES train examples show at most MAX_CLASS_LABELS distinct ones; numbers or free answers
     are no class labels)."""
-    import seqio
 
-    from flan_jax.data import registry
     labels, seen_base = [], set()
     for task in seqio.get_subtasks(seqio.get_mixture_or_task(mixture_or_task_name)):
         try:
@@ -296,7 +297,6 @@ class _NoOptimizer:
 def save_merged(base_cfg, params: dict, step: int, out_dir: str, source: str) -> str:
     """Writes `params` as one of our train-state checkpoints (OUT/checkpoint_<step>, a fresh default Adafactor state)
     that `flan-jax eval` with the base's run config, or INIT_CHECKPOINT, reads."""
-    from flan_jax.train import optim
     optimizer = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(optim.ScheduleConfig()))
     state = {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": optimizer.init(params),
              "nonfinite_step": jnp.full((), -1, jnp.int32)}

@@ -14,6 +14,8 @@ from flan_jax.pipeline import native as native_pipeline
 from flan_jax import models
 from flan_jax.pipeline import batches as data_lib
 from flan_jax.train import loss as loss_lib, optim, partitioning
+import seqio
+import jax
 
 SCHEDULES = ("constant", "warmup_constant", "rsqrt")
 AGGREGATES = ("mean_seen", "mean_heldout")
@@ -49,7 +51,6 @@ def check_real(key: str, value: Any, low: float, high: float = math.inf, *, high
 def metric_names(eval_mixture_or_task_name: str, calibrate: bool = False) -> set:
     """Metric names the evaluator will report: 'loss' plus what each task's metric functions return (and, with
     calibration, ece, calibrated_ece and calibrated_<metric>)."""
-    import seqio
     names = {"loss"}
     for task in seqio.get_subtasks(seqio.get_mixture_or_task(eval_mixture_or_task_name)):
         for fn in task.predict_metric_fns or task.metric_fns:
@@ -160,7 +161,6 @@ def validate_config(cfg, num_devices: int) -> None:
 
 def _check_data_layout(cfg, num_devices: int) -> None:
     """Multi-host: every process must feed a whole block of data-parallel rows (see partitioning.data_shard)."""
-    import jax
     if jax.process_count() == 1 or num_devices != jax.device_count():
         return
     key = "MESH_SHAPE" if cfg.mesh.mesh_shape is not None else "NUM_PARTITIONS"
@@ -174,7 +174,6 @@ def _check_data_layout(cfg, num_devices: int) -> None:
 def checkpoint_bytes(model, min_dim_size_to_factor: int = 128) -> int:
     """Size of one checkpoint: params, plus Adafactor's float32 slots (row + column vectors for factored matrices,
     a full second moment for the rest)."""
-    import jax
     total = 0
     for shape in jax.tree.leaves(jax.tree.map(lambda s: s.shape, models.param_shapes(model),
                                               is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)),

@@ -153,7 +153,7 @@ def serialized_tfds_load():
     of one build can vanish under another ("could not find data in /tmp/non-existing/..."). Holding a lock around
     the build (iteration stays parallel) avoids that. Real TFDS data does not need this.
     """
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: TFDS is heavy; importing a registration must stay cheap
 
     original = tfds.load
     lock = threading.Lock()

@@ -160,7 +160,7 @@ def _close_live_readers() -> None:
 def _read_options():
     """No tf.data autotuning for the per-split readers: a mixture keeps ~100 of them, each autotuned iterator adds
     a model thread, and destroying one at the end of a pass was seen to block forever waiting for that thread."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow takes seconds to import; only the input pipeline needs it
 
     options = tf.data.Options()
     options.autotune.enabled = False
@@ -217,7 +217,7 @@ class TfdsSource(RecordSource):
         variants share their source), so tfds.load runs once per split, not once per task and pass.
         The cache is keyed on TFDS's `as_dataset` too: each `tfds.testing.mock_data` context patches it with a new
         function, so a dataset mocked in one context (e.g. one test's num_examples) is never served in another."""
-        import tensorflow_datasets as tfds  # imported lazily: registration must stay cheap
+        import tensorflow_datasets as tfds  # lazy: TFDS is heavy; importing a registration must stay cheap
 
         key = (split, tfds.core.DatasetBuilder.as_dataset)  # the key holds the function: its id is never reused
         with _TFDS_LOAD_LOCK:

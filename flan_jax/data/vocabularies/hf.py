@@ -25,9 +25,19 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flan_jax.checkpoints.vocab_rows import order_from_swaps, reorder_vocabulary_rows  # noqa: F401
+import sentencepiece
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 TOKENIZER_JSON, TOKENIZER_MODEL, TOKENIZER_CONFIG = 'tokenizer.json', 'tokenizer.model', 'tokenizer_config.json'
+
+
+
+def order_from_swaps(size: int, swaps: Sequence[Sequence[int]]) -> np.ndarray:
+    """new id -> old id: the identity with the transpositions (i, j) applied in turn."""
+    order = np.arange(size, dtype=np.int64)
+    for i, j in swaps:
+        order[[i, j]] = order[[j, i]]
+    return order
 
 
 def _token_name(value) -> Optional[str]:
@@ -61,11 +71,10 @@ class _Backend:
 
     def __init__(self, file: str):
         if file.endswith('.json'):
-            import tokenizers
+            import tokenizers  # lazy: only Hugging Face tokenizer.json vocabularies need it
             self.hf = tokenizers.Tokenizer.from_file(file)
             self.sp = None
         else:
-            import sentencepiece
             self.hf, self.sp = None, sentencepiece.SentencePieceProcessor(model_file=file)
 
     def size(self) -> int:
@@ -217,7 +226,6 @@ class ChatFormat:
         return cls(template, system, specials)
 
     def _render(self, messages: list, add_generation_prompt: bool) -> str:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(message):

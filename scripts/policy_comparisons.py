@@ -4,7 +4,7 @@ sample becomes a pair against a right sample (or the reference answer when no sa
 slip pair is kept. Written as JSONL {prompt, chosen, rejected} and registered as preference task `policy_cmp_pref`;
 then the reward model trains on it with the preference trainer.
 
-    python -m flan_jax.train.rl.policy_comparisons OUT_DIR SFT_CHECKPOINT [TRAIN_STEPS]
+    python scripts/policy_comparisons.py OUT_DIR SFT_CHECKPOINT [TRAIN_STEPS]
 """
 from __future__ import annotations
 
