@@ -198,7 +198,7 @@ def test_bbh_short_run_with_a_tiny_model(runner):
 
 
 def test_width_ladder_and_token_budget_batches_cover_every_row_once():
-    from flan_jax.evaluation.suites.runner import bucket_width
+    from flan_jax.evaluation.inference import bucket_width
     assert [bucket_width(n, 2048) for n in (1, 64, 65, 129, 1025, 1281, 1473, 1729, 5000)] == [
         64, 64, 128, 192, 1280, 1472, 1728, 2048, 2048]
     assert bucket_width(700, 512) == 512

@@ -1,4 +1,4 @@
-"""The malloc tunables the command-line entry points restart with (flan_jax/runtime_env.py)."""
+"""The malloc tunables the command-line entry points restart with (flan_jax/utils/runtime_env.py)."""
 import os
 import subprocess
 import sys

@@ -7,7 +7,7 @@ import pytest
 from flan_jax import checkpoints, models
 from flan_jax.checkpoints import convert, run_dir as trained
 from flan_jax.cli import convert as convert_cli
-from flan_jax.train import checkpointing, evaluate, init_from, loop, optim, step as step_lib
+from flan_jax.train import checkpointing, init_from, loop, optim, restore, step as step_lib
 from flan_jax.pipeline import batches as data_lib
 
 T5 = models.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_encoder_layers=1,
@@ -71,11 +71,11 @@ def test_eval_restores_params_only_on_the_training_mesh(tmp_path):
     cfg = loop.TrainConfig(model_dir=str(tmp_path / "run"), model=DECODER, train_steps=1,
                            input=data_lib.InputConfig("unused", {"inputs": 8, "targets": 8}, 1),
                            adafactor=optim.AdafactorConfig(beta1=0.9))
-    restored, step = evaluate.restore_params(cfg, str(tmp_path / "run"))
+    restored, step = restore.restore_params(cfg, str(tmp_path / "run"))
     assert step == 3 and all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))
     _assert_same_params(jax.device_get(restored), params)
     with pytest.raises(FileNotFoundError, match="no checkpoint_<step> found"):
-        evaluate.restore_params(cfg, str(tmp_path / "nothing_here"))
+        restore.restore_params(cfg, str(tmp_path / "nothing_here"))
 
 
 def test_checkpoint_without_a_recorded_config(tmp_path):

@@ -1,4 +1,4 @@
-"""The first thing a user does with their own data (README "Your own data"): a JSONL file, a task registered in
+"""The first thing a user does with their own data (docs/own-data.md): a JSONL file, a task registered in
 the user's own module, `flan-jax data show`, then `flan-jax train` and `flan-jax eval` with `--module`."""
 import json
 import os

@@ -128,10 +128,6 @@ def preference_spec(name: str) -> PreferenceSpec:
     return _SPECS[base]
 
 
-def list_preference_tasks(collection: str | None = None) -> list[str]:
-    return sorted(n + TASK_SUFFIX for n, s in _SPECS.items() if collection is None or s.collection == collection)
-
-
 def _context(spec: PreferenceSpec, split: str, index: int) -> str:
     where = getattr(spec.source, "location", None)
     place = where(split, index) if where else f"record {index}"

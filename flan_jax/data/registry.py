@@ -158,6 +158,31 @@ def register_task(
       max_examples: cap on records read per split (int = train only; e.g. 30_000 for FLAN 2021).
       metric_fns: metric functions for generative variants (default exact_match); option variants use accuracy.
     """
+    _check_arguments(name, source, record_policy, options_style, options_field, fixed_options)
+    fields = tuple(fields)
+    spec = TaskSpec(
+        name=name, source=source, templates=tuple(templates), fields=fields, cluster=cluster, collection=collection,
+        options_field=options_field, fixed_options=tuple(fixed_options) if fixed_options is not None else None,
+        options_style=options_style, rationale_field=rationale_field,
+        cot_templates=_cot_templates(name, templates, fields, rationale_field, cot_templates),
+        inversion_templates=tuple(inversion_templates), few_shot=few_shot,
+        vocabulary=vocabulary or DEFAULT_VOCABULARY, record_policy=record_policy, seed=seed,
+        max_examples=_normalize_caps(name, max_examples, source.splits),
+        metric_fns=tuple(metric_fns) if metric_fns else None)
+    tpl.validate_templates(name, list(templates), fields)
+    if inversion_templates:
+        tpl.validate_templates(name, list(inversion_templates), fields, kind="inversion template")
+    available = _available_variants(spec)
+    chosen = list(variants) if variants is not None else available
+    for variant in chosen:
+        if variant not in available:
+            raise ValueError(f"task {name!r}: variant {variant!r} not available (available: {available})")
+    unregister_task(name)
+    _SPECS[name] = spec
+    return [_add_variant(spec, variant, shuffle_buffer_size) for variant in chosen]
+
+
+def _check_arguments(name, source, record_policy, options_style, options_field, fixed_options) -> None:
     bad_fixed = fixed_options is not None and (len(fixed_options) < 2 or not all(
         isinstance(o, str) and o.strip() for o in fixed_options))
     for failed, problem in (
@@ -169,55 +194,41 @@ def register_task(
             (not isinstance(source, RecordSource), f"source must be a RecordSource, got {type(source).__name__}")):
         if failed:
             raise ValueError(f"task {name!r}: {problem}")
-    fields = tuple(fields)
-    tpl.validate_templates(name, list(templates), fields)
-    if inversion_templates:
-        tpl.validate_templates(name, list(inversion_templates), fields, kind="inversion template")
+
+
+def _cot_templates(name, templates, fields, rationale_field, cot_templates) -> tuple:
+    """The cot variant's templates: given ones, or each template's input + a CoT instruction (none without a
+    rationale field)."""
     if cot_templates is not None and rationale_field is None:
         raise ValueError(f"task {name!r}: cot_templates need a rationale_field")
-    cot = ()
-    if rationale_field is not None:
-        cot = tuple(cot_templates) if cot_templates is not None else tuple(
-            tpl.Template(f"{t.input}\n\n{tpl.COT_INSTRUCTIONS[i % len(tpl.COT_INSTRUCTIONS)]}",
-                         COT_TARGET % (rationale_field, t.target)) for i, t in enumerate(templates))
-        tpl.validate_templates(name, list(cot), fields + (rationale_field,), kind="cot template")
+    if rationale_field is None:
+        return ()
+    cot = tuple(cot_templates) if cot_templates is not None else tuple(
+        tpl.Template(f"{t.input}\n\n{tpl.COT_INSTRUCTIONS[i % len(tpl.COT_INSTRUCTIONS)]}",
+                     COT_TARGET % (rationale_field, t.target)) for i, t in enumerate(templates))
+    tpl.validate_templates(name, list(cot), tuple(fields) + (rationale_field,), kind="cot template")
+    return cot
 
-    spec = TaskSpec(
-        name=name, source=source, templates=tuple(templates), fields=fields, cluster=cluster, collection=collection,
-        options_field=options_field, fixed_options=tuple(fixed_options) if fixed_options is not None else None,
-        options_style=options_style, rationale_field=rationale_field, cot_templates=cot,
-        inversion_templates=tuple(inversion_templates), few_shot=few_shot,
-        vocabulary=vocabulary or DEFAULT_VOCABULARY, record_policy=record_policy, seed=seed,
-        max_examples=_normalize_caps(name, max_examples, source.splits),
-        metric_fns=tuple(metric_fns) if metric_fns else None)
 
-    available = _available_variants(spec)
-    chosen = list(variants) if variants is not None else available
-    for variant in chosen:
-        if variant not in available:
-            raise ValueError(f"task {name!r}: variant {variant!r} not available (available: {available})")
-
-    unregister_task(name)
-    _SPECS[name] = spec
+def _add_variant(spec: TaskSpec, variant: str, shuffle_buffer_size: int | None) -> str:
+    """Adds the seqio Task `<base>_<variant>` of a validated spec (replacing one of that name); returns its name."""
+    task_name = f"{spec.name}_{variant}"
+    fns, postprocess = _metric_fns(spec, variant)
+    if task_name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(task_name)
     output_features = {key: seqio.Feature(vocabulary=spec.vocabulary, add_eos=True) for key in ("inputs", "targets")}
-    names = []
-    for variant in chosen:
-        task_name = f"{name}_{variant}"
-        fns, postprocess = _metric_fns(spec, variant)
-        if task_name in seqio.TaskRegistry.names():
-            seqio.TaskRegistry.remove(task_name)
-        seqio.TaskRegistry.add(
-            task_name, source=rendered_source.RenderedSource(spec, variant), output_features=output_features,
-            preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-            postprocess_fn=postprocess, metric_fns=fns, shuffle_buffer_size=shuffle_buffer_size)
-        _INFOS[task_name] = TaskInfo(
-            name=task_name, base_task=name, variant=variant, cluster=cluster, collection=collection,
-            has_options=spec.has_options and variant not in ("cot", "inv"),
-            num_templates=len(variant_templates(spec, variant)), splits=source.splits,
-            num_examples={s: spec.num_examples(s) for s in source.splits},
-            metric=",".join(getattr(f, "__name__", "metric") for f in fns), source=source.describe())
-        names.append(task_name)
-    return names
+    seqio.TaskRegistry.add(
+        task_name, source=rendered_source.RenderedSource(spec, variant), output_features=output_features,
+        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+        postprocess_fn=postprocess, metric_fns=fns, shuffle_buffer_size=shuffle_buffer_size)
+    source = spec.source
+    _INFOS[task_name] = TaskInfo(
+        name=task_name, base_task=spec.name, variant=variant, cluster=spec.cluster, collection=spec.collection,
+        has_options=spec.has_options and variant not in ("cot", "inv"),
+        num_templates=len(variant_templates(spec, variant)), splits=source.splits,
+        num_examples={s: spec.num_examples(s) for s in source.splits},
+        metric=",".join(getattr(f, "__name__", "metric") for f in fns), source=source.describe())
+    return task_name
 
 
 def unregister_task(name: str) -> None:

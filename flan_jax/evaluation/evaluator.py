@@ -23,19 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from flan_jax.evaluation import calibration, few_shot, scoring
-
-from flan_jax.data import metrics as metrics_lib
-from flan_jax.evaluation.suites.common import CONTENT_FREE_INPUTS
 from flan_jax import models
+from flan_jax.data import metrics as metrics_lib
 from flan_jax.data import registry
-from flan_jax.models import decoding
+from flan_jax.data.vocabularies import special_ids
+from flan_jax.evaluation import calibration, few_shot, inference, scoring
+from flan_jax.evaluation.suites.common import CONTENT_FREE_INPUTS
 
 
 @dataclasses.dataclass
 class TaskEvalData:
     name: str
-    inputs: np.ndarray            # [N, Lin] int32, 0-padded, EOS-terminated
+    inputs: np.ndarray            # [N, Lin] int32, padded, EOS-terminated
     targets: np.ndarray           # [N, Lt]
     target_strings: list
     options: list                 # per example: list of option strings (empty for generative tasks)
@@ -71,13 +70,6 @@ def base_task_name(task_name: str) -> str:
         return task_name
 
 
-def _pad_to(arr: Sequence[int], length: int) -> np.ndarray:
-    out = np.zeros((length,), np.int32)
-    arr = np.asarray(arr, np.int32)[:length]
-    out[:len(arr)] = arr
-    return out
-
-
 def load_task_eval_data(task: seqio.Task, feature_lengths: Mapping[str, int], max_examples: Optional[int],
                                                 seen: bool, split: str = "validation") -> TaskEvalData:
     ds = task.get_dataset(sequence_length=dict(feature_lengths), split=split, shuffle=False, num_epochs=1)
@@ -86,8 +78,8 @@ def load_task_eval_data(task: seqio.Task, feature_lengths: Mapping[str, int], ma
     inputs, targets, target_strings, options, input_strings = [], [], [], [], []
     for ex in ds.as_numpy_iterator():
         input_strings.append(ex["inputs_pretokenized"].decode("utf-8") if "inputs_pretokenized" in ex else None)
-        inputs.append(_pad_to(ex["inputs"], feature_lengths["inputs"]))
-        targets.append(_pad_to(ex["targets"], feature_lengths["targets"]))
+        inputs.append(ex["inputs"])
+        targets.append(ex["targets"])
         raw_target = ex["targets_pretokenized"].decode("utf-8")
         target_strings.append(task.postprocess_fn(raw_target, example=ex, is_target=True)
                                                     if task.postprocess_fn else raw_target)
@@ -97,9 +89,12 @@ def load_task_eval_data(task: seqio.Task, feature_lengths: Mapping[str, int], ma
         raise ValueError(f"eval task {task.name!r} has no examples in split {split!r}")
     # Run the model on the lengths this task needs, not the training feature lengths (prompts are often a fraction of
     # them); bucketed so tasks share compiled shapes. Padding is masked, so scores do not depend on it.
-    inputs, targets = np.stack(inputs), np.stack(targets)
-    inputs = inputs[:, :_bucket(_longest(inputs), feature_lengths["inputs"], 32)]
-    targets = targets[:, :_bucket(_longest(targets), feature_lengths["targets"], 8)]
+    pad = {k: task.output_features[k].vocabulary.pad_id for k in ("inputs", "targets")}
+    inputs = inference.pad_rows(inputs, feature_lengths["inputs"], pad["inputs"])
+    targets = inference.pad_rows(targets, feature_lengths["targets"], pad["targets"])
+    inputs = inputs[:, :inference.round_up(inference.longest(inputs, pad["inputs"]), 32, feature_lengths["inputs"])]
+    targets = targets[:, :inference.round_up(inference.longest(targets, pad["targets"]), 8,
+                                             feature_lengths["targets"])]
     return TaskEvalData(task.name, inputs, targets, target_strings, options, seen, task, input_strings,
                         [""] * len(inputs))
 
@@ -111,26 +106,20 @@ def with_few_shot(d: TaskEvalData, k: int, split: str, feature_lengths: Mapping[
     pool = few_shot.exemplar_pool(d.task, split, 2 * k + 1, feature_lengths)
     contexts = [few_shot.context(few_shot.select_exemplars(pool, k, text, d.name)) for text in d.input_strings]
     vocab = d.task.output_features["inputs"].vocabulary
-    inputs, truncated = few_shot.encode(vocab, [c + t for c, t in zip(contexts, d.input_strings)],
-                                        feature_lengths["inputs"])
+    inputs, truncated = encode_prompts(vocab, [c + t for c, t in zip(contexts, d.input_strings)],
+                                       feature_lengths["inputs"])
     if truncated:
         logging.warning("few-shot eval: %s: %d of %d prompts longer than %d tokens kept their last tokens", d.name,
                         truncated, len(inputs), feature_lengths["inputs"])
-    inputs = np.pad(inputs, ((0, 0), (0, _bucket(inputs.shape[1], feature_lengths["inputs"], 32) - inputs.shape[1])))
     return dataclasses.replace(d, inputs=inputs, contexts=contexts, truncated=truncated)
 
 
-def _argmax_options(scores: np.ndarray, options: list) -> list:
-    return [opts[int(np.argmax(scores[i, :len(opts)]))] for i, opts in enumerate(options)]
-
-
-def _longest(tokens: np.ndarray) -> int:
-    nonpad = tokens > 0
-    return int(np.max(np.where(nonpad.any(1), tokens.shape[1] - np.argmax(nonpad[:, ::-1], axis=1), 0)))
-
-
-def _bucket(length: int, limit: int, multiple: int) -> int:
-    return max(1, min(limit, -(-length // multiple) * multiple))
+def encode_prompts(vocab, prompts: Sequence[str], limit: int) -> tuple[np.ndarray, int]:
+    """(int32 [N, W] EOS-terminated and padded, number truncated): W the longest row rounded up to a multiple of 32
+    (tasks share compiled shapes); a prompt longer than limit keeps its last tokens (the test input is at the end)."""
+    rows, truncated = inference.encode_prompts(vocab, prompts, limit)
+    width = inference.round_up(max(len(r) for r in rows), 32, limit)
+    return inference.pad_rows(rows, width, vocab.pad_id), truncated
 
 
 class Evaluator:
@@ -149,25 +138,25 @@ class Evaluator:
             self.data = [with_few_shot(d, options.few_shot, options.few_shot_split, feature_lengths)
                          for d in self.data]
         self.vocab = tasks[0].output_features["targets"].vocabulary
+        self.ids = special_ids(self.vocab)
         self._option_logits = jax.jit(functools.partial(models.option_logits, model_cfg))
-        self._rank = jax.jit(functools.partial(scoring.rank_classification_scores, model_cfg))
-        self._greedy = jax.jit(functools.partial(decoding.greedy_decode, model_cfg),
-                                                      static_argnames=("max_decode_len",))
+        self._rank = functools.partial(inference.rank_scores, model_cfg)   # (params, tokens, option tokens)
+        self._greedy = functools.partial(inference.greedy_tokens, model_cfg, eos_id=self.ids.eos)
 
     # --- batching ------------------------------------------------------------------------------------------------------
-    def _batches(self, n: int):
-        for start in range(0, n, self.batch_size):
-            idx = np.arange(start, min(start + self.batch_size, n))
-            yield idx, np.pad(idx, (0, self.batch_size - len(idx)), constant_values=idx[0])
+    def _batches(self, inputs: np.ndarray):
+        """inference.Batch of `inputs` rows, batch_size rows each."""
+        for real, padded in inference.fixed_batches(len(inputs), self.batch_size):
+            yield real, padded, inputs[padded]
 
     def _teacher_forced_loss(self, params, d: TaskEvalData) -> float:
         total, tokens = 0.0, 0.0
-        for real, padded in self._batches(len(d.inputs)):
+        for real, padded in inference.fixed_batches(len(d.inputs), self.batch_size):
             tgt = d.targets[padded]
             # The targets as the one option of each input: teacher forcing in either model family.
             logits = self._option_logits(params, d.inputs[padded], tgt[:, None, :])
             tok_loss = -scoring.token_log_probs(logits, jnp.asarray(tgt))
-            w = (tgt > 0).astype(np.float32)
+            w = (tgt != self.ids.pad).astype(np.float32)
             w[len(real):] = 0.0  # the rows repeated to fill the last batch do not count
             total += float(jnp.sum(tok_loss * w))
             tokens += float(w.sum())
@@ -175,23 +164,14 @@ class Evaluator:
 
     def _option_scores(self, params, inputs: np.ndarray, options: list) -> np.ndarray:
         """[N, K] log-likelihood of each example's options (K = most options; absent ones -inf)."""
-        k = max(len(o) for o in options)
-        encoded = [[list(self.vocab.encode(opt))[:self.feature_lengths["targets"] - 1] + [1] for opt in opts]
-                   for opts in options]
-        lt = _bucket(max(len(o) for opts in encoded for o in opts), self.feature_lengths["targets"], 8)
-        out = np.full((len(inputs), k), -np.inf)
-        for real, padded in self._batches(len(inputs)):
-            opt_tokens = np.zeros((len(padded), k, lt), np.int32)
-            for row, i in enumerate(padded):
-                for j, opt in enumerate(encoded[i]):
-                    opt_tokens[row, j] = _pad_to(opt, lt)
-            scores = np.asarray(self._rank(params, inputs[padded], opt_tokens))
-            for row, i in enumerate(real):
-                out[i, :len(options[i])] = scores[row, :len(options[i])]
-        return out
+        limit = self.feature_lengths["targets"]
+        encoded = [inference.encode_options(self.vocab, opts, limit) for opts in options]
+        width = inference.round_up(max(len(o) for opts in encoded for o in opts), 8, limit)
+        return inference.option_scores(functools.partial(self._rank, params), self._batches(inputs), encoded, width,
+                                       self.ids.pad)
 
     def _rank_classify(self, params, d: TaskEvalData) -> list:
-        return _argmax_options(self._option_scores(params, d.inputs, d.options), d.options)
+        return inference.argmax_options(self._option_scores(params, d.inputs, d.options), d.options)
 
     def _content_free_priors(self, params, d: TaskEvalData) -> np.ndarray:
         """[N, K] p_cf of every example: its few-shot context followed by each content-free input, scored on its
@@ -199,9 +179,7 @@ class Evaluator:
         keys = [(c, tuple(o)) for c, o in zip(d.contexts or [""] * len(d.options), d.options)]
         unique = list(dict.fromkeys(keys))
         prompts = [c + cf for c, _ in unique for cf in CONTENT_FREE_INPUTS]
-        inputs, _ = few_shot.encode(self.vocab, prompts, self.feature_lengths["inputs"])
-        inputs = np.pad(inputs, ((0, 0), (0, _bucket(inputs.shape[1], self.feature_lengths["inputs"], 32)
-                                          - inputs.shape[1])))
+        inputs, _ = encode_prompts(self.vocab, prompts, self.feature_lengths["inputs"])
         scores = self._option_scores(params, inputs, [list(o) for _, o in unique for _ in CONTENT_FREE_INPUTS])
         n_cf = len(CONTENT_FREE_INPUTS)
         prior = {key: calibration.content_free_prior(scores[u * n_cf:(u + 1) * n_cf], np.isfinite(
@@ -214,7 +192,7 @@ class Evaluator:
         calibrated = calibration.calibrate(probs, self._content_free_priors(params, d))
         values = {}
         for prefix, p in (("", probs), ("calibrated_", calibrated)):
-            preds = _argmax_options(np.where(valid, p, -1.0), d.options)
+            preds = inference.argmax_options(np.where(valid, p, -1.0), d.options)
             correct = [metrics_lib.accuracy([t], [a])["accuracy"] == 1.0 for t, a in zip(d.target_strings, preds)]
             values[f"{prefix}ece"] = calibration.expected_calibration_error(
                 np.max(np.where(valid, p, 0.0), axis=-1), correct, self.options.ece_bins)
@@ -226,18 +204,12 @@ class Evaluator:
     def _generate(self, params, d: TaskEvalData) -> list:
         # An exact match ends with EOS by the longest reference's length; 8 spare steps keep near misses readable in
         # the prediction files without decoding the whole training target length.
-        max_len = _bucket(d.targets.shape[1] + 8, self.feature_lengths["targets"], 8)
-        preds = []
-        for real, padded in self._batches(len(d.inputs)):
-            out = np.asarray(self._greedy(params, d.inputs[padded], max_decode_len=max_len))
-            for row, i in enumerate(real):
-                toks = [int(t) for t in out[row]]
-                toks = toks[:toks.index(1)] if 1 in toks else toks
-                text = self.vocab.decode([t for t in toks if t > 0])
-                if d.task.postprocess_fn:
-                    text = d.task.postprocess_fn(text, example={}, is_target=False)
-                preds.append(text)
-        return preds
+        max_len = inference.round_up(d.targets.shape[1] + 8, 8, self.feature_lengths["targets"])
+        decoded = inference.generate(self.vocab, lambda tokens, _: self._greedy(params, tokens, max_decode_len=max_len),
+                                     self._batches(d.inputs), len(d.inputs))
+        if not d.task.postprocess_fn:
+            return [o.text for o in decoded]
+        return [d.task.postprocess_fn(o.text, example={}, is_target=False) for o in decoded]
 
     # --- evaluation ----------------------------------------------------------------------------------------------------
     def evaluate(self, params) -> dict:
@@ -249,7 +221,7 @@ class Evaluator:
             calibration_values = {}
             if d.has_options:
                 scores = self._option_scores(params, d.inputs, d.options)
-                preds = _argmax_options(scores, d.options)
+                preds = inference.argmax_options(scores, d.options)
                 if self.options.calibrate:
                     calibration_values = self._calibration_metrics(params, d, scores)
             else:

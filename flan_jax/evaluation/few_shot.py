@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
 EXEMPLAR_SEPARATOR = "\n\n"
 
 
@@ -41,17 +39,3 @@ def context(exemplars: Sequence[tuple[str, str]]) -> str:
     """The text placed before the test input ('' for zero-shot)."""
     return "".join(f"{inp}\n{tgt}{EXEMPLAR_SEPARATOR}" for inp, tgt in exemplars)
 
-
-def encode(vocab, prompts: Sequence[str], max_len: int) -> tuple[np.ndarray, int]:
-    """(int32 [N, L] EOS-terminated and 0-padded, number truncated). A prompt longer than max_len keeps its last
-    tokens: the test input sits at the end, so truncation drops the oldest exemplar text first."""
-    rows, truncated = [], 0
-    for p in prompts:
-        ids = list(vocab.encode(p))
-        if len(ids) + 1 > max_len:
-            ids, truncated = ids[len(ids) + 1 - max_len:], truncated + 1
-        rows.append(ids + [1])
-    out = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out, truncated

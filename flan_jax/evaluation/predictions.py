@@ -6,6 +6,7 @@ import os
 
 from flan_jax.data import registry
 from flan_jax.data.sources import niv2
+from flan_jax.evaluation import inference
 
 
 def write_predictions(evaluator, out_dir: str) -> list[str]:
@@ -18,7 +19,7 @@ def write_predictions(evaluator, out_dir: str) -> list[str]:
         path = os.path.join(out_dir, f"{d.name}.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             for i, (tokens, target, pred) in enumerate(zip(d.inputs, d.target_strings, preds)):
-                text = evaluator.vocab.decode([int(t) for t in tokens if t > 1])
+                text = inference.tokens_to_text(evaluator.vocab, tokens)
                 f.write(json.dumps({"index": i, "input": text, "target": target, "prediction": pred}) + "\n")
         written.append(path)
         ids = _niv2_ids(d.name, len(preds))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from flan_jax import models
+from flan_jax.data.vocabularies import PAD_ID
 
 
 shift_right = models.shift_right
@@ -28,7 +29,7 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=('config',))
 def sequence_scores(config, params, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """[B] sum of log p(decoder_target_tokens) * decoder_loss_weights (weights default: target != 0).
+    """[B] sum of log p(decoder_target_tokens) * decoder_loss_weights (weights default: target != PAD_ID).
 
     The batch is a seqio EncDecFeatureConverter batch; scores are per row, so use unpacked batches.
     """
@@ -37,7 +38,7 @@ def sequence_scores(config, params, batch: Mapping[str, jax.Array]) -> jax.Array
             raise KeyError(f'sequence_scores: batch is missing feature {key!r} (has {sorted(batch)})')
     targets = batch['decoder_target_tokens']
     weights = batch.get('decoder_loss_weights')
-    weights = (targets != 0) if weights is None else weights
+    weights = (targets != PAD_ID) if weights is None else weights
     logits = models.forward(config, params, batch)
     return jnp.sum(token_log_probs(logits, targets) * weights.astype(jnp.float32), axis=-1)
 
@@ -56,14 +57,14 @@ def rank_classification_scores(config, params, encoder_input_tokens: jax.Array,
                                option_target_tokens: jax.Array) -> jax.Array:
     """[B, K] log-likelihood of each option given its input; encoder runs once per input.
 
-    option_target_tokens: [B, K, Lt], each option ends with EOS and is 0-padded; all-zero rows (absent
-    options) score 0, so mask them before taking the argmax.
+    option_target_tokens: [B, K, Lt], each option ends with EOS and is padded with PAD_ID; all-padding rows
+    (absent options) score 0, so mask them before taking the argmax.
     """
     _check_options(encoder_input_tokens, option_target_tokens)
     batch, num_options, length = option_target_tokens.shape
     targets = option_target_tokens.reshape(batch * num_options, length)
     logits = models.option_logits(config, params, encoder_input_tokens, option_target_tokens)
-    scores = jnp.sum(token_log_probs(logits, targets) * (targets != 0), axis=-1)
+    scores = jnp.sum(token_log_probs(logits, targets) * (targets != PAD_ID), axis=-1)
     return scores.reshape(batch, num_options)
 
 

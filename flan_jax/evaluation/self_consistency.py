@@ -4,12 +4,10 @@ from __future__ import annotations
 import collections
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flan_jax.data.templates import extract_cot_answer
-from flan_jax.models import decoding
+from flan_jax.evaluation import inference
 
 
 def self_consistency(samples: Sequence[Sequence[str]]) -> list[str]:
@@ -37,12 +35,8 @@ def sample_self_consistency(config, params, encoder_input_tokens, *, vocabulary,
     if num_samples < 1:
         raise ValueError(f"sample_self_consistency: num_samples must be >= 1, got {num_samples}")
     tokens = jnp.repeat(jnp.asarray(encoder_input_tokens, jnp.int32), num_samples, axis=0)
-    decoded = np.asarray(jax.device_get(decoding.sample_decode(
-        config, params, tokens, max_decode_len, rng, temperature=temperature, top_k=top_k, top_p=top_p)))
-    texts = []
-    for row in decoded:
-        ids = row.tolist()
-        ids = ids[:ids.index(1)] if 1 in ids else ids
-        texts.append(vocabulary.decode([i for i in ids if i > 1]))
+    model = inference.InferenceModel(config, params, vocabulary)
+    outputs = model.sample(tokens, max_decode_len, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+    texts = [o.text for o in inference.decode_rows(vocabulary, outputs)]
     samples = [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(texts) // num_samples)]
     return self_consistency(samples), samples

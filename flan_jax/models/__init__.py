@@ -3,9 +3,12 @@
 With `config.peft` set (a PeftConfig, models/peft.py) the parameter tree is the base tree plus one top-level key
 'peft' holding every new parameter; the functions below include it, and forward / option_logits / decoding use it.
 """
+import dataclasses
+
 import jax
 
 from flan_jax.models import peft as _peft
+from flan_jax.models import span_attention as _span_attention
 from flan_jax.models.base import FAMILIES, Family, family, family_by_name, shift_right  # noqa: F401
 from flan_jax.models.decoder import DecoderConfig  # noqa: F401
 from flan_jax.models.peft import PeftConfig, load_prompt  # noqa: F401
@@ -113,6 +116,13 @@ def feature_converter(config, **packing_options):
     if peft is not None and peft.method == 'prompt':
         packing_options = {'prompt_slots': peft.prompt_length, **packing_options}
     return family(config).feature_converter(**packing_options)
+
+
+def for_platform(config, platform: str):
+    """The config a step compiled for `platform` ('cpu', 'gpu', 'tpu') traces: attention_kernel 'auto' resolved for
+    that platform, so a TPU program traced on a CPU host gets the TPU's kernel, not the host's."""
+    kernel = _span_attention.kernel_for_platform(config.attention_kernel, platform)
+    return config if kernel == config.attention_kernel else dataclasses.replace(config, attention_kernel=kernel)
 
 
 def is_encoder_decoder(config) -> bool:

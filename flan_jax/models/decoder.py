@@ -22,6 +22,7 @@ import numpy as np
 
 from flan_jax.models import peft as peft_lib
 from flan_jax.models import span_attention
+from flan_jax.models.sharding import batch_sharded
 from flan_jax.models.layers import MASK_VALUE, Dropout, dense, gelu_tanh, linear
 
 Params = dict
@@ -56,6 +57,9 @@ class DecoderConfig:
     # Query/key block of the span attention (models/span_attention.py) for masked self-attention over whole rows;
     # 0 computes the dense [L, L] scores.
     attention_block: int = 128
+    # 'auto' (span kernel on a CPU backend, else dense), 'span' or 'dense'; models.for_platform resolves 'auto' for the
+    # platform a step is compiled for.
+    attention_kernel: str = 'auto'
     peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
@@ -66,6 +70,9 @@ class DecoderConfig:
             raise ValueError(f'DecoderConfig.remat={self.remat!r}: expected one of {_REMAT_POLICIES}')
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f'DecoderConfig.activation={self.activation!r}: expected one of {_ACTIVATIONS}')
+        if self.attention_kernel not in span_attention.KERNELS:
+            raise ValueError(f'DecoderConfig.attention_kernel={self.attention_kernel!r}: expected one of '
+                             f'{span_attention.KERNELS}')
         for key in ('vocab_size', 'emb_dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim'):
             value = getattr(self, key)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
@@ -196,7 +203,8 @@ def attention(p: Mapping, x: jax.Array, positions: jax.Array, mask: jax.Array, c
     k, v, mask, _ = peft_lib.with_prefix(p.get('prefix'), k, v, mask)
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     kv, groups, hd = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
-    if cache is None and not drop.active and span_attention.usable(lq, lk, config.attention_block):
+    span = span_attention.usable(lq, lk, config.attention_block, config.attention_kernel)
+    if cache is None and not drop.active and span:
         out = span_attention.span_attention(
             q.reshape(b, lq, kv, groups, hd).transpose(0, 2, 1, 3, 4), k.transpose(0, 2, 1, 3),
             v.transpose(0, 2, 1, 3), mask, 1.0 / math.sqrt(hd), config.attention_block)
@@ -223,12 +231,13 @@ def gated_mlp(p: Mapping, x: jax.Array, config: DecoderConfig, drop: Dropout) ->
 
 def layer(p: Mapping, x, positions, mask, rng, config: DecoderConfig, cache=None, index=None):
     drop = Dropout(rng, config.dropout_rate)
+    x = batch_sharded(x)
     attended, cache = attention(p['attention'], rms_norm(x, p['pre_attention_norm']['scale'], config), positions,
                                 mask, config, drop, cache, index)
     x = x + drop(peft_lib.adapter(p.get('adapter_attention'), attended), (-2,))
     mlp_out = gated_mlp(p['mlp'], rms_norm(x, p['pre_mlp_norm']['scale'], config), config, drop)
     x = x + drop(peft_lib.adapter(p.get('adapter_mlp'), mlp_out), (-2,))
-    return x, cache
+    return batch_sharded(x), cache
 
 
 def embed(params: Params, tokens: jax.Array, config: DecoderConfig) -> jax.Array:

@@ -39,13 +39,28 @@ def dense_attention(q, k, v, mask, scale: float, bias=None):
     return jnp.einsum('bkqgs,bksd->bkqgd', p.astype(v.dtype), v)
 
 
-def usable(lq: int, lk: int, block: int) -> bool:
-    """Whether the span path applies: on the CPU backend, both lengths whole numbers of blocks, more than one.
+# 'auto': the span kernel on the CPU backend the step is traced on; models.for_platform resolves it for the platform a
+# step is compiled for (a TPU program traced on a CPU host must not get the CPU kernel). 'span' / 'dense': forced.
+KERNELS = ('auto', 'span', 'dense')
+
+
+def usable(lq: int, lk: int, block: int, kernel: str = 'auto') -> bool:
+    """Whether the span path applies: kernel 'span' (or 'auto' on the CPU backend), both lengths whole numbers of
+    blocks, more than one.
 
     On GPU/TPU the loop over (row, block) pairs would serialize the work and, under a batch-sharded mesh, gather
     every row to every device; there XLA's dense (fused) attention is the better kernel."""
-    return (bool(block) and lq % block == 0 and lk % block == 0 and max(lq, lk) > block
-            and jax.default_backend() == 'cpu')
+    if kernel not in KERNELS:
+        raise ValueError(f'attention_kernel={kernel!r}: expected one of {KERNELS}')
+    on_cpu = kernel == 'span' or (kernel == 'auto' and jax.default_backend() == 'cpu')
+    return bool(block) and lq % block == 0 and lk % block == 0 and max(lq, lk) > block and on_cpu
+
+
+def kernel_for_platform(kernel: str, platform: str) -> str:
+    """The kernel a step compiled for `platform` ('cpu', 'gpu', 'tpu') uses: 'auto' resolved, a forced one kept."""
+    if kernel != 'auto':
+        return kernel
+    return 'span' if platform == 'cpu' else 'dense'
 
 
 def key_spans(mask, block: int):

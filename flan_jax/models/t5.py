@@ -19,6 +19,7 @@ import numpy as np
 
 from flan_jax.models import peft as peft_lib
 from flan_jax.models import span_attention
+from flan_jax.models.sharding import batch_sharded
 from flan_jax.models.layers import MASK_VALUE, Dropout, gelu_tanh, linear
 from flan_jax.models.t5_positions import relative_position_bias, relative_position_bucket  # noqa: F401 (public here too)
 
@@ -63,8 +64,11 @@ class T5Config:
     # Query/key block of the span attention (models/span_attention.py) for masked attention without dropout, on
     # the CPU backend, where both lengths are whole numbers of blocks; 0 computes the dense [Lq, Lk] scores. At
     # 512/128 the T5 small step measured 0.88x the dense one's time once the bias gradient left the span loop's
-    # carry (docs/benchmarks.md, ninth session).
+    # carry (docs/benchmarks.md, "Train").
     attention_block: int = 128
+    # 'auto' (span kernel on a CPU backend, else dense), 'span' or 'dense'; models.for_platform resolves 'auto' for the
+    # platform a step is compiled for.
+    attention_kernel: str = 'auto'
     peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
@@ -74,6 +78,9 @@ class T5Config:
                 raise ValueError(f'T5Config.{key}={value!r}: expected float32, bfloat16 or float16')
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(f'T5Config.remat={self.remat!r}: expected one of {_REMAT_POLICIES}')
+        if self.attention_kernel not in span_attention.KERNELS:
+            raise ValueError(f'T5Config.attention_kernel={self.attention_kernel!r}: expected one of '
+                             f'{span_attention.KERNELS}')
         if (not isinstance(self.dropout_rate, (int, float)) or isinstance(self.dropout_rate, bool)
                 or not 0.0 <= self.dropout_rate < 1.0):
             raise ValueError(f'T5Config.dropout_rate={self.dropout_rate}: expected 0 <= rate < 1')
@@ -243,7 +250,8 @@ def _span_applies(q, k, mask, bias, dropout: Dropout, config: T5Config) -> bool:
     """The span path needs a mask shared by the heads, a bias shared by the rows, and no attention dropout."""
     return (mask is not None and mask.shape[1] == 1 and (bias is None or bias.shape[0] == 1)
             and not dropout.active
-            and span_attention.usable(q.shape[1], k.shape[1], config.attention_block))
+            and span_attention.usable(q.shape[1], k.shape[1], config.attention_block,
+                                          config.attention_kernel))
 
 
 def _span_attend(q, k, v, mask, bias, config: T5Config) -> jax.Array:
@@ -324,12 +332,14 @@ def _encoder_valid(batch: Batch) -> jax.Array:
 
 def _encoder_layer(p, x, mask, bias, rng, config: T5Config):
     drop = Dropout(rng, config.dropout_rate)
+    x = batch_sharded(x)
     y = rms_norm(x, p['pre_attention_layer_norm']['scale'], config)
     k, v = project_kv(p['attention'], y, config)
     attended = peft_lib.adapter(p.get('adapter_attention'), attend(p['attention'], y, k, v, mask, bias, config, drop))
     x = x + drop(attended, (-2,))
     y = rms_norm(x, p['pre_mlp_layer_norm']['scale'], config)
-    return x + drop(peft_lib.adapter(p.get('adapter_mlp'), gated_mlp(p['mlp'], y, config, drop)), (-2,))
+    x = x + drop(peft_lib.adapter(p.get('adapter_mlp'), gated_mlp(p['mlp'], y, config, drop)), (-2,))
+    return batch_sharded(x)
 
 
 def encode(config: T5Config, params: Params, batch: Batch, *, dropout_rng=None) -> jax.Array:
@@ -360,6 +370,7 @@ def encode(config: T5Config, params: Params, batch: Batch, *, dropout_rng=None) 
 
 def _decoder_layer(p, y, encoded, self_mask, self_bias, cross_mask, rows_per_input, rng, config):
     drop = Dropout(rng, config.dropout_rate)
+    y, encoded = batch_sharded(y), batch_sharded(encoded)
     z = rms_norm(y, p['pre_self_attention_layer_norm']['scale'], config)
     k, v = project_kv(p['self_attention'], z, config)
     attended = attend(p['self_attention'], z, k, v, self_mask, self_bias, config, drop)
@@ -373,7 +384,8 @@ def _decoder_layer(p, y, encoded, self_mask, self_bias, cross_mask, rows_per_inp
     y = y + drop(cross.reshape(z.shape), (-2,))
 
     z = rms_norm(y, p['pre_mlp_layer_norm']['scale'], config)
-    return y + drop(peft_lib.adapter(p.get('adapter_mlp'), gated_mlp(p['mlp'], z, config, drop)), (-2,))
+    y = y + drop(peft_lib.adapter(p.get('adapter_mlp'), gated_mlp(p['mlp'], z, config, drop)), (-2,))
+    return batch_sharded(y)
 
 
 def decode(config: T5Config, params: Params, encoded: jax.Array, batch: Batch, *, dropout_rng=None,

@@ -6,6 +6,7 @@ A dimension is only sharded when the mesh axis size divides it, so tiny test mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Optional, Sequence
 
@@ -14,7 +15,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-DATA, MODEL = "data", "model"
+from flan_jax.models import sharding as model_sharding
+
+# The models' activation constraints (models/sharding.py) name the same axes.
+DATA, MODEL = model_sharding.DATA_AXIS, model_sharding.MODEL_AXIS
 
 # Megatron-style tensor parallelism over 'model'; 'embed' stays replicated unless FSDP shards it over 'data'.
 BASE_RULES = (
@@ -172,6 +176,16 @@ def opt_state_shardings(opt_state_shape, params_shape, param_axes, rules: dict, 
                 break
         return NamedSharding(mesh, P())
     return jax.tree_util.tree_map_with_path(for_leaf, opt_state_shape)
+
+
+def under_mesh(mesh: Mesh, fn):
+    """fn, traced with `mesh` as the abstract mesh, so that the models' activation sharding constraints
+    (models/sharding.py) apply inside it; jit the result with shardings on the same mesh."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -55,10 +55,11 @@ def build(cfg, mesh: Mesh, *, converter=None, optimizer: Optional[optax.Gradient
     """
     optimizer = make_optimizer(cfg) if optimizer is None else optimizer
     platform = platform or mesh.devices.flat[0].platform
-    model_cfg = models.for_platform(cfg.model, platform) if hasattr(models, "for_platform") else cfg.model
+    model_cfg = models.for_platform(cfg.model, platform)
     layout = state_lib.state_layout(model_cfg, optimizer, cfg.mesh, mesh)
     step_fn = step_lib.make_train_step(model_cfg, optimizer, cfg.loss, num_microbatches=cfg.num_microbatches,
                                        seed=cfg.seed, skip_nonfinite_updates=cfg.skip_nonfinite_updates)
+    step_fn = partitioning.under_mesh(mesh, step_fn)   # the models' activation shardings name this mesh's axes
     batch_sharding = partitioning.batch_sharding(mesh)
     shapes = batch_shapes(model_cfg, cfg.input.task_feature_lengths, cfg.input.global_batch_size, converter)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding) for k, shape in shapes.items()}

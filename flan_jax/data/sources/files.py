@@ -5,7 +5,8 @@ the dataset's own schema), chain-of-thought files (question / answer / rationale
 
 Split sizes are counted from the files when the source is created (one cheap pass over line ends) unless given;
 creating a source for a missing file raises an error naming the split and path. A line that cannot be read (not
-JSON, not an object, a TSV row with the wrong number of cells) yields None, which the registry skips and counts as
+JSON, not an object, a TSV row with the wrong number of cells, bytes that are not UTF-8, a line over
+`MAX_RECORD_BYTES`) yields None, which the registry skips and counts as
 `record_is_none`; the source itself keeps why and where (`read_error_counts()`, `first_read_errors()`), which
 `flan-jax data show` prints.
 
@@ -15,7 +16,6 @@ JSON, not an object, a TSV row with the wrong number of cells) yields None, whic
 from __future__ import annotations
 
 import collections
-import csv
 import hashlib
 import json
 import os
@@ -25,6 +25,9 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from flan_jax.data.sources import Record, RecordSource
 
 MapFn = Callable[[dict], Record | None]
+# A record larger than this is skipped and counted ("record_too_large"): one runaway line (a missing newline in a
+# generated file) must not hold the whole file in memory or stop the task.
+MAX_RECORD_BYTES = 16 << 20
 
 
 def _as_paths(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -72,8 +75,26 @@ class _FileSource(RecordSource):
             self._errors[reason] += 1
             self._first_errors.setdefault(reason, f"{path}:{line}")
 
+    def _lines(self, path: str) -> Iterator[tuple[int, str | None]]:
+        """(line number, text) of the non-blank lines of `path`; text None (counted) for a line that is not UTF-8 or
+        is over MAX_RECORD_BYTES. Lines are read as bytes so one bad byte costs one record, not the file."""
+        with open(path, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                if len(raw) > MAX_RECORD_BYTES:
+                    self._unreadable("record_too_large", path, line_number)
+                    yield line_number, None
+                    continue
+                try:
+                    yield line_number, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._unreadable("invalid_utf8", path, line_number)
+                    yield line_number, None
+
     def read_error_counts(self) -> dict[str, int]:
-        """{reason: count} of lines that could not be read ("invalid_json", "not_a_json_object", "wrong_cell_count")."""
+        """{reason: count} of lines that could not be read ("invalid_json", "not_a_json_object", "wrong_cell_count",
+        "invalid_utf8", "record_too_large")."""
         with self._lock:
             return dict(self._errors)
 
@@ -95,20 +116,20 @@ class JsonlSource(_FileSource):
     """One JSON object per non-blank line. A line that is not a JSON object yields None (counted as malformed)."""
 
     def _read(self, path: str) -> Iterable[dict]:
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    self._unreadable("invalid_json", path, line_number)
-                    yield None
-                    continue
-                if not isinstance(record, dict):
-                    self._unreadable("not_a_json_object", path, line_number)
-                    record = None
-                yield record
+        for line_number, line in self._lines(path):
+            if line is None:
+                yield None
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                self._unreadable("invalid_json", path, line_number)
+                yield None
+                continue
+            if not isinstance(record, dict):
+                self._unreadable("not_a_json_object", path, line_number)
+                record = None
+            yield record
 
 
 class TsvSource(_FileSource):
@@ -124,20 +145,25 @@ class TsvSource(_FileSource):
         super().__init__(split_files, map_fn, num_examples, name)
 
     def _read(self, path: str) -> Iterable[dict]:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            columns = self.columns
-            for row in rows:
-                if not any(cell.strip() for cell in row):
-                    continue
-                if columns is None:
-                    columns = tuple(cell.strip() for cell in row)
-                    continue
-                if len(row) != len(columns):
-                    self._unreadable("wrong_cell_count", path, rows.line_num)
+        # Unquoted TSV: a row is a line and cells are split on tabs (what csv's QUOTE_NONE reader does, without its
+        # 131,072-character field limit).
+        columns = self.columns
+        for line_number, line in self._lines(path):
+            if line is None:
+                if columns is not None:
                     yield None
-                    continue
-                yield dict(zip(columns, row))
+                continue
+            row = line.rstrip("\r\n").split("\t")
+            if not any(cell.strip() for cell in row):
+                continue
+            if columns is None:
+                columns = tuple(cell.strip() for cell in row)
+                continue
+            if len(row) != len(columns):
+                self._unreadable("wrong_cell_count", path, line_number)
+                yield None
+                continue
+            yield dict(zip(columns, row))
 
 
 class HeldOutSplitSource(RecordSource):

@@ -7,9 +7,13 @@ encodable, so text the corpus never showed is still round-tripped exactly (never
 
 The model is cached under FLAN_JAX_CACHE (default ~/.cache/flan_jax) keyed by a fingerprint of what generated the
 corpus, and built on first use only: registering tasks with it costs nothing. The trainer copies it into MODEL_DIR.
+
+Special ids: code that has a vocabulary asks it (`special_ids(vocab)`); code without one (the model layer, jitted
+functions' defaults) uses PAD_ID / EOS_ID, T5's convention that every vocabulary of this package keeps.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -21,6 +25,22 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 CACHE_ENV = "FLAN_JAX_CACHE"
+
+PAD_ID = seqio.PAD_ID   # 0: the models mask padding by it, so every vocabulary must reserve it
+EOS_ID = 1              # T5's EOS, kept by the SentencePiece models trained here and by HFTokenizerVocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    eos: int
+
+
+def special_ids(vocab: seqio.Vocabulary) -> SpecialIds:
+    """The padding and EOS ids of `vocab`; generation needs an EOS, so a vocabulary without one is refused."""
+    if vocab.eos_id is None:
+        raise ValueError(f"vocabulary {vocab} has no EOS id: generated text could not end")
+    return SpecialIds(pad=int(vocab.pad_id), eos=int(vocab.eos_id))
 
 
 def cache_dir() -> str:
@@ -51,7 +71,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
             sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
             character_coverage=1.0, byte_fallback=True, split_digits=True, hard_vocab_limit=False,
             normalization_rule_tsv=rule, remove_extra_whitespaces=False, user_defined_symbols=["\n"],
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, max_sentence_length=1 << 20, minloglevel=2)
+            pad_id=PAD_ID, eos_id=EOS_ID, unk_id=2, bos_id=-1, num_threads=1, max_sentence_length=1 << 20, minloglevel=2)
     model.seek(0)
     proto = sentencepiece_model_pb2.ModelProto.FromString(model.read())
     for spec in (proto.normalizer_spec, proto.denormalizer_spec):  # a temporary path: the bytes must not depend on it

@@ -11,15 +11,12 @@ are full and evenly long; all batches of a pool are dispatched before any result
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
-import jax
 import numpy as np
 
-from flan_jax.evaluation import calibration, scoring
+from flan_jax.evaluation import calibration, inference
 from flan_jax.evaluation.suites.common import SuiteTask
-from flan_jax.models import decoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,86 +43,40 @@ class TaskResult:
     generated_tokens: int = 0
 
 
-WIDTH_RATIO = 2 ** 0.25
-
-
-def bucket_width(length: int, limit: int) -> int:
-    """The smallest ladder width >= length: multiples of 64 near 64 * 2^(i/4) (64, 128, ..., 1024, 1280, 1472, 1728,
-    2048, ...), capped at limit (itself a width)."""
-    i = 0
-    while True:
-        width = min(limit, -(-int(64 * WIDTH_RATIO ** i) // 64) * 64)
-        if width >= length or width == limit:
-            return width
-        i += 1
-
-
-def _pow2(n: int, floor: int) -> int:
-    return max(floor, 1 << max(0, int(n - 1).bit_length()))
-
-
 class SuiteRunner:
     def __init__(self, model_cfg, params, vocab, options: RunOptions = RunOptions()):
+        self.model = inference.InferenceModel(model_cfg, params, vocab)
         self.params, self.vocab, self.opts = params, vocab, options
-        self._rank = jax.jit(functools.partial(scoring.rank_classification_scores, model_cfg))
-        self._greedy = jax.jit(functools.partial(decoding.greedy_decode, model_cfg),
-                               static_argnames=("max_decode_len",))
 
     # --- tokens ----------------------------------------------------------------------------------------------------
     def _encode_prompts(self, prompts):
-        """(padded int32 [N, L], number truncated); EOS-terminated, left-truncated to max_input_len."""
-        limit, truncated, rows = self.opts.max_input_len, 0, []
-        for p in prompts:
-            ids = list(self.vocab.encode(p))
-            if len(ids) + 1 > limit:
-                ids, truncated = ids[len(ids) + 1 - limit:], truncated + 1
-            rows.append(ids + [1])
-        return rows, truncated
+        """(EOS-terminated ids per prompt, number truncated); a prompt keeps its last max_input_len tokens."""
+        return inference.encode_prompts(self.vocab, prompts, self.opts.max_input_len)
 
     def rows_per_batch(self, width: int) -> int:
         return max(1, min(self.opts.batch_size, self.opts.max_batch_tokens // width))
 
+    def _ladder(self, rows):
+        """inference.Batch of rows: sorted by length, widths from the ladder, rows_per_batch(width) rows."""
+        return inference.ladder_batches(rows, self.opts.max_input_len, self.rows_per_batch, self.model.ids.pad)
+
     def _batches(self, rows):
-        """Yields (indices, padded [B, W] array): rows sorted by length, W = bucket_width of the longest, B =
-        rows_per_batch(W) (one shape per width); a short batch is filled with repeats of its last row."""
-        order = np.argsort([len(r) for r in rows], kind="stable")
-        width_of = lambda i: bucket_width(len(rows[i]), self.opts.max_input_len)
-        start = 0
-        while start < len(order):
-            idx = order[start:start + self.rows_per_batch(width_of(order[start]))]
-            idx = idx[:self.rows_per_batch(width_of(idx[-1]))]     # the longest row may need a wider, shorter batch
-            width = width_of(idx[-1])
-            arr = np.zeros((self.rows_per_batch(width), width), np.int32)
-            for j, i in enumerate(np.pad(idx, (0, len(arr) - len(idx)), mode="edge")):
-                arr[j, :len(rows[i])] = rows[i]
-            yield idx, arr
-            start += len(idx)
+        """(indices, padded [B, W] tokens) of every batch of rows."""
+        return ((idx, arr) for idx, _, arr in self._ladder(rows))
 
     # --- rank classification ---------------------------------------------------------------------------------------
     def _option_scores(self, rows, options):
         """[N, K] log-likelihood of every option (K = most options; missing ones -inf)."""
-        k = max(len(o) for o in options)
-        enc = [[list(self.vocab.encode(o)) + [1] for o in opts] for opts in options]
-        lt = _pow2(max(len(t) for opts in enc for t in opts), 8)
-        out, pending = np.full((len(rows), k), -np.inf), []
-        for idx, arr in self._batches(rows):
-            opt = np.zeros((len(arr), k, lt), np.int32)
-            for j, i in enumerate(np.pad(idx, (0, len(arr) - len(idx)), mode="edge")):
-                for m, t in enumerate(enc[i]):
-                    opt[j, m, :len(t)] = t
-            pending.append((idx, self._rank(self.params, arr, opt)))   # dispatched; read back below
-        for idx, scores in pending:
-            s = np.asarray(scores)
-            for j, i in enumerate(idx):
-                out[i, :len(enc[i])] = s[j, :len(enc[i])]
-        return out
+        enc = [inference.encode_options(self.vocab, opts) for opts in options]
+        width = inference.pow2_at_least(max(len(t) for opts in enc for t in opts), 8)
+        return inference.option_scores(self.model.rank, self._ladder(rows), enc, width, self.model.ids.pad)
 
     def _run_rank(self, task: SuiteTask, rows):
         options = [list(e.options) for e in task.examples]
         scores = self._option_scores(rows, options)
         valid = np.isfinite(scores)
         probs = calibration.option_probs(scores, valid)
-        answers = [options[i][int(np.argmax(probs[i]))] for i in range(len(options))]
+        answers = inference.argmax_options(probs, options)
         records = [{"index": i, "target": e.target, "prediction": a, "options": list(e.options),
                     "probs": [float(x) for x in probs[i][:len(e.options)]]}
                    for i, (e, a) in enumerate(zip(task.examples, answers))]
@@ -164,22 +115,19 @@ class SuiteRunner:
             return task.max_decode_len
         longest = max(len(self.vocab.encode(t if isinstance(t, str) else max(t, key=len))) for t in
                       (e.target for e in task.examples))
-        return _pow2(longest + 8, 16)   # an exact match ends by then; a few spare steps keep misses readable
+        return inference.pow2_at_least(longest + 8, 16)   # an exact match ends by then; a few spare steps keep misses readable
 
     def _generate_rows(self, rows, length: int):
         """(raw text per row, generated tokens per row, padded tokens per row: its batch's rows x width shared by the
         real rows of that batch)."""
-        pending = [(idx, arr.size, self._greedy(self.params, arr, max_decode_len=length))
-                   for idx, arr in self._batches(rows)]
-        raw, tokens, cost = [None] * len(rows), [0] * len(rows), [0.0] * len(rows)
-        for idx, size, out in pending:
-            out = np.asarray(out)
-            for j, i in enumerate(idx):
-                toks = [int(t) for t in out[j]]
-                toks = toks[:toks.index(1)] if 1 in toks else toks
-                tokens[i], cost[i] = len(toks), size / len(idx)
-                raw[i] = self.vocab.decode([t for t in toks if t > 0])
-        return raw, tokens, cost
+        batches = list(self._ladder(rows))
+        decoded = inference.generate(self.vocab, lambda tokens, _: self.model.greedy(tokens, length), batches,
+                                     len(rows))
+        cost = [0.0] * len(rows)
+        for idx, _, arr in batches:
+            for i in idx:
+                cost[i] = arr.size / len(idx)
+        return [o.text for o in decoded], [o.num_tokens for o in decoded], cost
 
     def _generate_result(self, task: SuiteTask, raw, seconds: float, truncated: int, tokens: int) -> TaskResult:
         answers = [task.extract(r) for r in raw]

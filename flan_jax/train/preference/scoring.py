@@ -1,6 +1,6 @@
 """Per-response scores through the model interface, for both families: sequence log-probs and final hidden states.
 
-Responses come as [P, K, Lt] (K = 2: chosen, rejected), right-padded with 0 and ending in EOS (id 1).
+Responses come as [P, K, Lt] (K = 2: chosen, rejected), ending in EOS and right-padded with PAD_ID.
 """
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from flan_jax import models
+from flan_jax.data.vocabularies import PAD_ID
 from flan_jax.models import lm_inputs
 from flan_jax.train.preference import losses
 
@@ -34,4 +35,4 @@ def response_hidden_states(config, params, inputs: jax.Array, responses: jax.Arr
 
 def eos_positions(responses_flat: jax.Array) -> jax.Array:
     """[N] index of each response's last real token (its EOS): the position that has read the whole response."""
-    return jnp.maximum(jnp.sum(responses_flat != 0, axis=-1) - 1, 0)
+    return jnp.maximum(jnp.sum(responses_flat != PAD_ID, axis=-1) - 1, 0)

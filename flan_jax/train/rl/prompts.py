@@ -12,9 +12,9 @@ import numpy as np
 import seqio
 
 from flan_jax.data import preference as preference_data
+from flan_jax.data.vocabularies import special_ids
+from flan_jax.evaluation import inference
 from flan_jax.train.rl.ppo import PromptSet
-
-EOS_ID = 1
 
 REFERENCE_FEATURES = ("targets_pretokenized", "chosen_pretokenized", "chosen")
 
@@ -47,16 +47,20 @@ def _is_preference_task(name: str) -> bool:
 
 
 def _preference_examples(name: str, split: str):
-    """(prompt token ids ending in EOS, best response text) of a preference task's split, in source order."""
+    """(vocabulary, iterator of (prompt token ids ending in EOS, best response text)) of a preference task's split, in
+    source order."""
     vocab = preference_data.preference_spec(name).vocabulary
-    for group in preference_data.iter_groups(name, split):
-        yield np.asarray(list(vocab.encode(group.inputs)) + [EOS_ID], np.int32), group.responses[0]
+    eos = special_ids(vocab).eos
+    return vocab, ((np.asarray(list(vocab.encode(group.inputs)) + [eos], np.int32), group.responses[0])
+                   for group in preference_data.iter_groups(name, split))
 
 
 def _instruction_examples(name: str, split: str):
+    """(vocabulary, iterator of (prompt token ids, reference text)) of an instruction task's split."""
     task = seqio.get_mixture_or_task(name)
-    for example in task.get_dataset(None, split=split, shuffle=False, use_cached=False).as_numpy_iterator():
-        yield np.asarray(example["inputs"], np.int32), _reference(example, name)
+    examples = task.get_dataset(None, split=split, shuffle=False, use_cached=False).as_numpy_iterator()
+    return task.output_features["inputs"].vocabulary, ((np.asarray(example["inputs"], np.int32),
+                                                         _reference(example, name)) for example in examples)
 
 
 def load_prompts(task_or_mixture: str, split: str, num_prompts: int, inputs_length: int) -> tuple[PromptSet, dict]:
@@ -65,7 +69,7 @@ def load_prompts(task_or_mixture: str, split: str, num_prompts: int, inputs_leng
     per_task = -(-num_prompts // len(names))
     rows, refs, counts = [], [], {}
     for name in names:
-        examples = _preference_examples(name, split) if _is_preference_task(name) else _instruction_examples(name, split)
+        vocab, examples = (_preference_examples if _is_preference_task(name) else _instruction_examples)(name, split)
         kept = dropped = 0
         for tokens, reference in examples:
             if kept >= per_task:
@@ -73,7 +77,7 @@ def load_prompts(task_or_mixture: str, split: str, num_prompts: int, inputs_leng
             if len(tokens) > inputs_length:
                 dropped += 1
                 continue
-            rows.append(np.pad(tokens, (0, inputs_length - len(tokens))))
+            rows.append(inference.pad_rows([tokens], inputs_length, vocab.pad_id)[0])
             refs.append(reference)
             kept += 1
         if kept == 0:

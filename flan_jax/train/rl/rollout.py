@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flan_jax import models
-from flan_jax.models import decoding, lm_inputs
+from flan_jax.data.vocabularies import EOS_ID
+from flan_jax.evaluation import inference
+from flan_jax.models import lm_inputs
 from flan_jax.train.rl import ppo_math
 
 # (prompt tokens [B, Lin], response tokens [B, Lt], reference answers (list of B str)) -> scores [B] float32
@@ -25,7 +27,7 @@ RewardFn = Callable[[np.ndarray, np.ndarray, list], np.ndarray]
 
 
 def response_features(config, prompts: jax.Array, responses: jax.Array) -> dict:
-    """The family's batch that predicts `responses` [B, Lt] given `prompts` [B, Lin] (both right-padded with 0)."""
+    """The family's batch that predicts `responses` [B, Lt] given `prompts` [B, Lin] (both right-padded)."""
     if models.is_encoder_decoder(config):
         return {'encoder_input_tokens': prompts, 'decoder_input_tokens': models.shift_right(responses),
                 'decoder_target_tokens': responses}
@@ -94,14 +96,14 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    eos_id: int = 1
+    eos_id: int = EOS_ID   # the vocabulary's: pass special_ids(vocab).eos for a vocabulary with another EOS
 
 
 def sample(config, policy_params, prompts, rng, sampling: SamplingConfig) -> jax.Array:
     """Responses [B, max_decode_len] drawn from the policy (0 after each row's EOS); temperature 0 is greedy."""
-    return decoding.sample_decode(config, policy_params, jnp.asarray(prompts), sampling.max_decode_len, rng,
-                                  temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                                  eos_id=sampling.eos_id)
+    return inference.sample_tokens(config, policy_params, prompts, sampling.max_decode_len, rng,
+                                   temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                   eos_id=sampling.eos_id)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,24 +8,20 @@ from typing import Callable
 
 import numpy as np
 
-
-def response_text(vocabulary, tokens, eos_id: int = 1) -> str:
-    """Decoded response up to (not including) its first EOS; padding ids dropped."""
-    ids = []
-    for t in np.asarray(tokens).tolist():
-        if t == eos_id:
-            break
-        if t > 1:
-            ids.append(int(t))
-    return vocabulary.decode(ids)
+from flan_jax.evaluation import inference
 
 
-def exact_match_reward(vocabulary, eos_id: int = 1) -> Callable:
+def response_text(vocabulary, tokens) -> str:
+    """Decoded response up to (not including) the vocabulary's EOS; padding ids dropped."""
+    return inference.tokens_to_text(vocabulary, tokens)
+
+
+def exact_match_reward(vocabulary) -> Callable:
     """RewardFn: (prompts, responses, references) -> [B] float32 of 1.0 / 0.0."""
     def reward(prompts, responses, references):
         del prompts
         if len(responses) != len(references):
             raise ValueError(f"exact_match_reward: {len(responses)} responses but {len(references)} references")
-        texts = [response_text(vocabulary, row, eos_id) for row in responses]
+        texts = [response_text(vocabulary, row) for row in responses]
         return np.array([float(t.strip() == r.strip()) for t, r in zip(texts, references)], np.float32)
     return reward

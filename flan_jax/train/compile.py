@@ -1,0 +1,300 @@
+"""Ahead-of-time compile of the train step for a TPU topology, on any host: memory per chip, FLOPs, collectives, fit.
+
+With libtpu installed (the `tpu` extra), `jax.experimental.topologies` describes the devices of a TPU slice that is
+not attached; the train step (train/program.py, the one training runs) is lowered on abstract arguments carrying
+shardings on a mesh of those devices and compiled by the real TPU compiler. Nothing is allocated. The compiler's
+memory analysis gives per-chip argument, output, temporary and code bytes; a program that does not fit fails with
+RESOURCE_EXHAUSTED, and its reason (and the largest buffers it lists) become the report.
+
+`suggest` searches batch size, remat policy and mesh split for the largest setting that fits with headroom.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Callable, Iterator, Optional
+
+import jax
+import numpy as np
+from jax.experimental import topologies
+
+from flan_jax import models
+from flan_jax.train import partitioning, program, validation
+
+GIB = 2 ** 30
+SUGGEST_HEADROOM = 0.10
+
+# Per-chip HBM by device kind: (nominal GiB, GiB the TPU compiler lets a program use, as its RESOURCE_EXHAUSTED
+# message states for libtpu 0.0.42: "exceeds available HBM (15.75G)"). The compile-only devices do not expose it.
+HBM_GIB = {
+    "TPU v5 lite": (16.0, 15.75),   # v5e
+    "TPU v5": (95.0, 95.74),        # v5p
+    "TPU v4": (32.0, 15.25),        # the compiler gives a v4 program one TensorCore's half
+    "TPU v6 lite": (32.0, 31.25),   # v6e (Trillium)
+}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+
+
+class TopologyError(ValueError):
+    """A topology name the TPU library does not know (or no TPU library): one line naming it."""
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+    """The (compile-only) devices of a TPU topology such as 'v5e:2x2', 'v5p:2x2x2', 'v4:2x2x1'."""
+    if not re.fullmatch(r"v[0-9][a-z]*:[0-9]+(x[0-9]+){1,2}", topology or ""):
+        raise TopologyError(f"--topology={topology!r}: expected GENERATION:SHAPE, e.g. v5e:2x2, v5p:2x2x2, v4:2x2x1")
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        if "not installed" in first:
+            raise TopologyError(f"--topology={topology!r}: no TPU library (pip install 'flan_jax[tpu]')") from e
+        raise TopologyError(f"--topology={topology!r}: {first}") from e
+
+
+def hbm_gib(device) -> tuple[float, float]:
+    """(nominal, usable) HBM GiB of one chip of `device`'s kind."""
+    if device.device_kind not in HBM_GIB:
+        raise TopologyError(f"device kind {device.device_kind!r} has no HBM size in train/compile.py HBM_GIB")
+    return HBM_GIB[device.device_kind]
+
+
+def per_chip_bytes(tree) -> int:
+    """Bytes one chip holds of a tree of ShapeDtypeStructs with shardings (each leaf's shard, not the whole)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def count_collectives(hlo_text: str) -> dict:
+    """{kind: count} of collective instructions in compiled HLO text (async pairs count once)."""
+    counts = {}
+    for match in _COLLECTIVE_RE.finditer(hlo_text):
+        counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def parse_resource_exhausted(message: str) -> tuple[str, Optional[float], list]:
+    """(the compiler's reason line, GiB it says the temporaries need, the buffer lines it lists) of an OOM error."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    reason = next((line for line in lines if "RESOURCE_EXHAUSTED" in line), lines[0] if lines else message)
+    needed = re.search(r"required for HLO temporaries \(([0-9.]+)([GMK])\)", message)
+    scale = {"G": 1.0, "M": 1 / 1024, "K": 1 / 1024 ** 2}
+    gib = float(needed.group(1)) * scale[needed.group(2)] if needed else None
+    buffers = [line for line in lines if re.match(r"^\d+\.\s", line) or line.startswith(("Size:", "Shape:"))]
+    return reason, gib, buffers[:30]
+
+
+@dataclasses.dataclass
+class CompileReport:
+    topology: str
+    num_slices: int
+    num_chips: int
+    device_kind: str
+    hbm_gib: float            # nominal per chip
+    usable_gib: float         # what the compiler lets a program use per chip
+    mesh: dict                # {"data": n, "model": m}
+    settings: dict            # batch, lengths, remat, fsdp, dtypes, attention kernel: what was compiled
+    per_chip_gib: dict        # parameters, optimizer_state, gradients_estimate, batch, arguments, outputs,
+                              # temporaries, generated_code (gradients are part of temporaries; total counts each once)
+    total_gib: Optional[float]
+    fits: bool
+    headroom: Optional[float]  # 1 - total / usable
+    compile_seconds: float
+    compiled_flops: Optional[float]   # all chips, one step (XLA counts a loop body once)
+    model_flops: float                # 3 x models.flops_per_example x batch
+    collectives: dict
+    error: Optional[str] = None       # the compiler's own reason when it does not fit
+    largest_buffers: list = dataclasses.field(default_factory=list)
+
+    @property
+    def flops_ratio(self) -> Optional[float]:
+        return None if not self.compiled_flops else self.compiled_flops / self.model_flops
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio}
+
+    def fits_with(self, headroom: float) -> bool:
+        return self.fits and self.headroom is not None and self.headroom >= headroom
+
+
+def model_flops(cfg) -> float:
+    """Train-step model FLOPs of the whole batch: 3 x forward (a backward pass costs two forwards)."""
+    lengths = cfg.input.task_feature_lengths
+    per_example = models.flops_per_example(cfg.model, int(lengths["inputs"]), int(lengths["targets"]))
+    return 3.0 * per_example * cfg.input.global_batch_size
+
+
+def settings_of(cfg, model_cfg) -> dict:
+    return {"batch": cfg.input.global_batch_size, "lengths": dict(cfg.input.task_feature_lengths),
+            "remat": model_cfg.remat, "fsdp": cfg.mesh.fsdp, "num_partitions": cfg.mesh.num_partitions,
+            "mesh_shape": cfg.mesh.mesh_shape, "num_microbatches": cfg.num_microbatches,
+            "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
+            "attention_kernel": model_cfg.attention_kernel,
+            "peft": None if model_cfg.peft is None else model_cfg.peft.method}
+
+
+def _argument_gib(prog: program.StepProgram) -> dict:
+    layout = prog.layout
+    params = per_chip_bytes(layout.abstract["params"])
+    frozen = 0 if layout.frozen is None else per_chip_bytes(layout.frozen)
+    return {"parameters": (params + frozen) / GIB, "optimizer_state": per_chip_bytes(layout.abstract["opt_state"]) / GIB,
+            "gradients_estimate": params / GIB, "batch": per_chip_bytes(prog.batch) / GIB}
+
+
+def compile_train_step(cfg, topology: str, num_slices: int = 1, *, converter=None) -> CompileReport:
+    """Compiles TrainConfig `cfg`'s train step for `topology` (num_slices slices) and reports per-chip memory, FLOPs,
+    collectives and whether it fits. A program the compiler rejects for memory gives a report with fits=False."""
+    devices = topology_devices(topology, num_slices)
+    validation.validate_config(cfg, len(devices))
+    nominal, usable = hbm_gib(devices[0])
+    mesh = partitioning.make_mesh(cfg.mesh, devices=devices)
+    prog = program.build(cfg, mesh, converter=converter, platform="tpu")
+    model_cfg = models.for_platform(cfg.model, "tpu")
+    report = CompileReport(
+        topology=topology, num_slices=num_slices, num_chips=len(devices), device_kind=devices[0].device_kind,
+        hbm_gib=nominal, usable_gib=usable, mesh=dict(mesh.shape), settings=settings_of(cfg, model_cfg),
+        per_chip_gib=_argument_gib(prog), total_gib=None, fits=False, headroom=None, compile_seconds=0.0,
+        compiled_flops=None, model_flops=model_flops(cfg), collectives={})
+    start = time.perf_counter()
+    try:
+        compiled = prog.jitted.lower(*prog.abstract_args()).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        report.compile_seconds = time.perf_counter() - start
+        return _with_failure(report, str(e))
+    report.compile_seconds = time.perf_counter() - start
+    return _with_compiled(report, compiled)
+
+
+def _with_failure(report: CompileReport, message: str) -> CompileReport:
+    reason, temp_gib, buffers = parse_resource_exhausted(message)
+    report.error, report.largest_buffers = reason, buffers
+    if temp_gib is not None:
+        known = report.per_chip_gib
+        report.per_chip_gib = {**known, "temporaries": temp_gib}
+        report.total_gib = known["parameters"] + known["optimizer_state"] + known["batch"] + temp_gib
+        report.headroom = 1.0 - report.total_gib / report.usable_gib
+    return report
+
+
+def _with_compiled(report: CompileReport, compiled) -> CompileReport:
+    mem = compiled.memory_analysis()
+    gib = lambda n: n / GIB
+    report.per_chip_gib = {**report.per_chip_gib, "arguments": gib(mem.argument_size_in_bytes),
+                           "outputs": gib(mem.output_size_in_bytes - mem.alias_size_in_bytes),
+                           "temporaries": gib(mem.temp_size_in_bytes),
+                           "generated_code": gib(mem.generated_code_size_in_bytes)}
+    # Donated state buffers are reused for the new state (aliased), so outputs count only what is not aliased.
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    report.total_gib = gib(total)
+    report.headroom = 1.0 - report.total_gib / report.usable_gib
+    report.fits = report.total_gib <= report.usable_gib
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops") is not None:
+        report.compiled_flops = float(cost["flops"]) * report.num_chips   # the SPMD program is one chip's
+    report.collectives = count_collectives(compiled.as_text())
+    return report
+
+
+# --- the search -------------------------------------------------------------------------------------------------
+_REMAT_ORDER = ("none", "dots", "full")   # least recomputation first
+
+
+def with_settings(cfg, *, batch: Optional[int] = None, remat: Optional[str] = None, fsdp: Optional[bool] = None,
+                  num_partitions: Optional[int] = None):
+    """cfg with a different global batch, remat policy or mesh split (mesh_shape cleared when the split changes)."""
+    if batch is not None:
+        cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, global_batch_size=batch))
+    if remat is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat))
+    if fsdp is not None or num_partitions is not None:
+        mesh = dataclasses.replace(cfg.mesh, mesh_shape=None,
+                                   fsdp=cfg.mesh.fsdp if fsdp is None else fsdp,
+                                   num_partitions=cfg.mesh.num_partitions if num_partitions is None else num_partitions)
+        cfg = dataclasses.replace(cfg, mesh=mesh)
+    return cfg
+
+
+def candidates(cfg, num_chips: int) -> Iterator[dict]:
+    """Settings to try, largest batch first; for each batch the least recomputation, then the mesh splits."""
+    remats = _REMAT_ORDER[_REMAT_ORDER.index(cfg.model.remat):]
+    splits = [(cfg.mesh.fsdp, cfg.mesh.num_partitions), (not cfg.mesh.fsdp, cfg.mesh.num_partitions)]
+    splits += [(False, mp) for mp in (2, 4, 8) if mp <= num_chips and num_chips % mp == 0]
+    batch = cfg.input.global_batch_size
+    while batch >= 1:
+        for remat in remats:
+            for fsdp, mp in dict.fromkeys(splits):
+                if batch % (num_chips // mp) == 0:
+                    yield {"batch": batch, "remat": remat, "fsdp": fsdp, "num_partitions": mp}
+        batch //= 2
+
+
+def suggest(cfg, topology: str, num_slices: int = 1, *, headroom: float = SUGGEST_HEADROOM, max_trials: int = 8,
+            grow: bool = True, log: Callable[[str], None] = print) -> tuple[Optional[dict], list]:
+    """(the first candidate that fits with `headroom`, [(settings, report) of every trial]). When the configuration
+    as given fits, larger batches (x2, x4) are tried first, with its other settings."""
+    num_chips = len(topology_devices(topology, num_slices))
+    trials = []
+
+    def attempt(settings: dict) -> bool:
+        report = compile_train_step(with_settings(cfg, **settings), topology, num_slices)
+        trials.append((settings, report))
+        log(f"  {settings}: {describe_fit(report)}")
+        return report.fits_with(headroom)
+
+    base = {"batch": cfg.input.global_batch_size, "remat": cfg.model.remat, "fsdp": cfg.mesh.fsdp,
+            "num_partitions": cfg.mesh.num_partitions}
+    tried = set()
+    if grow and attempt(base):
+        best = base
+        for factor in (2, 4):
+            bigger = {**base, "batch": base["batch"] * factor}
+            if len(trials) >= max_trials or not attempt(bigger):
+                break
+            best = bigger
+        return best, trials
+    tried.add(tuple(sorted(base.items())))
+    for settings in candidates(cfg, num_chips):
+        key = tuple(sorted(settings.items()))
+        if key in tried or len(trials) >= max_trials:
+            continue
+        tried.add(key)
+        if attempt(settings):
+            return settings, trials
+    return None, trials
+
+
+# --- text ---------------------------------------------------------------------------------------------------------
+def describe_fit(report: CompileReport) -> str:
+    if report.total_gib is None:
+        return f"does not fit: {report.error}"
+    verdict = "fits" if report.fits else "does not fit"
+    return (f"{verdict}: {report.total_gib:.2f} GiB per chip of {report.usable_gib:.2f} "
+            f"(headroom {100 * report.headroom:.0f}%), compile {report.compile_seconds:.0f} s")
+
+
+def summary(report: CompileReport) -> str:
+    """The report as the lines `flan-jax compile` prints."""
+    s = report.settings
+    lines = [f"{report.topology} x{report.num_slices}: {report.num_chips} x {report.device_kind} "
+             f"({report.hbm_gib:g} GiB HBM, {report.usable_gib:g} usable); mesh {report.mesh}",
+             f"batch {s['batch']} ({s['lengths']}), remat {s['remat']}, fsdp {s['fsdp']}, dtype {s['dtype']}, "
+             f"param_dtype {s['param_dtype']}, attention {s['attention_kernel']}, peft {s['peft']}",
+             "per chip (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in report.per_chip_gib.items()),
+             describe_fit(report)]
+    if report.compiled_flops:
+        lines.append(f"FLOPs per step: compiled {report.compiled_flops / 1e12:.2f} T, model "
+                     f"{report.model_flops / 1e12:.2f} T (ratio {report.flops_ratio:.3f})")
+    lines.append("collectives: " + (", ".join(f"{k} {v}" for k, v in report.collectives.items()) or "none"))
+    lines += [f"  {b}" for b in report.largest_buffers[:12]]
+    return "\n".join(lines)
