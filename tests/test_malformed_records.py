@@ -284,3 +284,31 @@ def test_lone_surrogate_does_not_kill_the_input_pipeline():
     bad = {"question": "lone \ud800 surrogate", "answer": "yes", OPTIONS: ["yes", "no"], RATIONALE: "r"}
     examples, counted = _pipeline([PIPELINE_RECORDS[0], bad, PIPELINE_RECORDS[0]])
     assert len(examples) + sum(counted.values()) == 3
+
+
+def test_file_sources_skip_and_count_bad_bytes_and_keep_reading(tmp_path):
+    """One line that is not UTF-8 costs that record, not the file; a TSV cell longer than csv's 131,072-character
+    field limit is read whole; a line over MAX_RECORD_BYTES is skipped and counted."""
+    from flan_jax.data.sources import files
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_bytes(b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n'
+                      b'{"question": "c", "answer": "3"}\n')
+    source = files.JsonlSource({"train": str(jsonl)})
+    records = [r for _, r in source.records("train")]
+    assert records[0] == {"question": "a", "answer": "1"} and records[1] is None
+    assert records[2] == {"question": "c", "answer": "3"}
+    assert source.read_error_counts() == {"invalid_utf8": 1}
+    assert source.first_read_errors()["invalid_utf8"].endswith("train.jsonl:2")
+
+    long_cell = "x" * 200_000
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text(f"question\tanswer\n{long_cell}\t1\nb\t2\n", encoding="utf-8")
+    rows = [r for _, r in files.TsvSource({"train": str(tsv)}).records("train")]
+    assert rows == [{"question": long_cell, "answer": "1"}, {"question": "b", "answer": "2"}]
+
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"question": "' + "y" * (files.MAX_RECORD_BYTES + 10) + '", "answer": "1"}\n'
+                   '{"question": "d", "answer": "4"}\n', encoding="utf-8")
+    source = files.JsonlSource({"train": str(big)})
+    assert [r for _, r in source.records("train")] == [None, {"question": "d", "answer": "4"}]
+    assert source.read_error_counts() == {"record_too_large": 1}
