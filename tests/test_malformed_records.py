@@ -312,3 +312,25 @@ def test_file_sources_skip_and_count_bad_bytes_and_keep_reading(tmp_path):
     source = files.JsonlSource({"train": str(big)})
     assert [r for _, r in source.records("train")] == [None, {"question": "d", "answer": "4"}]
     assert source.read_error_counts() == {"record_too_large": 1}
+
+
+def test_csv_and_parquet_sources_read_records_and_count_bad_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flan_jax.data.sources import files
+    path = tmp_path / "train.csv"
+    path.write_bytes(b'text,label\n"a, quoted\nreview",positive\nbad\xff,negative\nonly one cell\n'
+                     b'"plain",negative\n')
+    source = files.CsvSource({"train": str(path)})
+    assert source.num_examples("train") == 4
+    rows = [r for _, r in source.records("train")]
+    assert rows == [{"text": "a, quoted\nreview", "label": "positive"}, None, None,
+                    {"text": "plain", "label": "negative"}]
+    assert source.read_error_counts() == {"invalid_utf8": 1, "wrong_cell_count": 1}
+
+    table = pa.table({"text": ["x", "y", "z"], "label": ["positive", "negative", "positive"]})
+    pq.write_table(table, tmp_path / "train.parquet", row_group_size=2)
+    source = files.ParquetSource({"train": str(tmp_path / "train.parquet")}, batch_size=2)
+    assert source.num_examples("train") == 3
+    assert [r["text"] for _, r in source.records("train")] == ["x", "y", "z"]

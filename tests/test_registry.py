@@ -229,3 +229,16 @@ def test_metrics():
     assert metrics.bleu(["the cat sat on the mat"], ["the cat sat on the mat"])["bleu"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="2 targets but 1 predictions"):
         metrics.accuracy(["a", "b"], ["a"])
+
+
+def test_unknown_names_get_did_you_mean_from_the_registry():
+    import flan_jax.tasks  # noqa: F401  (the default collection)
+    from flan_jax.pipeline import batches
+
+    assert registry.suggest_names("parity_zs_opts")[0] == "parity_zs_opt"
+    # uppercase has no options: its _opt variants do not exist, its noopt ones are suggested
+    assert registry.suggest_names("uppercase_zs_opt")[0] == "uppercase_zs_noopt"
+    assert "flan_default_train" in registry.suggest_names("flan_default_trian")
+    with pytest.raises(ValueError, match="did you mean 'uppercase_zs_noopt'"):
+        batches.resolve_mixture_or_task("uppercase_zs_opt")
+    assert registry.did_you_mean("qqqqqqqqqqqq") == ""

@@ -89,7 +89,8 @@ def _tasks_and_rates(name: str) -> list[tuple[str, float]]:
         variants = _variants_of_base_task(name)  # `data list` prints base names for t0, niv2 and cot
         if variants:
             return [(variant, 1.0) for variant in variants]
-        raise SystemExit(f"flan-jax data: no task or mixture named {name!r} (see `flan-jax data list`)") from None
+        hint = registry.did_you_mean(name) or " (see `flan-jax data list`)"
+        raise SystemExit(f"flan-jax data: no task or mixture named {name!r}{hint}") from None
     return sorted(mixing.mixture_rates(name).items())
 
 

@@ -42,6 +42,7 @@ the registered seqio task names; mixtures are built with `flan_jax.data.mixing`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import seqio
@@ -284,3 +285,20 @@ def record_collection(name: str, registration: Any) -> None:
 def collection_registration(name: str) -> Any:
     """What the last registration of collection `name` produced (e.g. "niv2": its base tasks), or None."""
     return _COLLECTIONS.get(name)
+
+
+def suggest_names(name: str, limit: int = 3) -> list[str]:
+    """Registered seqio task and mixture names closest to `name` (for "did you mean" in errors). A base task or
+    a variant its task does not have (a task without options has no `_opt` variants) suggests the variants it has."""
+    names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    base = next((b for b in sorted(_SPECS, key=len, reverse=True) if name == b or name.startswith(b + "_")), None)
+    if base is not None:
+        variants = [n for n, info in _INFOS.items() if info.base_task == base]
+        return difflib.get_close_matches(name, variants, n=limit, cutoff=0.0)
+    return difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean 'a' or 'b'?)' for an unknown task or mixture name, or ''."""
+    close = suggest_names(name)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

@@ -46,8 +46,8 @@ def resolve_mixture_or_task(name: str, key: str = "MIXTURE_OR_TASK_NAME"):
     try:
         return seqio.get_mixture_or_task(name)
     except ValueError:
-        raise ValueError(f"{key}={name!r} is not a registered seqio Task or Mixture "
-                         f"(did you import flan_jax.tasks or pass --module?)") from None
+        hint = registry.did_you_mean(name) or " (did you import flan_jax.tasks or pass --module?)"
+        raise ValueError(f"{key}={name!r} is not a registered seqio Task or Mixture{hint}") from None
 
 
 def targets_vocabulary(cfg: InputConfig):

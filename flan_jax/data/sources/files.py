@@ -1,4 +1,4 @@
-"""Record sources over local files: JSON Lines and TSV, one file (or several, read in order) per split.
+"""Record sources over local files: JSON Lines, TSV, CSV and Parquet, one file (or several, read in order) per split.
 
 These serve data that is not in TFDS: HF-datasets exports for promptsource templates (one JSON object per line, in
 the dataset's own schema), chain-of-thought files (question / answer / rationale columns), and the like.
@@ -16,6 +16,7 @@ JSON, not an object, a TSV row with the wrong number of cells, bytes that are no
 from __future__ import annotations
 
 import collections
+import csv
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ MapFn = Callable[[dict], Record | None]
 # A record larger than this is skipped and counted ("record_too_large"): one runaway line (a missing newline in a
 # generated file) must not hold the whole file in memory or stop the task.
 MAX_RECORD_BYTES = 16 << 20
+csv.field_size_limit(MAX_RECORD_BYTES)  # csv's default (131,072 characters) would end a file at one long cell
 
 
 def _as_paths(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -164,6 +166,80 @@ class TsvSource(_FileSource):
                 yield None
                 continue
             yield dict(zip(columns, row))
+
+
+class CsvSource(_FileSource):
+    """Comma-separated values with a header row, quoted as spreadsheets and pandas write them (a quoted cell may hold
+    commas and newlines). A row with a different number of cells than the header, or bytes that are not UTF-8,
+    yields None (counted)."""
+    _skip_header = True
+
+    def __init__(self, split_files: Mapping[str, str | Sequence[str]], map_fn: MapFn | None = None,
+                 num_examples: Mapping[str, int] | None = None, name: str = "", delimiter: str = ","):
+        self.delimiter = delimiter
+        if num_examples is None:  # quoted cells may span lines: count rows, not lines
+            num_examples = {split: sum(sum(1 for _ in self._rows(p)) for p in _as_paths(paths))
+                            for split, paths in split_files.items() if all(os.path.isfile(p) for p in _as_paths(paths))}
+        super().__init__(split_files, map_fn, num_examples or None, name)
+
+    def _rows(self, path: str) -> Iterator[tuple[int, list[str]]]:
+        # surrogateescape: a bad byte becomes a lone surrogate in its cell, found below, instead of an exception
+        # that would end the file.
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            reader = csv.reader(f, delimiter=self.delimiter)
+            header = None
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error:  # a cell over the field limit (MAX_RECORD_BYTES): that row only
+                    self._unreadable("record_too_large", path, reader.line_num)
+                    yield reader.line_num, None
+                    continue
+                if not any(cell.strip() for cell in row):
+                    continue
+                if header is None:
+                    header = row
+                    continue
+                yield reader.line_num, row
+
+    def _read(self, path: str) -> Iterable[dict]:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            header = next(csv.reader(f, delimiter=self.delimiter), None)
+        columns = tuple(cell.strip() for cell in header or ())
+        for line_number, row in self._rows(path):
+            if row is None:
+                yield None
+            elif any(_has_surrogate(cell) for cell in row):
+                self._unreadable("invalid_utf8", path, line_number)
+                yield None
+            elif len(row) != len(columns):
+                self._unreadable("wrong_cell_count", path, line_number)
+                yield None
+            else:
+                yield dict(zip(columns, row))
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+class ParquetSource(_FileSource):
+    """Parquet files (one or more per split), read a row group at a time; every column becomes a record field.
+    Sizes come from the files' metadata."""
+
+    def __init__(self, split_files: Mapping[str, str | Sequence[str]], map_fn: MapFn | None = None,
+                 name: str = "", batch_size: int = 1024):
+        import pyarrow.parquet as pq  # lazy: pyarrow is needed only for Parquet files
+        self._pq, self.batch_size = pq, batch_size
+        counts = {split: sum(pq.ParquetFile(p).metadata.num_rows for p in _as_paths(paths))
+                  for split, paths in split_files.items() if all(os.path.isfile(p) for p in _as_paths(paths))}
+        super().__init__(split_files, map_fn, counts or None, name)
+
+    def _read(self, path: str) -> Iterable[dict]:
+        for batch in self._pq.ParquetFile(path).iter_batches(batch_size=self.batch_size):
+            yield from batch.to_pylist()
 
 
 class HeldOutSplitSource(RecordSource):
