@@ -71,7 +71,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
             sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
             character_coverage=1.0, byte_fallback=True, split_digits=True, hard_vocab_limit=False,
             normalization_rule_tsv=rule, remove_extra_whitespaces=False, user_defined_symbols=["\n"],
-            pad_id=PAD_ID, eos_id=EOS_ID, unk_id=2, bos_id=-1, num_threads=1, max_sentence_length=1 << 20, minloglevel=2)
+            pad_id=PAD_ID, eos_id=EOS_ID, unk_id=2, bos_id=-1, num_threads=1, max_sentence_length=1 << 20,
+            minloglevel=2)
     model.seek(0)
     proto = sentencepiece_model_pb2.ModelProto.FromString(model.read())
     for spec in (proto.normalizer_spec, proto.denormalizer_spec):  # a temporary path: the bytes must not depend on it

@@ -1,5 +1,5 @@
 """Runs a model over SuiteTasks: tokenizes the prompts, rank-classifies or greedily decodes in fixed-shape batches, and
-scores.
+scores; tokens, batches, ranking and decoding are flan_jax.evaluation.inference's.
 
 Batch shapes come from a small fixed set, so the compiled programs are shared by every task: widths from a ladder of
 multiples of 64 about 2^(1/4) apart (little padding, and the attention cost grows with the square of the width), and
@@ -115,7 +115,8 @@ class SuiteRunner:
             return task.max_decode_len
         longest = max(len(self.vocab.encode(t if isinstance(t, str) else max(t, key=len))) for t in
                       (e.target for e in task.examples))
-        return inference.pow2_at_least(longest + 8, 16)   # an exact match ends by then; a few spare steps keep misses readable
+        # An exact match ends by then; a few spare steps keep misses readable.
+        return inference.pow2_at_least(longest + 8, 16)
 
     def _generate_rows(self, rows, length: int):
         """(raw text per row, generated tokens per row, padded tokens per row: its batch's rows x width shared by the
