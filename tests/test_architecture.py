@@ -12,7 +12,7 @@ import grimp
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAZY_ALLOWED = {"torch", "transformers", "tensorflow", "tensorflow_datasets", "tokenizers", "libtpu", "lm_eval",
-                "apache_beam", "grain", "array_record", "qwix", "matplotlib", "pyarrow", "datasets"}
+                "apache_beam", "grain", "array_record", "qwix", "matplotlib", "pyarrow", "datasets", "rouge_score", "sacrebleu"}
 
 
 def _sources():

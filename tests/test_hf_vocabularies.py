@@ -117,7 +117,6 @@ def test_reordered_rows_give_the_checkpoints_logits_in_seqio_ids(tmp_path):
     hf_logits = forward(hf_params, batch(order[ids].astype(np.int32)))
     our_logits = forward(ours, batch(ids))
     np.testing.assert_allclose(np.asarray(our_logits), np.asarray(hf_logits)[..., order], rtol=1e-6, atol=1e-6)
-    from flan_jax.checkpoints import vocab_rows
     back = vocab_rows.reorder_vocabulary_rows(config, ours, vocab_rows.inverse(vocab.hf_order))
     np.testing.assert_array_equal(back["token_embedder"]["embedding"], hf_params["token_embedder"]["embedding"])
 

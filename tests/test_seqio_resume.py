@@ -8,7 +8,7 @@ import seqio
 
 import flan_jax.tasks  # noqa: F401  (registers the default tasks)
 from flan_jax import packing
-from flan_jax.data import registry
+from flan_jax.data import registry, render
 from flan_jax.pipeline import batches as data_lib
 
 MIXTURE = "test_seqio_resume_mix"
@@ -36,8 +36,8 @@ def _batches(converter, state=None):
                                             lambda: seqio.EncDecFeatureConverter(pack=True)])
 def test_seqio_position_resumes_bitwise_without_rendering_again(monkeypatch, make_converter):
     rendered = []
-    original = registry.render_example
-    monkeypatch.setattr(registry, "render_example", lambda spec, variant, split, index, *a: rendered.append(
+    original = render.render_example
+    monkeypatch.setattr(render, "render_example", lambda spec, variant, split, index, *a: rendered.append(
         (spec.name, variant, index)) or original(spec, variant, split, index, *a))
     reference_converter = make_converter()
     reference = _batches(reference_converter)

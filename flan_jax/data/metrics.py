@@ -8,8 +8,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
-import sacrebleu
 
 
 def to_text(value: Any) -> str:
@@ -76,6 +74,7 @@ def rouge_l(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str, flo
     if not targets:
         return {"rouge_l": float("nan")}
     if _ROUGE_SCORER is None:
+        from rouge_score import rouge_scorer  # lazy: it imports JAX and NLTK (~1.7 s); registration stays cheap
         _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = []
     for target, prediction in zip(targets, predictions):
@@ -94,5 +93,6 @@ def bleu(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str, float]
     num_refs = max(len(r) for r in refs)
     # sacrebleu wants one stream per reference position; pad shorter reference lists with their first reference.
     streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(num_refs)]
+    import sacrebleu  # lazy: only BLEU-scored tasks need it, and task registration must stay cheap
     result = sacrebleu.corpus_bleu([to_text(p) for p in predictions], streams)
     return {"bleu": float(result.score)}

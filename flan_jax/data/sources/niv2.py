@@ -23,7 +23,6 @@ import string
 from typing import Any, Iterable, Mapping, Sequence
 
 from flan_jax.data.sources import RecordSource
-from rouge_score import rouge_scorer
 
 TEST_INSTANCES_PER_TASK = 100
 SPLIT_FILES = {"train": "train_tasks.txt", "test": "test_tasks.txt"}
@@ -222,6 +221,7 @@ _SCORER = None
 def _rouge_l(prediction: str, reference: str) -> float:
     global _SCORER
     if _SCORER is None:
+        from rouge_score import rouge_scorer  # lazy: it imports JAX and NLTK (~1.3 s); registration stays cheap
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return _SCORER.score(reference, prediction)["rougeL"].fmeasure
 
