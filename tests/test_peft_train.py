@@ -12,7 +12,8 @@ import pytest
 from flan_jax import models
 from flan_jax.checkpoints import run_dir as trained
 from flan_jax.cli import convert as convert_cli
-from flan_jax.train import checkpointing, loop, optim, partitioning, peft_state as peft, step as step_lib
+from flan_jax.train import (checkpointing, loop, optim, partitioning, peft_state as peft, state as state_lib,
+                            step as step_lib)
 from flan_jax.pipeline import batches as data_lib
 from flan_jax.cli import train as train_main
 from flan_jax.train.metrics_log import read_metrics
@@ -69,12 +70,13 @@ def _restored(model_dir, base):
 
 @pytest.mark.slow
 def test_train_steps_leave_the_frozen_base_bitwise_unchanged(base_dir, tmp_path):
-    """The loop's PEFT step (peft.jit_train_step) run three times: the base it was given is bitwise the checkpoint's,
-    and only params['peft'] (with its optimizer state) comes back."""
+    """The loop's PEFT step (state.jit_step, the base its third argument) run three times: the base it was given is
+    bitwise the checkpoint's, and only params['peft'] (with its optimizer state) comes back."""
     cfg = _config(str(tmp_path / "steps"), base=base_dir[0])
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
     mesh = partitioning.make_mesh(cfg.mesh)
-    state, shardings, start, base = peft.init_or_restore(cfg, optimizer, mesh, checkpointing.Checkpointer(cfg.model_dir))
+    layout = state_lib.state_layout(cfg.model, optimizer, cfg.mesh, mesh)
+    state, start, base = peft.init_or_restore(cfg, layout, optimizer, checkpointing.Checkpointer(cfg.model_dir))
     assert start == 0 and set(state["params"]) == {"peft"}
     rng = np.random.default_rng(0)
     targets = rng.integers(2, 100, (2, 8))
@@ -82,9 +84,9 @@ def test_train_steps_leave_the_frozen_base_bitwise_unchanged(base_dir, tmp_path)
              "decoder_input_tokens": np.asarray(models.shift_right(jnp.asarray(targets))),
              "decoder_loss_weights": np.ones((2, 8), np.float32)}
     step_fn = step_lib.make_train_step(cfg.model, optimizer, cfg.loss)
-    train_step = peft.jit_train_step(step_fn, shardings, partitioning.batch_sharding(mesh), base)
+    train_step = state_lib.jit_step(step_fn, layout, partitioning.batch_sharding(mesh))
     for _ in range(3):
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, base.params)
     assert float(metrics["grad_norm"]) > 0 and int(state["step"]) == 3
     assert _leaves_equal(base.params, base_dir[1])
 
@@ -108,8 +110,9 @@ def test_optimizer_state_holds_peft_parameters_only(base_dir):
     cfg = _config("unused", base=base_dir[0])
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
     mesh = partitioning.make_mesh(cfg.mesh)
-    abstract, _, frozen = peft.abstract_train_state(cfg.model, optimizer, cfg.mesh, mesh)
-    full, _ = loop.abstract_train_state(peft.base_config(cfg.model), optimizer, cfg.mesh, mesh)
+    layout = state_lib.state_layout(cfg.model, optimizer, cfg.mesh, mesh)
+    abstract, frozen = layout.abstract, layout.frozen
+    full = state_lib.state_layout(peft.base_config(cfg.model), optimizer, cfg.mesh, mesh).abstract
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract["opt_state"])[0]]
     per_param = [p for p in paths if "'" in p]  # counts have no dict key
     assert per_param and all("['peft']" in p for p in per_param), per_param[:5]
@@ -129,8 +132,9 @@ def test_factored_adafactor_state_of_lora_is_larger_than_full_finetuning():
     cfg = train_main._configured([f"--gin_file={default}", f"--gin_file={LORA}", "--gin.INIT_CHECKPOINT='x'"])[1]
     optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
     mesh = partitioning.make_mesh(cfg.mesh)
-    abstract, _, frozen = peft.abstract_train_state(cfg.model, optimizer, cfg.mesh, mesh)
-    full, _ = loop.abstract_train_state(peft.base_config(cfg.model), optimizer, cfg.mesh, mesh)
+    layout = state_lib.state_layout(cfg.model, optimizer, cfg.mesh, mesh)
+    abstract, frozen = layout.abstract, layout.frozen
+    full = state_lib.state_layout(peft.base_config(cfg.model), optimizer, cfg.mesh, mesh).abstract
     peft_bytes, full_bytes = _bytes(abstract["opt_state"]), _bytes(full["opt_state"])
     assert peft_bytes >= 4 * models.count_peft_params(cfg.model)  # a float32 second moment per LoRA weight
     assert full_bytes < peft_bytes < _bytes(frozen) / 5, (peft_bytes, full_bytes, _bytes(frozen))
@@ -278,7 +282,7 @@ def _decoder_packed_batch(prompt_slots: int) -> dict:
 
 @pytest.mark.parametrize("method", sorted(DEC_PEFT))
 def test_decoder_peft_steps_train_the_peft_params_and_leave_the_base_bitwise_unchanged(method):
-    """train/peft.py on a tiny DecoderConfig: the loop's PEFT step (peft.jit_train_step) lowers the loss, moves every
+    """train/peft.py on a tiny DecoderConfig: the loop's PEFT step (state.jit_step) lowers the loss, moves every
     PEFT parameter, keeps optimizer state for them only, and never changes the frozen base it is given."""
     peft_cfg, lr = DEC_PEFT[method]
     config = dataclasses.replace(DEC, peft=peft_cfg)
@@ -286,26 +290,22 @@ def test_decoder_peft_steps_train_the_peft_params_and_leave_the_base_bitwise_unc
                                      optim.make_schedule(optim.ScheduleConfig("constant", lr, 0)))
     mesh_cfg = partitioning.MeshConfig()
     mesh = partitioning.make_mesh(mesh_cfg, jax.devices()[:1])
-    _, shardings, frozen_abstract = peft.abstract_train_state(config, optimizer, mesh_cfg, mesh)
-    frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen_abstract)
-    base_params = jax.device_put(models.init_params(DEC, jax.random.PRNGKey(0)), frozen_shardings)
+    layout = state_lib.state_layout(config, optimizer, mesh_cfg, mesh)
+    base_params = jax.device_put(models.init_params(DEC, jax.random.PRNGKey(0)), layout.frozen_shardings)
     base_before = jax.device_get(base_params)
     trainable = peft.init_trainable(config, jax.random.PRNGKey(1), base_params)
     before = jax.device_get(trainable)
-    state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": trainable,
-                            "opt_state": optimizer.init(trainable), "nonfinite_step": jnp.full((), -1, jnp.int32)},
-                           shardings)
-    base = peft.FrozenBase(base_params, frozen_shardings, {"path": "in-memory", "step": None, "format": "flan_jax"})
+    state = jax.device_put(state_lib.new_state(trainable, optimizer), layout.shardings)
     step_fn = step_lib.make_train_step(config, optimizer, step_lib.LossConfig())
-    train_step = peft.jit_train_step(step_fn, shardings, partitioning.batch_sharding(mesh), base)
+    train_step = state_lib.jit_step(step_fn, layout, partitioning.batch_sharding(mesh))
     batch = _decoder_packed_batch(peft_cfg.prompt_length if method == "prompt" else 0)
     losses = []
     for _ in range(4):
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, base_params)
         losses.append(float(metrics["loss"]))
     assert int(state["step"]) == 4 and all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses
-    assert _leaves_equal(base.params, base_before)
+    assert _leaves_equal(base_params, base_before)
     after = jax.device_get(state["params"])
     assert set(after) == {"peft"}
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]

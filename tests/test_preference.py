@@ -13,7 +13,7 @@ from flan_jax import models
 from flan_jax.data import preference as preference_data, registry
 from flan_jax.data.sources import FunctionSource, MalformedRecordError
 from flan_jax.data.templates import Template
-from flan_jax.train import optim
+from flan_jax.train import optim, state as state_lib
 from flan_jax.train.preference import losses, pairs, reward, scoring, steps
 from flan_jax.cli import preference as pref_main  # imported before any test locks gin
 
@@ -192,7 +192,7 @@ def test_reward_is_the_head_on_the_hidden_state_at_eos(config):
 def _train(loss_fn, params, batch, steps_count, lr):
     optimizer = optim.make_adafactor(optim.AdafactorConfig(multiply_by_parameter_scale=False),
                                      optim.make_schedule(optim.ScheduleConfig(learning_rate=lr)))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    state = state_lib.new_state(params, optimizer)
     step = jax.jit(steps.make_train_step(loss_fn, optimizer, seed=0))
     history = []
     for _ in range(steps_count):

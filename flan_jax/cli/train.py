@@ -107,7 +107,8 @@ def train_config(
     adafactor_weight_decay_rate: Optional[float] = None,
     peft=None,
 ) -> loop.TrainConfig:
-    """Collects the gin bindings into a TrainConfig (no work is done here; validation.py checks the values).
+    """Collects the gin bindings into a TrainConfig (no work is done here; validation.py checks the values). Over 60
+    lines: one parameter per `train.*` gin binding, the names runs' gin files use.
 
     peft: a PeftConfig (gin_configs/peft/*.gin) set on the model config, whichever family it is."""
     if peft is not None:

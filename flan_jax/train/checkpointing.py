@@ -16,6 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flan_jax.checkpoints import run_dir as trained
+
 STEP_PREFIX = "checkpoint"
 INPUT_STATE_DIR = "input_state"
 
@@ -62,6 +64,12 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
 
+    def restore_latest(self, abstract_state: Any) -> Optional[tuple[Any, dict]]:
+        """(state, meta) of the latest checkpoint laid out as `abstract_state`, or None when there is none yet."""
+        if self.latest_step() is None:
+            return None
+        return self.restore(abstract_state)
+
     # --- best --------------------------------------------------------------------------------------------------------
     def best_record(self) -> Optional[dict]:
         path = epath.Path(self.model_dir) / "best.json"
@@ -100,6 +108,20 @@ class Checkpointer:
         self.latest.close()
         if self._best is not None:
             self._best.close()
+
+
+# --- params alone ----------------------------------------------------------------------------------------------------
+def restore_params(checkpoint_dir: str, abstract_params: Any) -> Any:
+    """The `params` of a checkpoint_<step> dir laid out as `abstract_params` (ShapeDtypeStructs with shardings), its
+    optimizer state unread. Raises ValueError naming a parameter the checkpoint lacks: orbax's partial restore would
+    hand such a leaf back unfilled."""
+    params = trained.restore_params(checkpoint_dir, abstract_params)
+    missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        raise ValueError(f"{checkpoint_dir} has no parameter {missing[0]} ({len(missing)} missing): it was trained "
+                         "with another model config")
+    return params
 
 
 # --- input position ------------------------------------------------------------------------------------------------

@@ -21,35 +21,26 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import seqio
 from etils import epath
 
 from flan_jax import models
 from flan_jax.checkpoints import run_dir as trained
-from flan_jax.train import checkpointing, init_from, partitioning
-from flan_jax.pipeline import batches as data_lib
-import seqio
 from flan_jax.data import registry
-from flan_jax.train import optim
+from flan_jax.pipeline import batches as data_lib
+from flan_jax.train import checkpointing, init_from, optim, partitioning, state as state_lib
 
-PEFT_KEY = "peft"
+PEFT_KEY = state_lib.PEFT_KEY
 REFERENCE_FILE = "peft_base.json"
 META_KEY = "peft_base"
 
-
-def enabled(model_cfg) -> bool:
-    return getattr(model_cfg, "peft", None) is not None
+enabled = state_lib.peft_enabled
+split_params = state_lib.split_trainable  # (trainable {'peft': ...}, frozen base) of a full parameter tree
 
 
 def base_config(model_cfg):
     """The model config of the frozen base (no PEFT)."""
     return dataclasses.replace(model_cfg, peft=None) if enabled(model_cfg) else model_cfg
-
-
-def split_params(params: dict) -> tuple[dict, dict]:
-    """(trainable {'peft': ...}, frozen base) of a full parameter tree."""
-    if PEFT_KEY not in params:
-        raise KeyError(f"parameters have no '{PEFT_KEY}' subtree; top-level keys: {sorted(params)}")
-    return {PEFT_KEY: params[PEFT_KEY]}, {k: v for k, v in params.items() if k != PEFT_KEY}
 
 
 def join_params(trainable: dict, frozen: dict) -> dict:
@@ -72,35 +63,21 @@ def parameter_counts(model_cfg) -> dict:
 # --- train state ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class FrozenBase:
-    params: Any          # the base parameter tree on the mesh (never updated)
-    shardings: Any       # its NamedSharding tree
+    params: Any          # the base parameter tree on the mesh, laid out as StateLayout.frozen (never updated)
     reference: dict      # {"path", "step", "format"}: where it was loaded from (recorded in checkpoints)
 
 
-def _trainable_axes(model_cfg):
-    axes = models.param_logical_axes(model_cfg)
-    return {PEFT_KEY: axes[PEFT_KEY]}, {k: v for k, v in axes.items() if k != PEFT_KEY}
-
-
 def abstract_train_state(model_cfg, optimizer, mesh_cfg: partitioning.MeshConfig, mesh):
-    """(abstract PEFT train state with shardings, its sharding tree, abstract frozen base with shardings)."""
-    shapes_all = models.param_shapes(model_cfg)
-    trainable_shapes, frozen_shapes = split_params(shapes_all)
-    trainable_axes, frozen_axes = _trainable_axes(model_cfg)
-    rules = partitioning.logical_rules(mesh_cfg)
-    opt_shapes = jax.eval_shape(optimizer.init, trainable_shapes)
-    shardings = {
-        "step": partitioning.replicated(mesh),
-        "nonfinite_step": partitioning.replicated(mesh),
-        "params": partitioning.param_shardings(trainable_shapes, trainable_axes, rules, mesh),
-        "opt_state": partitioning.opt_state_shardings(opt_shapes, trainable_shapes, trainable_axes, rules, mesh),
-    }
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    shapes = {"step": scalar, "nonfinite_step": scalar, "params": trainable_shapes, "opt_state": opt_shapes}
-    with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
-    abstract = jax.tree.map(with_sharding, shapes, shardings)
-    frozen_shardings = partitioning.param_shardings(frozen_shapes, frozen_axes, rules, mesh)
-    return abstract, shardings, jax.tree.map(with_sharding, frozen_shapes, frozen_shardings)
+    """(abstract state, its sharding tree, abstract frozen base): state.state_layout as the triple that
+    scripts/bench/peft.py takes."""
+    layout = state_lib.state_layout(model_cfg, optimizer, mesh_cfg, mesh)
+    return layout.abstract, layout.shardings, layout.frozen
+
+
+def jitted_step(step_fn, shardings, batch_sharding, frozen_shardings):
+    """`step_fn(state, batch, frozen)` jitted as state.jit_step does, from the sharding trees themselves."""
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, frozen_shardings),
+                   out_shardings=(shardings, None), donate_argnums=(0,))
 
 
 def init_trainable(model_cfg, rng, frozen: dict, label_token_ids=None, prompt=None) -> dict:
@@ -158,33 +135,28 @@ def prompt_init_inputs(cfg) -> dict:
     return {"label_token_ids": [vocabulary.encode(label) for label in labels]}
 
 
-def init_or_restore(cfg, optimizer, mesh, ckpt: checkpointing.Checkpointer):
-    """(state, shardings, first step, FrozenBase): resume MODEL_DIR's latest PEFT checkpoint (its base reloaded from
-    the recorded reference), else load INIT_CHECKPOINT as the base and initialize the PEFT parameters."""
-    abstract, shardings, frozen_abstract = abstract_train_state(cfg.model, optimizer, cfg.mesh, mesh)
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract)
-        reference = reference_from_meta(meta, cfg.model_dir)
+def init_or_restore(cfg, layout: state_lib.StateLayout, optimizer, ckpt: checkpointing.Checkpointer):
+    """(state, first step, FrozenBase) in `layout` (train/state.py, PEFT): resume MODEL_DIR's latest PEFT checkpoint
+    (its base reloaded from the recorded reference), else load INIT_CHECKPOINT as the base and initialize the PEFT
+    parameters."""
+    resumed = ckpt.restore_latest(layout.abstract)
+    if resumed is not None:
+        state, meta_ = resumed
+        reference = reference_from_meta(meta_, cfg.model_dir)
         check_same_base(cfg.init_checkpoint, reference)
-        base = FrozenBase(load_base(reference, frozen_abstract, cfg.model), _shardings(frozen_abstract), reference)
-        logging.info("resumed PEFT from %s/checkpoint_%d on base %s", cfg.model_dir, meta["step"], reference)
-        return state, shardings, int(meta["step"]), base
+        base = FrozenBase(load_base(reference, layout.frozen, cfg.model), reference)
+        logging.info("resumed PEFT from %s/checkpoint_%d on base %s", cfg.model_dir, meta_["step"], reference)
+        return state, int(meta_["step"]), base
     if not cfg.init_checkpoint:
         raise ValueError("train.peft is set but INIT_CHECKPOINT (train.init_checkpoint) is not: PEFT trains on top of "
                          "a base checkpoint (a MODEL_DIR or checkpoint_<step> dir, T5X or Hugging Face)")
     reference = resolve_base(cfg.init_checkpoint)
-    base = FrozenBase(load_base(reference, frozen_abstract, cfg.model), _shardings(frozen_abstract), reference)
+    base = FrozenBase(load_base(reference, layout.frozen, cfg.model), reference)
     write_reference(cfg.model_dir, reference)
-
     init_inputs = prompt_init_inputs(cfg)
-
-    def init(rng, frozen):
-        trainable = init_trainable(cfg.model, rng, frozen, **init_inputs)
-        return {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": optimizer.init(trainable),
-                "nonfinite_step": jnp.full((), -1, jnp.int32)}
-
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(cfg.seed), base.params)
-    return state, shardings, 0, base
+    state = state_lib.init_on_mesh(lambda rng, frozen: init_trainable(cfg.model, rng, frozen, **init_inputs),
+                                   optimizer, layout, jax.random.PRNGKey(cfg.seed), base.params)
+    return state, 0, base
 
 
 def check_converter(model_cfg, converter) -> None:
@@ -200,23 +172,6 @@ def check_converter(model_cfg, converter) -> None:
         raise ValueError(f"prompt tuning: the feature converter {type(converter).__name__} reserves {slots} prompt "
                          f"slots per packed segment, PeftConfig.prompt_length is {model_cfg.peft.prompt_length}; set "
                          "<Converter>.prompt_slots = %PROMPT_LENGTH (peft/prompt.gin does for ours)")
-
-
-def _shardings(abstract):
-    return jax.tree.map(lambda a: a.sharding, abstract)
-
-
-def jitted_step(step_fn, shardings, batch_sharding, frozen_shardings):
-    """`step_fn(state, batch, frozen)` jitted with the base as a third, undonated argument (the base is an input of
-    every step, never an output, so it cannot change); `.lower(...)` it for XLA's memory plan."""
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, frozen_shardings),
-                   out_shardings=(shardings, None), donate_argnums=(0,))
-
-
-def jit_train_step(step_fn, shardings, batch_sharding, base: FrozenBase):
-    """step(state, batch) for the loop: `jitted_step` with the base bound."""
-    jitted = jitted_step(step_fn, shardings, batch_sharding, base.shardings)
-    return lambda state, batch: jitted(state, batch, base.params)
 
 
 def full_params(state: dict, base: Optional[FrozenBase]) -> dict:
@@ -260,10 +215,10 @@ def load_base(reference: dict, frozen_abstract, model_cfg) -> dict:
         checkpoint_dir = os.path.join(path, f"{checkpointing.STEP_PREFIX}_{reference['step']}")
         if trained.find_trained_checkpoint(checkpoint_dir) is None:
             raise FileNotFoundError(f"PEFT base checkpoint {checkpoint_dir} does not exist")
-        return trained.restore_params(checkpoint_dir, frozen_abstract)
+        return checkpointing.restore_params(checkpoint_dir, frozen_abstract)
     params, _, _ = init_from.load_checkpoint_params(path, base_config(model_cfg))
     cast = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), params, frozen_abstract)
-    return jax.device_put(cast, _shardings(frozen_abstract))
+    return jax.device_put(cast, jax.tree.map(lambda a: a.sharding, frozen_abstract))
 
 
 def write_reference(model_dir: str, reference: dict) -> None:
@@ -279,18 +234,11 @@ def reference_from_meta(meta: dict, where: str) -> dict:
     return meta[META_KEY]
 
 
-def with_base(model_cfg, mesh_cfg, mesh, trainable: dict, meta_: dict, where: str) -> dict:
-    """Full parameters of a restored PEFT checkpoint: its PEFT params joined with the base it records."""
+def with_base(model_cfg, frozen_abstract, trainable: dict, meta_: dict, where: str) -> dict:
+    """Full parameters of a restored PEFT checkpoint: its PEFT params joined with the base it records, laid out as
+    `frozen_abstract` (the frozen part of state.abstract_params)."""
     reference = reference_from_meta(meta_, where)
-    frozen_abstract = abstract_train_state(model_cfg, _NoOptimizer(), mesh_cfg, mesh)[2]
     return join_params(trainable, load_base(reference, frozen_abstract, model_cfg))
-
-
-class _NoOptimizer:
-    """Stands in for the optimizer where only the base's layout is needed."""
-    @staticmethod
-    def init(params):
-        return ()
 
 
 # --- export --------------------------------------------------------------------------------------------------------
@@ -298,8 +246,7 @@ def save_merged(base_cfg, params: dict, step: int, out_dir: str, source: str) ->
     """Writes `params` as one of our train-state checkpoints (OUT/checkpoint_<step>, a fresh default Adafactor state)
     that `flan-jax eval` with the base's run config, or INIT_CHECKPOINT, reads."""
     optimizer = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(optim.ScheduleConfig()))
-    state = {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": optimizer.init(params),
-             "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    state = state_lib.new_state(params, optimizer, step)
     ckpt = checkpointing.Checkpointer(out_dir, keep=None, async_save=False)
     ckpt.save(step, state, {"step": int(step), "seed": 0, "batches_consumed": int(step), "merged_from": source})
     ckpt.close()

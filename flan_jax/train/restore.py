@@ -8,7 +8,7 @@ import jax
 
 from flan_jax import models
 from flan_jax.checkpoints import run_dir as trained
-from flan_jax.train import partitioning, peft_state as peft
+from flan_jax.train import checkpointing, partitioning, peft_state as peft, state as state_lib
 
 
 def _resolve(path: str) -> tuple[str, int]:
@@ -19,24 +19,18 @@ def _resolve(path: str) -> tuple[str, int]:
     return found
 
 
-def abstract_params(cfg, mesh) -> dict:
-    """ShapeDtypeStructs of the params with the shardings training gives them on `mesh`."""
-    shapes = models.param_shapes(cfg.model)
-    shardings = partitioning.param_shardings(shapes, models.param_logical_axes(cfg.model),
-                                             partitioning.logical_rules(cfg.mesh), mesh)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def restore_params(cfg, checkpoint: str) -> tuple[dict, int]:
     """(params, step) of a checkpoint_<step> dir, MODEL_DIR/best or a MODEL_DIR's latest, laid out on cfg's mesh.
     Params only: the optimizer state is neither read nor needed (an eval config may set another optimizer)."""
     checkpoint_dir, step = _resolve(checkpoint)
-    mesh = partitioning.make_mesh(cfg.mesh)
-    abstract = abstract_params(cfg, mesh)
-    if peft.enabled(cfg.model):  # a PEFT checkpoint holds the PEFT params; the base comes from its recorded reference
-        trainable = trained.restore_params(checkpoint_dir, {peft.PEFT_KEY: abstract[peft.PEFT_KEY]})
-        return peft.with_base(cfg.model, cfg.mesh, mesh, trainable, trained.read_meta(checkpoint_dir), checkpoint), step
-    return trained.restore_params(checkpoint_dir, abstract), step
+    abstract = state_lib.abstract_params(cfg.model, cfg.mesh, partitioning.make_mesh(cfg.mesh))
+    if not state_lib.peft_enabled(cfg.model):
+        return checkpointing.restore_params(checkpoint_dir, abstract), step
+    # A PEFT checkpoint holds the PEFT params; the base comes from its recorded reference.
+    trainable_abstract, frozen_abstract = state_lib.split_trainable(abstract)
+    trainable = checkpointing.restore_params(checkpoint_dir, trainable_abstract)
+    meta = trained.read_meta(checkpoint_dir)
+    return peft.with_base(cfg.model, frozen_abstract, trainable, meta, checkpoint), step
 
 
 def merged_params(cfg, checkpoint: Optional[str]) -> tuple[Any, dict, int]:

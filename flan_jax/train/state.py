@@ -93,6 +93,14 @@ def state_layout(model_cfg, optimizer: optax.GradientTransformation, mesh_cfg: p
     return layout(trainable, trainable_axes, optimizer, mesh_cfg, mesh, frozen_shapes=frozen, frozen_axes=frozen_axes)
 
 
+def init_on_mesh(make_params: Callable, optimizer: optax.GradientTransformation, state_layout_: StateLayout,
+                 *args) -> TrainState:
+    """A step-0 state of `make_params(*args)`, built by one jitted call straight into the layout's shardings (the
+    parameters never sit whole on one device)."""
+    init = jax.jit(lambda *a: new_state(make_params(*a), optimizer), out_shardings=state_layout_.shardings)
+    return init(*args)
+
+
 def jit_step(step_fn: Callable, state_layout_: StateLayout, batch_sharding):
     """`step_fn(state, batch[, frozen]) -> (state, metrics)` jitted with the layout's shardings, the state donated.
     The same function serves training (called) and `flan-jax compile` (`.lower(...)` on abstract arguments)."""

@@ -83,6 +83,21 @@ def check_vocabulary(model, task_or_mixture, key: str) -> None:
 
 def validate_config(cfg, num_devices: int) -> None:
     """Raises ConfigValueError naming the first bad key. `cfg` is a loop.TrainConfig."""
+    _check_counts(cfg)
+    _check_optimization(cfg)
+    check_model(cfg.model)
+    if getattr(cfg.model, "peft", None) is not None:
+        _need(not cfg.restore_optimizer_state, "train.restore_optimizer_state=True with train.peft: the optimizer "
+              "holds state for the PEFT parameters only, so a base checkpoint's Adafactor slots have no place")
+    _check_lengths(cfg.input.task_feature_lengths)
+    _check_mesh_and_batch(cfg, num_devices)
+    _check_tasks(cfg)
+    _check_best_metric(cfg)
+    _check_model_dir(cfg)
+
+
+def _check_counts(cfg) -> None:
+    """Steps, periods, sizes and the seed."""
     check_int("TRAIN_STEPS", cfg.train_steps, 1)
     check_int("BATCH_SIZE", cfg.input.global_batch_size, 1)
     check_int("SEED", cfg.seed, 0)
@@ -96,6 +111,10 @@ def validate_config(cfg, num_devices: int) -> None:
         check_int(key, value, 1)
     check_int("train.eval_few_shot", cfg.eval_few_shot, 0)
     _need(isinstance(cfg.eval_calibrate, bool), f"train.eval_calibrate={cfg.eval_calibrate!r}: expected True or False")
+
+
+def _check_optimization(cfg) -> None:
+    """Learning rate and schedule, loss options, and the boolean switches."""
     check_real("LEARNING_RATE", cfg.schedule.learning_rate, 0.0)
     _need(cfg.schedule.learning_rate > 0, f"LEARNING_RATE={cfg.schedule.learning_rate}: must be positive")
     _need(cfg.schedule.kind in SCHEDULES, f"train.schedule={cfg.schedule.kind!r}: expected one of {SCHEDULES}")
@@ -112,17 +131,17 @@ def validate_config(cfg, num_devices: int) -> None:
     _need(isinstance(cfg.mesh.fsdp, bool), f"train.fsdp={cfg.mesh.fsdp!r}: expected True or False")
     for flag in ("skip_nonfinite_updates", "async_checkpointing", "restore_optimizer_state"):
         _need(isinstance(getattr(cfg, flag), bool), f"train.{flag}={getattr(cfg, flag)!r}: expected True or False")
-    check_model(cfg.model)
-    if getattr(cfg.model, "peft", None) is not None:
-        _need(not cfg.restore_optimizer_state, "train.restore_optimizer_state=True with train.peft: the optimizer "
-              "holds state for the PEFT parameters only, so a base checkpoint's Adafactor slots have no place")
 
-    lengths = cfg.input.task_feature_lengths
+
+def _check_lengths(lengths) -> None:
     _need(isinstance(lengths, dict) and {"inputs", "targets"} <= set(lengths),
           f"TASK_FEATURE_LENGTHS={lengths!r}: expected {{'inputs': int, 'targets': int}}")
     for key in ("inputs", "targets"):
         check_int(f"TASK_FEATURE_LENGTHS[{key!r}]", lengths[key], 1)
 
+
+def _check_mesh_and_batch(cfg, num_devices: int) -> None:
+    """The mesh fits the devices, and the batch splits over data parallelism, processes and microbatches."""
     check_int("NUM_PARTITIONS", cfg.mesh.num_partitions, 1)
     try:
         dp, _ = partitioning.validate_mesh(cfg.mesh, num_devices)
@@ -133,11 +152,14 @@ def validate_config(cfg, num_devices: int) -> None:
     _check_data_layout(cfg, num_devices)
     _need(cfg.input.global_batch_size % cfg.num_microbatches == 0,
           f"NUM_MICROBATCHES={cfg.num_microbatches} does not divide BATCH_SIZE={cfg.input.global_batch_size}")
+
+
+def _check_tasks(cfg) -> None:
+    """The input pipeline's options, and the train and eval tasks exist and fit the model's vocabulary."""
     _need(cfg.input.pipeline in native_pipeline.PIPELINES,
           f"train.input_pipeline={cfg.input.pipeline!r}: expected one of {native_pipeline.PIPELINES}")
     _need(cfg.input.input_sharding in data_lib.INPUT_SHARDINGS,
           f"train.input_sharding={cfg.input.input_sharding!r}: expected one of {data_lib.INPUT_SHARDINGS}")
-
     for key, name in (("MIXTURE_OR_TASK_NAME", cfg.input.mixture_or_task_name),
                       ("EVAL_MIXTURE_OR_TASK_NAME", cfg.eval_mixture_or_task_name)):
         if key == "MIXTURE_OR_TASK_NAME" or name:
@@ -147,16 +169,18 @@ def validate_config(cfg, num_devices: int) -> None:
             native_pipeline.registry_components(cfg.input.mixture_or_task_name)
         except ValueError as e:
             raise ConfigValueError(str(e)) from None
-    if cfg.best_metric is not None:
-        _need(isinstance(cfg.best_metric, str) and "/" in cfg.best_metric,
-              f"BEST_METRIC={cfg.best_metric!r}: expected '<task>/<metric>', e.g. 'mean_seen/accuracy'")
-    if cfg.best_metric is not None and cfg.eval_mixture_or_task_name:  # without evaluation there is no best
+
+
+def _check_best_metric(cfg) -> None:
+    if cfg.best_metric is None:
+        return
+    _need(isinstance(cfg.best_metric, str) and "/" in cfg.best_metric,
+          f"BEST_METRIC={cfg.best_metric!r}: expected '<task>/<metric>', e.g. 'mean_seen/accuracy'")
+    if cfg.eval_mixture_or_task_name:  # without evaluation there is no best
         metric = cfg.best_metric.rsplit("/", 1)[1]
         names = metric_names(cfg.eval_mixture_or_task_name, cfg.eval_calibrate)
         _need(metric in names or "*" in names,
               f"BEST_METRIC={cfg.best_metric!r}: the eval tasks report {sorted(names)}")
-
-    _check_model_dir(cfg)
 
 
 def _check_data_layout(cfg, num_devices: int) -> None:

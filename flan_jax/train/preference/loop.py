@@ -1,5 +1,5 @@
 """Reward-model and DPO training: start from an SFT checkpoint, train on a preference pool, evaluate held-out
-preference accuracy, checkpoint and resume as the SFT loop does (orbax, keep the latest N, exact resume)."""
+preference accuracy, checkpoint and resume, all through the SFT loop's Trainer (train/trainer.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,19 +7,16 @@ import hashlib
 import json
 import os
 import re
-import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from flan_jax import models
-
 from flan_jax.data import preference as preference_data
-from flan_jax.train import checkpointing, loop as sft_loop, optim, partitioning
-from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
+from flan_jax.train import checkpointing, optim, partitioning, state as state_lib, trainer as trainer_lib
+from flan_jax.train.metrics_log import MetricsWriter
 from flan_jax.train.preference import losses, pairs, reward, steps
 
 KINDS = ("reward", "dpo")
@@ -77,16 +74,14 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
 
 
 def load_sft_params(model_cfg, path: str, mesh_cfg, mesh) -> dict:
-    """The params of an SFT train-state checkpoint (written by flan_jax.train.loop with default Adafactor)."""
+    """The params of an SFT train-state checkpoint (written by flan_jax.train.loop), laid out as training lays them."""
     directory, step = resolve_checkpoint(path)
-    sft_optimizer = optim.make_adafactor(optim.AdafactorConfig(), optim.make_schedule(optim.ScheduleConfig()))
-    abstract, _ = sft_loop.abstract_train_state(model_cfg, sft_optimizer, mesh_cfg, mesh)
+    checkpoint_dir = os.path.join(directory, f"{checkpointing.STEP_PREFIX}_{step}")
     try:
-        state, _ = checkpointing.Checkpointer(directory, async_save=False).restore(abstract, step=step)
+        return checkpointing.restore_params(checkpoint_dir, state_lib.abstract_params(model_cfg, mesh_cfg, mesh))
     except Exception as e:  # orbax raises several types for a tree that does not fit
         raise ValueError(f"INIT_CHECKPOINT={path}: checkpoint_{step} does not fit the gin model config "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    return state["params"]
 
 
 def check_vocabulary(cfg: PreferenceConfig, tasks) -> None:
@@ -99,22 +94,16 @@ def check_vocabulary(cfg: PreferenceConfig, tasks) -> None:
 
 
 # --- state --------------------------------------------------------------------------------------------------------
-def state_shardings(params, axes, optimizer, mesh_cfg, mesh):
-    shapes = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": optimizer.init(p)},
-                            params)
-    rules = partitioning.logical_rules(mesh_cfg)
-    shardings = {"step": partitioning.replicated(mesh),
-                 "params": partitioning.param_shardings(shapes["params"], axes, rules, mesh),
-                 "opt_state": partitioning.opt_state_shardings(shapes["opt_state"], shapes["params"], axes, rules,
-                                                               mesh)}
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return abstract, shardings
-
-
 def initial_params(cfg: PreferenceConfig, sft_params):
     if cfg.kind == "reward":
         return reward.reward_params(cfg.model, sft_params), reward.reward_logical_axes(cfg.model)
     return sft_params, models.param_logical_axes(cfg.model)
+
+
+def state_layout(cfg: PreferenceConfig, params, axes, optimizer, mesh) -> state_lib.StateLayout:
+    """The train-state layout (train/state.py) of preference params (arrays or ShapeDtypeStructs) and their axes."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    return state_lib.layout(shapes, axes, optimizer, cfg.mesh, mesh)
 
 
 def load_trained(cfg: PreferenceConfig, checkpoint: Optional[str] = None) -> tuple[dict, int]:
@@ -122,11 +111,10 @@ def load_trained(cfg: PreferenceConfig, checkpoint: Optional[str] = None) -> tup
     reward runs give {"backbone", "head"} (score with reward.rewards), DPO runs the policy params."""
     mesh = partitioning.make_mesh(cfg.mesh)
     template, axes = initial_params(cfg, models.param_shapes(cfg.model))
-    optimizer = optim.make_adafactor(cfg.adafactor, optim.make_schedule(cfg.schedule))
-    abstract, _ = state_shardings(template, axes, optimizer, cfg.mesh, mesh)
+    abstract = state_layout(cfg, template, axes, state_lib.no_optimizer(), mesh).abstract
     directory, step = resolve_checkpoint(checkpoint or cfg.model_dir)
-    state, _ = checkpointing.Checkpointer(directory, async_save=False).restore(abstract, step=step)
-    return state["params"], step
+    checkpoint_dir = os.path.join(directory, f"{checkpointing.STEP_PREFIX}_{step}")
+    return checkpointing.restore_params(checkpoint_dir, abstract["params"]), step
 
 
 # --- scores over a pool --------------------------------------------------------------------------------------------
@@ -181,77 +169,72 @@ def run(cfg: PreferenceConfig, *, stop_after_steps: Optional[int] = None) -> dic
     eval_pool = pairs.build_pool(tasks, "validation", cfg.eval_prompts_per_task, cfg.task_feature_lengths)
     print(f"preference pools: train {train_pool.counters} | validation {eval_pool.counters}; "
           f"skipped records {preference_data.data_error_counts() or 'none'}", flush=True)
+    with _build_trainer(cfg, mesh, train_pool, eval_pool) as trainer:
+        trainer.timed("eval_seconds", trainer.evaluate)
+        initial = trainer.last_eval
+        if trainer.start == 0:
+            print(f"{'SFT policy' if cfg.kind == 'dpo' else 'untrained reward head'} level: "
+                  f"{initial['mean']['preference_accuracy']:.3f}", flush=True)
+        final = trainer.run(stop_after_steps)
+    summary = {"initial": initial, "final": final, "start_step": trainer.start, "step": trainer.step}
+    (epath.Path(cfg.model_dir) / f"{cfg.kind}_results.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
+
+def _build_trainer(cfg: PreferenceConfig, mesh, train_pool: pairs.PairPool,
+                   eval_pool: pairs.PairPool) -> trainer_lib.Trainer:
+    """The loop of a reward-model or DPO run from the SFT checkpoint (or resumed from MODEL_DIR's latest)."""
     sft_params = load_sft_params(cfg.model, cfg.init_checkpoint, cfg.mesh, mesh)
     policy_fn = jax.jit(lambda p, b: steps.policy_scores(cfg.model, p, b))
-    reward_fn = jax.jit(lambda p, b: steps.reward_scores(cfg.model, p, b))
-    score_fn = reward_fn if cfg.kind == "reward" else policy_fn
     if cfg.kind == "dpo":
         train_pool.reference = cached_reference_logprobs(cfg, policy_fn, sft_params, train_pool, "train")
-        loss_fn = steps.make_dpo_loss(cfg.model, cfg.beta, cfg.loss_type)
+        loss_fn, score_fn = steps.make_dpo_loss(cfg.model, cfg.beta, cfg.loss_type), policy_fn
     else:
         loss_fn = steps.make_reward_loss(cfg.model)
-
+        score_fn = jax.jit(lambda p, b: steps.reward_scores(cfg.model, p, b))
     schedule = optim.make_schedule(cfg.schedule)
     optimizer = optim.make_adafactor(cfg.adafactor, schedule)
     params, axes = initial_params(cfg, sft_params)
-    abstract, shardings = state_shardings(params, axes, optimizer, cfg.mesh, mesh)
+    layout = state_layout(cfg, params, axes, optimizer, mesh)
     ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=False)
-    start = ckpt.latest_step() or 0
-    if start:
-        state, _ = ckpt.restore(abstract)
+    resumed = ckpt.restore_latest(layout.abstract)
+    if resumed is not None:
+        state, meta = resumed
+        start = int(meta["step"])
         print(f"resumed from {cfg.model_dir}/checkpoint_{start}", flush=True)
     else:
-        state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": optimizer.init(p)},
-                        out_shardings=shardings)(params)
+        state, start = state_lib.init_on_mesh(lambda p: p, optimizer, layout, params), 0
     del sft_params, params
-    train_step = jax.jit(steps.make_train_step(loss_fn, optimizer, cfg.seed), in_shardings=(shardings, None),
-                         out_shardings=(shardings, None), donate_argnums=(0,))
-    writer = MetricsWriter(cfg.model_dir)
-
-    def evaluate(step):
-        results = preference_accuracy(pool_scores(score_fn, state["params"], eval_pool, cfg.pairs_per_batch),
-                                      eval_pool)
-        for task, values in results.items():
-            writer.write(step, "eval", task, values)
-        print(f"eval step {step}: held-out preference accuracy {_fmt(results)}", flush=True)
-        return results
-
-    initial = evaluate(start)
-    if start == 0:
-        print(f"{'SFT policy' if cfg.kind == 'dpo' else 'untrained reward head'} level: "
-              f"{initial['mean']['preference_accuracy']:.3f}", flush=True)
+    train_step = state_lib.jit_step(steps.make_train_step(loss_fn, optimizer, cfg.seed), layout, None)
+    hooks = _PreferenceHooks(cfg, score_fn, train_pool, eval_pool)
+    periods = trainer_lib.Periods(cfg.train_steps, cfg.log_period, cfg.eval_period, cfg.checkpoint_period)
     batches = pairs.train_batches(train_pool, cfg.pairs_per_batch, cfg.seed, start_step=start)
-    meta = lambda s: {"step": int(s), "seed": cfg.seed, "kind": cfg.kind}
-    progress, step, window = ProgressPrinter(cfg.train_steps), start, time.time()
-    results = initial
-    try:
-        while step < cfg.train_steps:
-            batch = next(batches)
-            state, metrics = train_step(state, _with_reference(batch, train_pool, cfg))
-            step += 1
-            if step % cfg.log_period == 0 or step == cfg.train_steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                sps = cfg.log_period / max(time.time() - window, 1e-9)
-                values.update(steps_per_sec=sps, learning_rate=float(schedule(step - 1)))
-                writer.write(step, "train", "all", values)
-                progress.line(step, values["loss"], sps, {"accuracy": values["accuracy"]})
-                window = time.time()
-            if cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.train_steps:
-                results = evaluate(step)
-            if cfg.checkpoint_period and step % cfg.checkpoint_period == 0:
-                ckpt.save(step, state, meta(step))
-            if stop_after_steps is not None and step - start >= stop_after_steps:
-                break
-        if step == cfg.train_steps:
-            results = evaluate(step)
-        ckpt.save(step, state, meta(step))
-    finally:
-        ckpt.close()
-        writer.close()
-    summary = {"initial": initial, "final": results, "start_step": start, "step": step}
-    (epath.Path(cfg.model_dir) / f"{cfg.kind}_results.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return trainer_lib.Trainer(state, train_step, batches, start=start, periods=periods, hooks=hooks, ckpt=ckpt,
+                               writer=MetricsWriter(cfg.model_dir), schedule=schedule)
+
+
+class _PreferenceHooks(trainer_lib.Hooks):
+    """Reward model and DPO in the loop: pair batches (with DPO's reference log-probs), held-out preference accuracy."""
+    progress_keys = ("accuracy",)
+    pause_metrics = False
+    has_eval = True
+    nonfinite_hint = "Lower LEARNING_RATE."
+
+    def __init__(self, cfg: PreferenceConfig, score_fn, train_pool: pairs.PairPool, eval_pool: pairs.PairPool):
+        self.cfg, self.score_fn, self.train_pool, self.eval_pool = cfg, score_fn, train_pool, eval_pool
+
+    def device_batch(self, host_batch):
+        return _with_reference(host_batch, self.train_pool, self.cfg)
+
+    def evaluate(self, state) -> dict:
+        scores = pool_scores(self.score_fn, state["params"], self.eval_pool, self.cfg.pairs_per_batch)
+        return preference_accuracy(scores, self.eval_pool)
+
+    def eval_line(self, step: int, results: dict) -> str:
+        return f"eval step {step}: held-out preference accuracy {_fmt(results)}"
+
+    def meta(self, step: int) -> dict:
+        return {"step": int(step), "seed": self.cfg.seed, "kind": self.cfg.kind}
 
 
 def _with_reference(batch: dict, pool: pairs.PairPool, cfg: PreferenceConfig) -> dict:

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flan_jax.train import step as step_lib
 from flan_jax.train.preference import losses, reward, scoring
 
 
@@ -44,14 +45,14 @@ def make_dpo_loss(model_cfg, beta: float, loss_type: str):
 
 
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation, seed: int):
+    """step(state, batch) -> (state, metrics) on a TrainState (train/state.py); `loss_fn(params, batch, rng)` gives
+    (loss, aux metrics)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     base_rng = jax.random.PRNGKey(seed)
 
     def step(state, batch):
         rng = jax.random.fold_in(base_rng, state["step"])
         (loss, aux), grads = grad_fn(state["params"], batch, rng)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                     "opt_state": opt_state}
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        new_state, _, grad_norm = step_lib.apply_gradients(state, grads, loss, optimizer)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, **aux}
     return step

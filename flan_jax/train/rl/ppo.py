@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from flan_jax import models
-from flan_jax.train import loss as loss_lib
+from flan_jax.train import loss as loss_lib, trainer as trainer_lib
 from flan_jax.train.rl import ppo_math, ppo_resume, rollout as rollout_lib
 
 
@@ -216,38 +216,31 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
 
     log(iteration, 'train' | 'eval', metrics) is called after every iteration and every evaluation (iteration 0 is the
     SFT policy). history holds the eval dicts by iteration. With `checkpoint`, the run saves every checkpoint.period
-    iterations and first resumes from the directory's latest checkpoint, if any (ppo_resume.py).
+    iterations and first resumes from the directory's latest checkpoint, if any (ppo_resume.py). Evaluations and
+    checkpoints fall where the SFT loop's would (trainer.Periods), and always after the last iteration.
     """
     optimizer = make_optimizer(cfg)
-    state = init_state(model_cfg, sft_params, optimizer, value_bias)
     update_step = make_update_step(model_cfg, cfg, optimizer)
-    controller = cfg.kl_controller()
-    np_rng = np.random.default_rng(cfg.seed)
+    periods = trainer_lib.Periods(cfg.iterations, log=1, eval=eval_period,
+                                  checkpoint=0 if checkpoint is None else checkpoint.period)
     key = jax.random.PRNGKey(cfg.seed)
     ckpt = ppo_resume.open_checkpointer(checkpoint)
-    resumed = ppo_resume.restore_latest(ckpt, state)
-    if resumed is not None:
-        state, progress = resumed
-        controller = dataclasses.replace(controller, beta=progress.beta)
-        np_rng.bit_generator.state = progress.np_rng_state
-        log(progress.iteration, 'train', {'resumed_from': progress.iteration})
-    else:
-        progress = ppo_resume.Progress(0, controller.beta, np_rng.bit_generator.state, None, {})
+    state, progress, resumed = _start(model_cfg, cfg, sft_params, optimizer, value_bias, ckpt, log)
+    controller = dataclasses.replace(cfg.kl_controller(), beta=progress.beta)
+    np_rng = np.random.default_rng(cfg.seed)
+    np_rng.bit_generator.state = progress.np_rng_state
     history = progress.history
     ptx = None if ptx_batches is None else ppo_resume.CountingIterator(ptx_batches, progress.ptx_consumed)
 
     def run_eval(iteration):
-        if eval_prompts is not None:
+        if eval_prompts is not None and iteration not in history:
             history[iteration] = evaluate(model_cfg, state['params'], sft_params, eval_prompts, reward_fn, cfg,
                                           decode_text)
             log(iteration, 'eval', history[iteration])
 
-    if resumed is None:
+    if not resumed:
         run_eval(0)
-        if cfg.normalize_reward:
-            progress.reward_stats = list(reward_statistics(model_cfg, sft_params, train_prompts, reward_fn, cfg,
-                                                           jax.random.fold_in(key, 10**6)))
-            log(0, 'train', {'sft_reward_mean': progress.reward_stats[0], 'sft_reward_std': progress.reward_stats[1]})
+        progress.reward_stats = _sft_reward_stats(model_cfg, cfg, sft_params, train_prompts, reward_fn, key, log)
     train_reward_fn = reward_fn if progress.reward_stats is None else normalized(reward_fn, *progress.reward_stats)
     try:
         for iteration in range(progress.iteration + 1, cfg.iterations + 1):
@@ -262,14 +255,36 @@ def train(model_cfg, cfg: PPOConfig, sft_params, train_prompts: PromptSet, rewar
             metrics.update(update_metrics, beta=controller.beta, seconds=time.time() - started)
             controller = controller.update(metrics['kl'], cfg.rollout_batch_size)
             log(iteration, 'train', metrics)
-            if (eval_period and iteration % eval_period == 0) or iteration == cfg.iterations:
-                if iteration not in history:
-                    run_eval(iteration)
+            last = iteration == cfg.iterations
+            if periods.eval_due(iteration) or last:
+                run_eval(iteration)
             progress = dataclasses.replace(progress, iteration=iteration, beta=controller.beta,
                                            np_rng_state=np_rng.bit_generator.state,
                                            ptx_consumed=0 if ptx is None else ptx.consumed)
-            ppo_resume.save(ckpt, checkpoint, state, progress, cfg.iterations)
+            if ckpt is not None and (periods.checkpoint_due(iteration) or last):
+                ppo_resume.save(ckpt, state, progress)
     finally:
         if ckpt is not None:
             ckpt.close()
     return state['params'], history
+
+
+def _start(model_cfg, cfg: PPOConfig, sft_params, optimizer, value_bias: float, ckpt, log) -> tuple:
+    """(state, Progress, resumed): the checkpointer's latest, else a fresh start from the SFT policy."""
+    state = init_state(model_cfg, sft_params, optimizer, value_bias)
+    resumed = ppo_resume.restore_latest(ckpt, state)
+    if resumed is None:
+        rng_state = np.random.default_rng(cfg.seed).bit_generator.state
+        return state, ppo_resume.Progress(0, cfg.kl_controller().beta, rng_state, None, {}), False
+    state, progress = resumed
+    log(progress.iteration, 'train', {'resumed_from': progress.iteration})
+    return state, progress, True
+
+
+def _sft_reward_stats(model_cfg, cfg: PPOConfig, sft_params, prompts: PromptSet, reward_fn, key, log):
+    """[mean, std] of the SFT policy's scores (logged at iteration 0), or None without reward normalisation."""
+    if not cfg.normalize_reward:
+        return None
+    stats = list(reward_statistics(model_cfg, sft_params, prompts, reward_fn, cfg, jax.random.fold_in(key, 10**6)))
+    log(0, 'train', {'sft_reward_mean': stats[0], 'sft_reward_std': stats[1]})
+    return stats

@@ -62,16 +62,12 @@ def _abstract(state):
 
 def restore_latest(ckpt: Optional[checkpointing.Checkpointer], template_state) -> Optional[tuple]:
     """(state, Progress) of the latest checkpoint, or None (no checkpointer, or nothing saved yet)."""
-    if ckpt is None or ckpt.latest_step() is None:
-        return None
-    state, meta = ckpt.restore(_abstract(template_state))
-    return state, Progress.from_meta(meta)
+    resumed = None if ckpt is None else ckpt.restore_latest(_abstract(template_state))
+    return None if resumed is None else (resumed[0], Progress.from_meta(resumed[1]))
 
 
-def save(ckpt: Optional[checkpointing.Checkpointer], cfg: Optional[CheckpointConfig], state, progress: Progress,
-         last_iteration: int) -> None:
-    if ckpt is None or (progress.iteration % cfg.period and progress.iteration != last_iteration):
-        return
+def save(ckpt: checkpointing.Checkpointer, state, progress: Progress) -> None:
+    """A checkpoint after iteration progress.iteration (ppo.train decides when), written before returning."""
     ckpt.save(progress.iteration, jax.device_get(state), progress.meta())
     ckpt.wait()
 
