@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent('''
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     from flan_jax import models, packing
-    from flan_jax.train import loop, optim, partitioning, step as step_lib
+    from flan_jax.train import optim, partitioning, state as state_lib, step as step_lib
 
     cfg = models.DecoderConfig(vocab_size=64, emb_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                                mlp_dim=64, tie_embeddings=False, prefix_lm=True)
@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent('''
     for name, shape, fsdp in [("1x1", (1, 1), False), ("4x2", (4, 2), False), ("4x2_fsdp", (4, 2), True)]:
         mcfg = partitioning.MeshConfig(mesh_shape=shape, fsdp=fsdp)
         mesh = partitioning.make_mesh(mcfg, jax.devices()[:shape[0] * shape[1]])
-        abstract, shardings = loop.abstract_train_state(cfg, opt, mcfg, mesh)
+        shardings = state_lib.state_layout(cfg, opt, mcfg, mesh).shardings
         init = jax.jit(lambda r: step_lib.init_state(cfg, opt, r), out_shardings=shardings)
         state = init(jax.random.PRNGKey(0))
         step = jax.jit(step_lib.make_train_step(cfg, opt, step_lib.LossConfig()),

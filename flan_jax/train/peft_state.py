@@ -67,19 +67,6 @@ class FrozenBase:
     reference: dict      # {"path", "step", "format"}: where it was loaded from (recorded in checkpoints)
 
 
-def abstract_train_state(model_cfg, optimizer, mesh_cfg: partitioning.MeshConfig, mesh):
-    """(abstract state, its sharding tree, abstract frozen base): state.state_layout as the triple that
-    scripts/bench/peft.py takes."""
-    layout = state_lib.state_layout(model_cfg, optimizer, mesh_cfg, mesh)
-    return layout.abstract, layout.shardings, layout.frozen
-
-
-def jitted_step(step_fn, shardings, batch_sharding, frozen_shardings):
-    """`step_fn(state, batch, frozen)` jitted as state.jit_step does, from the sharding trees themselves."""
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding, frozen_shardings),
-                   out_shardings=(shardings, None), donate_argnums=(0,))
-
-
 def init_trainable(model_cfg, rng, frozen: dict, label_token_ids=None, prompt=None) -> dict:
     """{'peft': ...} initialized for `model_cfg` (prompt init may read the base's embeddings, take the class labels'
     token ids, or a saved prompt)."""

@@ -4,7 +4,7 @@ finetuning, on the T5 small shape and a small Llama-like decoder shape.
   - The step is the loop's: train/step.py make_train_step (one microbatch, z-loss 1e-4), jitted with the loop's
     shardings on a one-device mesh and the train state donated. Full finetuning differentiates every parameter; PEFT
     takes the frozen base as an undonated third argument and trains `params['peft']` only (train/peft.py:
-    split_params, init_trainable, abstract_train_state, jitted_step).
+    split_params, init_trainable; train/state.py: state_layout, jit_step).
   - One optimizer for every side: Adafactor as gin_configs/peft/base.gin sets it (decay 0.8, clipping 1.0, no
     parameter scaling), constant LR 1e-3. The figures do not depend on the LR.
   - Methods at the gin_configs/peft/ defaults: LoRA rank 8 on attention q/k/v/o, adapters of width 16 after attention
@@ -218,19 +218,17 @@ def full_side(config, optimizer, base_params, batch, mesh) -> Side:
 
 
 def peft_side(config, optimizer, base_params, batch, mesh, mesh_cfg) -> Side:
-  """PEFT: train/peft.py's state layout and jit; the base is the frozen third argument."""
+  """PEFT: train/state.py's state layout and jit; the base is the frozen third argument."""
   import jax
   import jax.numpy as jnp
 
-  from flan_jax.train import partitioning, peft_state as peft, step as step_lib
+  from flan_jax.train import partitioning, peft_state as peft, state as state_lib, step as step_lib
 
-  _, shardings, frozen_abstract = peft.abstract_train_state(config, optimizer, mesh_cfg, mesh)
+  layout = state_lib.state_layout(config, optimizer, mesh_cfg, mesh)
   trainable = peft.init_trainable(config, jax.random.PRNGKey(1), base_params)
-  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": optimizer.init(trainable),
-                          "nonfinite_step": jnp.full((), -1, jnp.int32)}, shardings)
+  state = jax.device_put(state_lib.new_state(trainable, optimizer), layout.shardings)
   step_fn = step_lib.make_train_step(config, optimizer, step_lib.LossConfig())
-  frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen_abstract)
-  jitted = peft.jitted_step(step_fn, shardings, partitioning.batch_sharding(mesh), frozen_shardings)
+  jitted = state_lib.jit_step(step_fn, layout, partitioning.batch_sharding(mesh))
   return _compiled_side(jitted, state, (batch, base_params), tree_bytes(state["opt_state"]), _tree_size(trainable))
 
 
