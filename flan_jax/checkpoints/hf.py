@@ -17,18 +17,21 @@ output by d_model**-0.5, which is folded into logits_dense here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Mapping
 
 import numpy as np
 
-from flan_jax.checkpoints import hf_decoder
+from flan_jax.checkpoints import hf_decoder, hf_tokenizer
+from flan_jax.checkpoints.hf_tokenizer import TokenIds
 from flan_jax.checkpoints.t5x import check_params, flatten, unflatten
 from flan_jax.models import T5Config
 from safetensors.numpy import load_file
 import ml_dtypes
 from safetensors.numpy import save_file
 from flan_jax.models import is_encoder_decoder
+from flan_jax.data.vocabularies import EOS_ID, PAD_ID
 
 _ATTENTION = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
 _MLP = ('wi_0', 'wi_1', 'wo')
@@ -38,6 +41,8 @@ _RELPOS = 'block.0.layer.0.SelfAttention.relative_attention_bias.weight'
 _IGNORED = ('decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight',)
 # Copies of `shared` that HF may or may not write out.
 _EMBEDDING_ALIASES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
+# Special ids when the export is given no vocabulary: T5's, which every vocabulary of this package keeps.
+DEFAULT_IDS = TokenIds(start=PAD_ID, eos=EOS_ID, pad=PAD_ID)
 
 
 def hf_name_map(config) -> dict:
@@ -112,8 +117,12 @@ def _scales_decoder_output(hf: Mapping) -> bool:
     return hf.get('tie_word_embeddings', True) is not False
 
 
-def config_to_hf(config) -> dict:
-    """HF config.json content for a T5Config (T5 1.1: gated-gelu, untied head, no output scaling)."""
+def config_to_hf(config, ids: TokenIds = DEFAULT_IDS) -> dict:
+    """HF config.json content for a T5Config (T5 1.1: gated-gelu, untied head, no output scaling); ids: the special
+    ids of the exported tokenizer.
+
+    transformers 5 forces T5Config.tie_word_embeddings to True (reading False as scale_decoder_outputs=False) and warns
+    that it keeps the checkpoint's own lm_head; transformers 4 reads tie_word_embeddings=False as written."""
     return {
         'architectures': ['T5ForConditionalGeneration'], 'model_type': 't5',
         'vocab_size': config.vocab_size, 'd_model': config.emb_dim, 'd_kv': config.head_dim,
@@ -124,7 +133,7 @@ def config_to_hf(config) -> dict:
         'dropout_rate': config.dropout_rate, 'layer_norm_epsilon': config.layer_norm_epsilon,
         'initializer_factor': 1.0, 'feed_forward_proj': 'gated-gelu', 'dense_act_fn': 'gelu_new',
         'is_gated_act': True, 'is_encoder_decoder': True, 'tie_word_embeddings': False,
-        'scale_decoder_outputs': False, 'decoder_start_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0,
+        'scale_decoder_outputs': False, **generation_config(config, ids),
         'use_cache': True, 'dtype': config.param_dtype,
     }
 
@@ -225,30 +234,50 @@ def _bfloat16():
 # ----------------------------------------------------------------------------------------------
 # Writing.
 
-def export_hf(config, params: Mapping, out_dir: str, *, max_shard_bytes: int = 0) -> str:
-    """Write config.json + model.safetensors loadable by transformers.T5ForConditionalGeneration.
+def generation_config(config, ids: TokenIds) -> dict:
+    """generation_config.json (also in config.json): the ids greedy decoding starts, ends and pads with."""
+    start = 'decoder_start_token_id' if is_encoder_decoder(config) else 'bos_token_id'
+    return {start: ids.start, 'eos_token_id': ids.eos, 'pad_token_id': ids.pad}
 
-    Weights keep their dtype (float32 / bfloat16). max_shard_bytes > 0 splits the weights into
-    model-0000i-of-0000n.safetensors files with a model.safetensors.index.json, like HF does.
+
+def export_hf(config, params: Mapping, out_dir: str, *, max_shard_bytes: int = 0, vocabulary=None) -> str:
+    """Write a Hugging Face directory: config.json, the weights as safetensors, generation_config.json and, with the
+    run's `vocabulary` (a seqio.Vocabulary), its tokenizer (hf_tokenizer.py); special ids are the vocabulary's.
+
+    T5 loads with T5ForConditionalGeneration, decoders with their *ForCausalLM. Weights keep their dtype (float32 /
+    bfloat16). max_shard_bytes > 0 splits T5 weights into model-0000i-of-0000n.safetensors files with a
+    model.safetensors.index.json, like HF does.
     """
-    if not is_encoder_decoder(config):
-        return hf_decoder.export(config, params, out_dir)
+    ids = DEFAULT_IDS if vocabulary is None else hf_tokenizer.token_ids(vocabulary)
+    os.makedirs(out_dir, exist_ok=True)
+    if is_encoder_decoder(config):
+        _export_t5(config, params, out_dir, ids, max_shard_bytes)
+    else:
+        hf_decoder.export(config, params, out_dir, ids)
+    with open(os.path.join(out_dir, 'generation_config.json'), 'w') as f:
+        json.dump(generation_config(config, ids), f, indent=2)
+    if vocabulary is not None:
+        try:
+            hf_tokenizer.write_tokenizer(vocabulary, out_dir, encoder_decoder=is_encoder_decoder(config))
+        except ImportError as e:   # the weights are still usable; say what the tokenizer needs
+            logging.warning('export_hf: no tokenizer written to %s (%s); pip install \'flan_jax[hf]\'', out_dir, e)
+    return out_dir
+
+
+def _export_t5(config, params: Mapping, out_dir: str, ids: TokenIds, max_shard_bytes: int) -> None:
     flat = {p: np.asarray(a) for p, a in flatten(params).items()}
     check_params(flat, config, source='export_hf params')
     tensors = {}
     for hf_name, (ours, transpose) in hf_name_map(config).items():
         value = flat[ours].T if transpose else flat[ours]
         tensors[hf_name] = np.ascontiguousarray(value)
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
-    with open(os.path.join(out_dir, 'generation_config.json'), 'w') as f:
-        json.dump({'decoder_start_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0}, f, indent=2)
+        json.dump(config_to_hf(config, ids), f, indent=2, sort_keys=True)
     metadata = {'format': 'pt'}  # transformers refuses safetensors files without a format tag
     shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:
         save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata=metadata)
-        return out_dir
+        return
     weight_map = {}
     for i, shard in enumerate(shards):
         filename = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
@@ -257,7 +286,6 @@ def export_hf(config, params: Mapping, out_dir: str, *, max_shard_bytes: int = 0
     index = {'metadata': {'total_size': int(sum(t.nbytes for t in tensors.values()))}, 'weight_map': weight_map}
     with open(os.path.join(out_dir, 'model.safetensors.index.json'), 'w') as f:
         json.dump(index, f, indent=2, sort_keys=True)
-    return out_dir
 
 
 def _shard(tensors: dict, max_bytes: int) -> list:

@@ -12,12 +12,14 @@ Name mapping (HF Linear weights are [out, in] and therefore transposed):
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Mapping
 
 import numpy as np
 
 from flan_jax.checkpoints.t5x import flatten, unflatten
+from flan_jax.data.vocabularies import EOS_ID, PAD_ID
 from flan_jax.models import DecoderConfig
 import ml_dtypes
 from safetensors.numpy import save_file
@@ -90,7 +92,9 @@ def model_type(config) -> str:
     return 'qwen2' if config.qkv_bias else 'llama'
 
 
-def config_to_hf(config) -> dict:
+def config_to_hf(config, ids=None) -> dict:
+    """config.json content; ids: the exported tokenizer's special ids (hf_tokenizer.TokenIds; default T5's 0/1)."""
+    start, eos, pad = (PAD_ID, EOS_ID, PAD_ID) if ids is None else (ids.start, ids.eos, ids.pad)
     kind = model_type(config)
     hf = {'model_type': kind, 'architectures': [MODEL_TYPES[kind]], 'vocab_size': config.vocab_size,
           'hidden_size': config.emb_dim, 'num_hidden_layers': config.num_layers,
@@ -98,7 +102,8 @@ def config_to_hf(config) -> dict:
           'head_dim': config.head_dim, 'intermediate_size': config.mlp_dim, 'rms_norm_eps': config.norm_eps,
           'tie_word_embeddings': config.tie_embeddings, 'rope_theta': config.rope_theta,
           'hidden_act': 'silu' if config.activation == 'silu' else 'gelu_pytorch_tanh',
-          'torch_dtype': config.param_dtype, 'bos_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0}
+          'torch_dtype': config.param_dtype, 'bos_token_id': start, 'eos_token_id': eos,
+          'pad_token_id': pad}
     if config.rope_scaling:
         factor, low, high, original = config.rope_scaling
         hf['rope_scaling'] = {'rope_type': 'llama3', 'factor': factor, 'low_freq_factor': low,
@@ -132,8 +137,11 @@ def _bfloat16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def export(config, params: Mapping, out_dir: str) -> str:
-    """config.json + model.safetensors that transformers' *ForCausalLM loads."""
+def export(config, params: Mapping, out_dir: str, ids=None) -> str:
+    """config.json + model.safetensors that transformers' *ForCausalLM loads (ids: see config_to_hf)."""
+    if config.prefix_lm:
+        logging.warning('export_hf: this decoder is a prefix LM (bidirectional attention over the prompt); HF '
+                        '%s attends causally, so its outputs differ from ours', MODEL_TYPES[model_type(config)])
     flat = {p: np.asarray(a) for p, a in flatten(params).items()}
     tensors = {}
     for hf_name, (ours, transpose) in hf_name_map(config).items():
@@ -142,6 +150,6 @@ def export(config, params: Mapping, out_dir: str) -> str:
         tensors[hf_name] = np.ascontiguousarray(flat[ours].T if transpose else flat[ours])
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
+        json.dump(config_to_hf(config, ids), f, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
     return out_dir

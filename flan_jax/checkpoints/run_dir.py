@@ -20,7 +20,7 @@ from flan_jax import models
 from etils import epath
 import orbax.checkpoint as ocp
 import jax
-from flan_jax.checkpoints import t5x, vocab_rows
+from flan_jax.checkpoints import hf_tokenizer, t5x, vocab_rows
 
 STEP_PREFIX = 'checkpoint'
 STATE_ITEM, META_ITEM = 'state', 'meta'
@@ -29,9 +29,13 @@ STATE_ITEM, META_ITEM = 'state', 'meta'
 # --- model config record ---------------------------------------------------------------------------------------------
 def model_record(config, vocabulary=None) -> dict:
     """JSON-ready {'family', 'config'} of a model config (T5Config, DecoderConfig), saved in each checkpoint's meta;
-    with an HF tokenizer vocabulary also the id swaps it applies (flan_jax.data.vocabularies.hf), so that an export can
-    put the vocabulary rows back into the tokenizer's own order."""
+    with a vocabulary also its kind (hf_tokenizer.vocabulary_record: the tokenizer an HF export writes) and, for an
+    HF tokenizer vocabulary, the id swaps it applies (flan_jax.data.vocabularies.hf), so that an export can put the
+    vocabulary rows back into the tokenizer's own order."""
     record = {'family': models.family(config).name, 'config': dataclasses.asdict(config)}
+    described = hf_tokenizer.vocabulary_record(vocabulary) if vocabulary is not None else None
+    if described:
+        record['vocabulary'] = described
     swaps = getattr(vocabulary, 'swaps', None)
     if swaps:
         record.update(vocabulary_swaps=[list(map(int, s)) for s in swaps], vocabulary_size=int(vocabulary.vocab_size))
@@ -139,3 +143,13 @@ def _numpy_tree(tree):
     if hasattr(tree, 'items'):
         return {k: _numpy_tree(v) for k, v in tree.items()}
     return np.asarray(tree)
+
+
+def trained_vocabulary(path: str):
+    """The vocabulary of a training checkpoint (see find_trained_checkpoint for `path`): MODEL_DIR/vocabulary.model,
+    else the kind its metadata records (hf_tokenizer.run_vocabulary); None when neither tells."""
+    found = find_trained_checkpoint(path)
+    if found is None:
+        return None
+    record = (read_meta(found[0]).get('model') or {}).get('vocabulary')
+    return hf_tokenizer.run_vocabulary(found[0], record)

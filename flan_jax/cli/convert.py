@@ -5,11 +5,18 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from flan_jax.checkpoints import export_hf
-from flan_jax.checkpoints.convert import DESTINATIONS, SOURCES, config_from_hf_file, convert
+import numpy as np
+
+from flan_jax import models
+from flan_jax.checkpoints import export_hf, hf_tokenizer, hf_verify
+from flan_jax.checkpoints.convert import DESTINATIONS, SOURCES, Converted, config_from_hf_file, convert_checkpoint
 from flan_jax.cli import train as train_main
+from flan_jax.evaluation import inference
 from flan_jax.models import T5Config
+from flan_jax.pipeline import batches as data_lib
 from flan_jax.train import peft_state, restore
+
+VERIFY_NEW_TOKENS = 32
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
@@ -21,6 +28,12 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument('--hf_config', default=None,
                         help='HF config.json (or its directory) describing a T5X/orbax source, e.g. the HF checkpoint '
                              'a decoder-only model was finetuned from (its shapes alone do not fix RoPE or norms)')
+    parser.add_argument('--vocabulary', default=None,
+                        help="the tokenizer an HF export writes: 'byte', a SentencePiece .model or an HF tokenizer "
+                             "file/directory (default: a training run's own, MODEL_DIR/vocabulary.model or recorded)")
+    parser.add_argument('--verify', action='store_true',
+                        help='after an HF export, load it with transformers (the hf extra) and check that its '
+                             'tokenizer and greedy generate reproduce our ids and greedy decoding on a few prompts')
     parser.add_argument('src', metavar='IN')
     parser.add_argument('dst', metavar='OUT')
     return parser
@@ -35,17 +48,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = config_from_hf_file(args.hf_config)
     if args.preset:
         config = T5Config.preset(args.preset)
+    if args.verify and args.dst_format != 'hf':
+        print('flan-jax convert: --verify checks an HF export (--to hf)', file=sys.stderr)
+        return 2
     try:
-        out = convert(args.src_format, args.dst_format, args.src, args.dst, config=config)
+        vocabulary = hf_tokenizer.open_vocabulary(args.vocabulary) if args.vocabulary else None
+        done = convert_checkpoint(args.src_format, args.dst_format, args.src, args.dst, config=config,
+                                  vocabulary=vocabulary)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f'flan-jax convert: {e}', file=sys.stderr)
         return 1
-    print(f'wrote {out}')
-    return 0
+    print(f'wrote {done.path}')
+    if args.dst_format == 'hf' and done.vocabulary is None and args.src_format != 'hf':
+        print('no tokenizer written: the source does not say which vocabulary it was trained with (--vocabulary)')
+    return verify_export(done) if args.verify else 0
 
 
+def verify_export(done: Converted) -> int:
+    """`--verify`: 0 when transformers reproduces our tokenization and greedy decoding of the export, else 1."""
+    if done.vocabulary is None:
+        print('flan-jax convert --verify: no vocabulary to verify with (--vocabulary)', file=sys.stderr)
+        return 1
+    try:
+        report = hf_verify.verify(done.path, done.vocabulary, hf_verify.PROMPTS, our_greedy(done),
+                                  encoder_decoder=models.is_encoder_decoder(done.config),
+                                  max_new_tokens=VERIFY_NEW_TOKENS)
+    except hf_verify.MissingDependency as e:
+        print(f'flan-jax convert --verify: {e}', file=sys.stderr)
+        return 1
+    print(report.verdict())
+    return 0 if report.ok else 1
 
-MERGE_USAGE = ("flan-jax convert --merge-peft [--to orbax|hf] --gin_file=RUN.gin [--gin.NAME=value ...] "
+
+def our_greedy(done: Converted, max_new_tokens: int = VERIFY_NEW_TOKENS):
+    """texts -> generated ids (our vocabulary, up to EOS): prompts encoded and decoded as `flan-jax eval` does."""
+    params = hf_tokenizer.rows_in_our_ids(done.config, done.params, done.vocabulary)
+    model = inference.InferenceModel(done.config, params, done.vocabulary)
+
+    def run(texts):
+        rows, _ = inference.encode_prompts(model.vocabulary, texts, 1 << 30)   # whole prompts, none cut
+        tokens = inference.pad_rows(rows, max(len(r) for r in rows), model.ids.pad)
+        out = np.asarray(model.greedy(tokens, max_new_tokens))
+        return [inference.cut_at_eos(row, model.ids.eos)[0] for row in out]
+    return run
+
+
+MERGE_USAGE = ("flan-jax convert --merge-peft [--to orbax|hf [--verify]] --gin_file=RUN.gin [--gin.NAME=value ...] "
                "[--checkpoint=PEFT_CHECKPOINT] OUT")
 
 
@@ -63,7 +111,9 @@ def merge_main(argv) -> int:
             dst_format = a.split("=", 1)[1]
             del args[i]
             break
-    if not args or args[-1].startswith("-") or dst_format not in ("orbax", "hf"):
+    verify = "--verify" in args
+    args = [a for a in args if a != "--verify"]
+    if not args or args[-1].startswith("-") or dst_format not in ("orbax", "hf") or (verify and dst_format != "hf"):
         print(f"usage: {MERGE_USAGE}", file=sys.stderr)
         return 2
     out, rest = args[-1], args[:-1]
@@ -72,12 +122,14 @@ def merge_main(argv) -> int:
         if not peft_state.enabled(cfg.model):
             raise ValueError("the gin config sets no train.peft: nothing to merge (give the PEFT run's config.gin)")
         base_cfg, merged, step = restore.merged_params(cfg, flags.checkpoint)
-        if dst_format == "hf":
-            written = export_hf(base_cfg, merged, out)
+        if dst_format == "hf":   # the tokenizer from the run's task; rows into its ids
+            vocab = data_lib.targets_vocabulary(cfg.input)
+            merged = hf_tokenizer.rows_in_tokenizer_ids(base_cfg, merged, vocab)
+            written = export_hf(base_cfg, merged, out, vocabulary=vocab)
         else:
             written = peft_state.save_merged(base_cfg, merged, step, out, flags.checkpoint or cfg.model_dir)
     except (ValueError, FileNotFoundError, train_main.ConfigError) as e:
         print(f"flan-jax convert --merge-peft: {e}", file=sys.stderr)
         return 1
     print(f"wrote {written}")
-    return 0
+    return verify_export(Converted(written, base_cfg, merged, vocab)) if verify else 0

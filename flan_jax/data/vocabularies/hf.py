@@ -55,6 +55,14 @@ def tokenizer_config(path: str) -> dict:
         return json.load(f)
 
 
+def named_token_id(vocab: 'HFTokenizerVocabulary', key: str) -> Optional[int]:
+    """The tokenizer's own id (not the swapped seqio id) of the special token tokenizer_config.json names under `key`
+    ('pad_token', 'unk_token', ...); None when it names none or the tokenizer lacks it."""
+    name = _token_name(tokenizer_config(vocab.path).get(key))
+    found = vocab.backend.token_id(name) if name else None
+    return None if found is None else int(found)
+
+
 def _tokenizer_file(path: str) -> str:
     if not os.path.isdir(path):
         if not os.path.isfile(path):
