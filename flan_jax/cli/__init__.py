@@ -1,16 +1,25 @@
 """`flan-jax COMMAND`: one module per subcommand in this package; this module only dispatches."""
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
+import logging
 import os
 import sys
-from typing import Optional, Sequence
-from flan_jax.utils.runtime_env import reexec_with_tuned_malloc
-import difflib
+from typing import List, Optional, Sequence
 
-# Quiet TensorFlow (input pipeline only) before anything imports it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from flan_jax.utils import gin_flags
+from flan_jax.utils.quiet_stderr import quiet_native_stderr
+from flan_jax.utils.runtime_env import reexec_with_tuned_malloc
+
+# Library start-up chatter a user cannot act on: TensorFlow/XLA C++ logs, oneDNN notices, gRPC, glog.
+QUIET_ENVIRON = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "GRPC_VERBOSITY": "ERROR",
+                 "GLOG_minloglevel": "2"}
+# Python loggers of the same (absl, JAX's backend probing: "Unable to initialize backend 'cuda'", TensorFlow).
+QUIET_LOGGERS = ("absl", "jax._src.xla_bridge", "tensorflow", "orbax")
+# Commands whose `--help` is answered from flan_jax.utils.gin_flags, without importing the trainer.
+GIN_COMMANDS = ("train", "eval")
 
 # name -> (module in flan_jax.cli, function taking argv, one line of help with an example)
 COMMANDS = {
@@ -38,6 +47,24 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def set_verbosity(argv: List[str]) -> List[str]:
+    """Silences library noise unless --verbose is among argv; returns argv without it. Runs before heavy imports:
+    the C++ loggers read their environment variables once, when the library loads."""
+    if "--verbose" in argv:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")  # else the trainer's own quieting default applies
+        logging.getLogger().setLevel(logging.INFO)
+        return [a for a in argv if a != "--verbose"]
+    for key, value in QUIET_ENVIRON.items():
+        os.environ.setdefault(key, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return argv
+
+
+# At import too: Python callers of flan_jax.cli.train (tests, notebooks) get the same quiet start.
+set_verbosity(list(sys.argv))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is None:  # a real command line (not a call from Python): restart once with the tuned malloc
         reexec_with_tuned_malloc(["-m", "flan_jax.cli", *sys.argv[1:]])
@@ -51,5 +78,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"flan-jax: unknown command {command!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
+    verbose = "--verbose" in rest
+    rest = set_verbosity(rest)
+    if command in GIN_COMMANDS and ("-h" in rest or "--help" in rest):
+        return gin_flags.print_help(command, rest)
     module, function, _ = COMMANDS[command]
-    return getattr(importlib.import_module(f"flan_jax.cli.{module}"), function)(rest)
+    with quiet_native_stderr() if not verbose else contextlib.nullcontext():  # TF/XLA load here
+        entry = getattr(importlib.import_module(f"flan_jax.cli.{module}"), function)
+    return entry(rest)

@@ -1,19 +1,24 @@
 """Gin edge of the trainer: `flan-jax train` / `flan-jax eval` / `python -m flan_jax.train`.
 
-Flags follow T5X: --gin_file (repeatable), --gin.NAME=value (a macro or a binding such as --gin.train.seed=3),
---gin_bindings 'x = 1' (repeatable), --gin_search_paths a,b. Core code takes dataclasses; only this module knows gin.
+Flags follow T5X (flan_jax/utils/gin_flags.py): --gin_file (repeatable), --gin.NAME=value (a macro or a binding such
+as --gin.train.seed=3), --gin_bindings 'x = 1' (repeatable), --gin_search_paths a,b. Core code takes dataclasses;
+only this module knows gin. `flan-jax train` prints a start banner and an end summary (flan_jax/cli/train.py console).
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import ast
+import inspect
+import json
 import logging
+import math
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
 import gin
+import jax
 import seqio
 from etils import epath
 
@@ -25,10 +30,10 @@ from flan_jax.train import restore, loop, loss as loss_lib, optim, partitioning,
 from gin import resource_reader
 from flan_jax import packing
 import dataclasses
+from flan_jax.train import run_guard, validation
+from flan_jax.utils import gin_flags
+from flan_jax.utils.gin_flags import REPO_GIN_DIR, parse_flags  # noqa: F401  (parse_flags: callers take it here)
 from flan_jax.utils.user_modules import import_modules
-
-REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                                        "gin_configs")
 
 gin.external_configurable(models.T5Config, name="T5Config")
 gin.external_configurable(models.DecoderConfig, name="DecoderConfig")
@@ -153,45 +158,13 @@ def maybe_init_distributed(coordinator_address: Optional[str] = None, num_proces
 
 
 # --- flags ---------------------------------------------------------------------------------------------------------
-def _gin_literal(value: str) -> str:
-    """Lets users write --gin.MODEL_DIR=runs/x without quotes; gin literals and references pass through."""
-    v = value.strip()
-    if v.startswith(("@", "%", "'", '"', "{", "[", "(")) or v in ("True", "False", "None"):
-        return v
-    try:
-        ast.literal_eval(v)
-        return v
-    except (ValueError, SyntaxError):
-        return repr(v)
-
-
-def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="flan-jax", description=__doc__)
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    parser.add_argument("--gin_bindings", action="append", default=[], help="a gin binding, e.g. 'train.seed = 1'")
-    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders to find gin files in")
-    parser.add_argument("--module", action="append", default=[],
-                        help="a task-registration module to import first (repeatable; see flan_jax/user_modules.py)")
-    parser.add_argument("--checkpoint", default=None, help="(eval) checkpoint_<step> dir, or MODEL_DIR for its latest")
-    parser.add_argument("--predictions_dir", default=None,
-                        help="(eval) write per-task predictions (and NIv2's official prediction file) here")
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = []
-    for item in rest:
-        if not item.startswith("--gin.") or "=" not in item:
-            parser.error(f"unrecognized argument {item!r} (expected --gin.NAME=value)")
-        name, value = item[len("--gin."):].split("=", 1)
-        args.overrides.append((name, _gin_literal(value)))
-    return args
-
-
 def configure_gin(args: argparse.Namespace) -> None:
-    """Parses files then overrides; an unknown binding, macro or configurable fails here, naming it."""
+    """Parses files then overrides; an unknown binding, macro or configurable fails here, naming it (and the closest
+    defined name). The --module names become gin `import` lines, so the run's config.gin imports them on reading."""
     gin.clear_config()
     _tolerate_namespace_packages_in_gin()
     _register_converters()
-    paths = [p for p in args.gin_search_paths.split(",") if p] + [os.getcwd(), REPO_GIN_DIR]
-    for path in paths:
+    for path in gin_flags.search_paths(args.gin_search_paths):
         gin.add_config_file_search_path(path)
     if not args.gin_file:
         raise ValueError("no --gin_file given (e.g. --gin_file=gin_configs/runs/default_cpu.gin)")
@@ -202,14 +175,55 @@ def configure_gin(args: argparse.Namespace) -> None:
         gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings, finalize_config=False)
     finally:
         logging.disable(logging.NOTSET)
+    for name in getattr(args, "module", []):
+        gin.parse_config(f"import {_module_name(name)}")
     for name, value in args.overrides:
         if "." not in name and "/" not in name:  # a macro: it must already be defined by the gin files
             try:
                 gin.query_parameter(f"{name}/gin.macro.value")
             except ValueError:
-                raise ValueError(f"--gin.{name}: no macro {name} is defined in {args.gin_file}") from None
-        gin.parse_config(f"{name} = {value}")
+                hint = gin_flags.did_you_mean(name, _defined_macros(args))
+                raise ValueError(f"--gin.{name}: no macro {name} is defined in {args.gin_file}{hint}") from None
+        try:
+            gin.parse_config(f"{name} = {value}")
+        except ValueError as e:
+            raise ValueError(f"--gin.{name}: {_one_line(e)}{_binding_hint(name)}") from None
     gin.finalize()
+
+
+def _module_name(name: str) -> str:
+    """The importable name of a --module value (a path/to/mod.py is imported by its stem; see user_modules)."""
+    return os.path.basename(name)[:-3] if name.endswith(".py") else name
+
+
+def _defined_macros(args: argparse.Namespace) -> list:
+    try:
+        return list(gin_flags.macro_values(args.gin_file, gin_flags.search_paths(args.gin_search_paths)))
+    except (OSError, SyntaxError, ValueError):
+        return []
+
+
+def _binding_hint(name: str) -> str:
+    """' (did you mean X?)' for a binding CONFIGURABLE.PARAM whose configurable or parameter is unknown.
+
+    Why a private name: gin has no public listing of registered configurables; _REGISTRY is the map it matches
+    selectors against, and a hint is only a courtesy, so any change there just drops the hint."""
+    selector, _, param = name.rpartition(".")
+    registry = getattr(gin.config, "_REGISTRY", None)
+    if not selector or registry is None:
+        return ""
+    try:
+        configurable = registry.get_match(selector)
+    except Exception:  # noqa: BLE001  (an ambiguous selector: no single configurable to look into)
+        return ""
+    if configurable is None:
+        names = {n for full, _ in registry.items() for n in (full, full.rsplit(".", 1)[-1])}
+        return gin_flags.did_you_mean(selector, names)
+    try:
+        params = inspect.signature(configurable.wrapped).parameters
+    except (TypeError, ValueError):
+        return ""
+    return gin_flags.did_you_mean(param, params).replace("did you mean ", f"did you mean {selector}.")
 
 
 def _setup(argv):
@@ -233,11 +247,48 @@ def _configured(argv):
     """Flags -> gin -> TrainConfig, validated. Any failure becomes a ConfigError naming what is wrong."""
     try:
         args = _setup(argv)
-        cfg = train_config()
+        cfg = _resolve_best_metric(args, train_config())
         loop.validate_config(cfg, __import__("jax").device_count())
         return args, cfg
     except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as e:
         raise ConfigError(_one_line(e)) from e
+
+
+_BEST_METRIC_BINDING = re.compile(r"^\s*(BEST_METRIC|train\.best_metric)\s*=", re.MULTILINE)
+
+
+def _best_metric_is_explicit(args: argparse.Namespace) -> bool:
+    """Whether the user chose BEST_METRIC (flag, binding or a gin file of theirs), not the repo's default."""
+    if any(name in ("BEST_METRIC", "train.best_metric") for name, _ in args.overrides):
+        return True
+    if any(_BEST_METRIC_BINDING.search(b) for b in args.gin_bindings):
+        return True
+    for name in args.gin_file:
+        path = os.path.abspath(name if os.path.isfile(name) else os.path.join(REPO_GIN_DIR, name))
+        if not path.startswith(REPO_GIN_DIR + os.sep) and os.path.isfile(path):
+            with open(path) as f:
+                if _BEST_METRIC_BINDING.search(f.read()):
+                    return True
+    return False
+
+
+def _resolve_best_metric(args: argparse.Namespace, cfg):
+    """A default BEST_METRIC the eval tasks do not report becomes the first metric they do, and the BEST_METRIC
+    macro is rebound so config.gin records the choice. One the user set is left for validation to judge."""
+    if cfg.best_metric is None or _best_metric_is_explicit(args):
+        return cfg
+    try:
+        if validation.best_metric_reported(cfg):
+            return cfg
+        chosen = validation.default_best_metric(cfg)
+    except (ValueError, KeyError, TypeError, AssertionError):  # bad task names: validation names them
+        return cfg
+    validation.warn_once(f"BEST_METRIC={cfg.best_metric!r} is not reported by the eval tasks of "
+                         f"{cfg.eval_mixture_or_task_name!r}; using {chosen!r} (set --gin.BEST_METRIC to choose)")
+    with gin.unlock_config():
+        gin.bind_parameter("BEST_METRIC/gin.macro.value", chosen)
+    cfg = train_config()  # called again so gin's operative config (the final config.gin) holds the new value
+    return cfg if cfg.best_metric == chosen else dataclasses.replace(cfg, best_metric=chosen)
 
 
 def load_config(argv):
@@ -253,22 +304,52 @@ def _one_line(e: Exception) -> str:
 
 
 def save_vocabulary(cfg) -> Optional[str]:
-    """Copies a SentencePiece training vocabulary to MODEL_DIR/vocabulary.model: the run directory alone is then
-    enough to decode, evaluate or export the model, whatever cache the vocabulary was built in."""
-    vocab = seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
-    if not isinstance(vocab, seqio.SentencePieceVocabulary):
-        return None
-    path = epath.Path(cfg.model_dir) / "vocabulary.model"  # epath: gs:// model dirs too
-    path.write_bytes(vocab.sp_model)
+    """Writes the training vocabulary into MODEL_DIR: a SentencePiece model as vocabulary.model (the run directory
+    alone is then enough to decode, evaluate or export the model, whatever cache it was built in); any other
+    vocabulary as vocabulary.json describing it (kind, size, HF tokenizer path). Returns the path written."""
+    vocab = _targets_vocabulary(cfg)
+    if isinstance(vocab, seqio.SentencePieceVocabulary):
+        path = epath.Path(cfg.model_dir) / "vocabulary.model"  # epath: gs:// model dirs too
+        path.write_bytes(vocab.sp_model)
+        return str(path)
+    path = epath.Path(cfg.model_dir) / "vocabulary.json"
+    path.write_text(json.dumps(describe_vocabulary(vocab), indent=1) + "\n")
     return str(path)
 
 
+def _targets_vocabulary(cfg):
+    return seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
+
+
+def describe_vocabulary(vocab) -> dict:
+    """Kind and size of a vocabulary, plus what re-creates it (the tokenizer file of an HF vocabulary)."""
+    info = {"type": type(vocab).__name__, "module": type(vocab).__module__, "vocab_size": int(vocab.vocab_size),
+            "eos_id": vocab.eos_id, "unk_id": vocab.unk_id}
+    for attr in ("path", "extra_ids", "start_token", "eos_token"):
+        value = getattr(vocab, attr, None)
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            info[attr] = value
+    return info
+
+
 def train_main(argv: Sequence[str]) -> dict:
+    """Trains as configured. MODEL_DIR is held by this run alone (writer.lock), and a resume is checked against the
+    stored structure (run_config.json) before config.gin or anything else is written; see train/run_guard.py.
+    SIGTERM/SIGINT save and exit 128 + the signal (train/trainer.py: Interrupted)."""
     _, cfg = _configured(argv)
-    epath.Path(cfg.model_dir, "config.gin").write_text(gin.config_str())
-    save_vocabulary(cfg)
-    results = loop.run(cfg, feature_converter=make_feature_converter())
-    epath.Path(cfg.model_dir, "config.gin").write_text(gin.operative_config_str())
+    cfg = _with_best_mode(cfg)
+    try:
+        with run_guard.WriterLock(cfg.model_dir):
+            record = run_guard.check_structure(cfg.model_dir, cfg)
+            if run_guard.is_lead():
+                _write_config_gin(cfg.model_dir, gin.config_str())
+                run_guard.write_run_config(cfg.model_dir, record)
+            save_vocabulary(cfg)
+            results = loop.run(cfg, feature_converter=make_feature_converter())
+            if run_guard.is_lead():
+                epath.Path(cfg.model_dir, "config.gin").write_text(gin.operative_config_str())
+    except run_guard.RunDirError as e:
+        raise SystemExit(f"flan-jax train: {e}") from None
     return results
 
 
@@ -304,8 +385,67 @@ def _cli(fn, name: str, argv) -> int:
     return 0
 
 
+# --- console: start banner and end summary of `flan-jax train` (process 0 prints) --------------------------------
+def latest_checkpoint_step(model_dir: str) -> Optional[int]:
+    """N of MODEL_DIR's newest checkpoint_N (what the loop resumes from), None for a fresh run."""
+    root = epath.Path(model_dir)
+    if not root.exists():
+        return None
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"checkpoint_(\d+)", p.name))]
+    return max(steps) if steps else None
+
+
+def start_banner(cfg) -> str:
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(models.param_shapes(cfg.model)))
+    vocab = _targets_vocabulary(cfg)
+    dp, mp = partitioning.validate_mesh(cfg.mesh, jax.device_count())
+    step = latest_checkpoint_step(cfg.model_dir)
+    family = type(cfg.model).__name__.removesuffix("Config")
+    lines = [f"model        {family}, {n_params / 1e6:,.1f}M parameters"
+             + (" (+ PEFT)" if getattr(cfg.model, "peft", None) is not None else ""),
+             f"vocabulary   {type(vocab).__name__}, {vocab.vocab_size} ids (embedding: {cfg.model.vocab_size} rows)",
+             f"mixture      {cfg.input.mixture_or_task_name} (eval: {cfg.eval_mixture_or_task_name or 'none'}; "
+             f"BEST_METRIC={cfg.best_metric})",
+             f"devices      {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es); "
+             f"mesh data={dp} model={mp}",
+             f"MODEL_DIR    {cfg.model_dir}",
+             f"start        {f'resuming from checkpoint_{step}' if step is not None else 'fresh'}, "
+             f"to step {cfg.train_steps}"]
+    return "\n".join(["=== flan-jax train", *lines])
+
+
+def end_summary(cfg, results: dict) -> str:
+    groups = [g for g in validation.AGGREGATES if g in results] or sorted(results)
+    lines = ["=== flan-jax train: done"]
+    lines += [f"final eval   {g}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(results[g].items()))
+              for g in groups]
+    best_file = epath.Path(cfg.model_dir) / "best.json"
+    best = json.loads(best_file.read_text()) if best_file.exists() else None
+    if best:
+        lines.append(f"best         {best['path']} ({best['metric']}={best['value']:.4f} at step {best['step']})")
+    ckpt = best["path"] if best else cfg.model_dir
+    convert = (f"flan-jax convert --merge-peft --to hf --gin_file={cfg.model_dir}/config.gin {cfg.model_dir}_hf"
+               if getattr(cfg.model, "peft", None) is not None
+               else f"flan-jax convert --from t5x --to hf {ckpt} {cfg.model_dir}_hf")
+    lines += ["next:", f"  flan-jax eval --gin_file={cfg.model_dir}/config.gin --checkpoint={ckpt}",
+              f"  python scripts/plot_metrics.py {cfg.model_dir}", f"  {convert}"]
+    return "\n".join(lines)
+
+
+def train_with_console(argv: Sequence[str]) -> dict:
+    """train_main between a start banner and an end summary. The banner's config is parsed here too: train_main
+    stays the plain library entry point, and a config error surfaces before any banner."""
+    args, cfg = _configured(argv)
+    if jax.process_index() == 0:
+        print(start_banner(cfg), flush=True)
+    results = train_main(argv)
+    if jax.process_index() == 0:
+        print(end_summary(cfg, results or {}), flush=True)
+    return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return _cli(train_main, "train", argv)
+    return _cli(train_with_console, "train", argv)
 
 
 def eval_cli(argv: Optional[Sequence[str]] = None) -> int:
@@ -325,3 +465,29 @@ def run_eval(cfg: loop.TrainConfig, checkpoint: str, predictions_dir: str = None
     loop.log_eval(writer, step, results)
     writer.close()
     return results
+
+
+def _with_best_mode(cfg):
+    """cfg with the BEST_MODE gin macro ('min' or 'max'), when a gin file or flag defines it."""
+    try:
+        mode = gin.query_parameter("%BEST_MODE")
+    except ValueError:
+        return cfg
+    if mode not in (None, "min", "max"):
+        raise ConfigError(f"BEST_MODE={mode!r}: use 'min' or 'max' (unset: inferred from BEST_METRIC)")
+    return dataclasses.replace(cfg, best_mode=mode)
+
+
+def _write_config_gin(model_dir: str, text: str) -> None:
+    """Writes config.gin; a different earlier one is kept as config.<step>.gin (the step its run reached)."""
+    path = epath.Path(model_dir) / "config.gin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.read_text() != text:
+        steps = [int(m.group(1)) for p in path.parent.iterdir() if (m := re.fullmatch(r"checkpoint_(\d+)", p.name))]
+        stem, n = f"config.{max(steps, default=0)}", 0
+        kept = path.parent / f"{stem}.gin"
+        while kept.exists():
+            n += 1
+            kept = path.parent / f"{stem}.{n}.gin"
+        path.rename(kept)
+    path.write_text(text)

@@ -2,6 +2,8 @@
 config key (the gin macro where there is one, else the binding) in one line."""
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import numbers
 import os
@@ -10,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from flan_jax.evaluation.evaluator import base_task_name
 from flan_jax.pipeline import native as native_pipeline
 from flan_jax import models
 from flan_jax.pipeline import batches as data_lib
@@ -48,19 +51,50 @@ def check_real(key: str, value: Any, low: float, high: float = math.inf, *, high
     _need(ok, f"{key}={value!r}: expected a finite number in {bound}")
 
 
-def metric_names(eval_mixture_or_task_name: str, calibrate: bool = False) -> set:
-    """Metric names the evaluator will report: 'loss' plus what each task's metric functions return (and, with
-    calibration, ece, calibrated_ece and calibrated_<metric>)."""
-    names = {"loss"}
+def reported_metrics(eval_mixture_or_task_name: str, calibrate: bool = False) -> list:
+    """Metric names the evaluator will report, in the order the eval tasks report them: 'loss', then what each task's
+    metric functions return (and, with calibration, ece, calibrated_ece and calibrated_<metric>)."""
+    names = {"loss": None}  # a dict keeps first-seen order
     for task in seqio.get_subtasks(seqio.get_mixture_or_task(eval_mixture_or_task_name)):
         for fn in task.predict_metric_fns or task.metric_fns:
             try:
-                names.update(fn(["x"], ["x"]).keys())
+                names.update(dict.fromkeys(fn(["x"], ["x"]).keys()))
             except Exception:  # a metric that cannot score a toy pair still exists; accept any name for it
-                names.add("*")
+                names["*"] = None
     if calibrate:
-        names |= {"ece", "calibrated_ece"} | {f"calibrated_{n}" for n in names if n not in ("loss", "*")}
-    return names
+        plain = [n for n in names if n not in ("loss", "*")]
+        names.update(dict.fromkeys(["ece", "calibrated_ece"] + [f"calibrated_{n}" for n in plain]))
+    return list(names)
+
+
+def metric_names(eval_mixture_or_task_name: str, calibrate: bool = False) -> set:
+    return set(reported_metrics(eval_mixture_or_task_name, calibrate))
+
+
+def eval_groups(cfg) -> list:
+    """The result keys a BEST_METRIC may start with: the aggregates the evaluator will fill, then each eval task."""
+    tasks = [t.name for t in seqio.get_subtasks(seqio.get_mixture_or_task(cfg.eval_mixture_or_task_name))]
+    seen = {base_task_name(t.name) for t in seqio.get_subtasks(
+        seqio.get_mixture_or_task(cfg.input.mixture_or_task_name))}
+    flags = {base_task_name(t) in seen for t in tasks}
+    return [agg for agg, want in zip(AGGREGATES, (True, False)) if want in flags] + tasks
+
+
+def default_best_metric(cfg):
+    """'<first aggregate>/<first metric the eval tasks report>', or None where only the loss (lower is better, while
+    best/ keeps the highest) or unnamed metrics are reported."""
+    metrics = [m for m in reported_metrics(cfg.eval_mixture_or_task_name, cfg.eval_calibrate)
+               if m not in ("loss", "*")]
+    return f"{eval_groups(cfg)[0]}/{metrics[0]}" if metrics else None
+
+
+def best_metric_reported(cfg) -> bool:
+    """Whether the evaluator will report cfg.best_metric (True when there is nothing to check)."""
+    if not cfg.best_metric or not cfg.eval_mixture_or_task_name or "/" not in str(cfg.best_metric):
+        return True
+    group, metric = cfg.best_metric.rsplit("/", 1)
+    names = metric_names(cfg.eval_mixture_or_task_name, cfg.eval_calibrate)
+    return group in eval_groups(cfg) and (metric in names or "*" in names)
 
 
 def check_model(model) -> None:
@@ -73,12 +107,28 @@ def check_model(model) -> None:
 
 
 def check_vocabulary(model, task_or_mixture, key: str) -> None:
-    """Every token id the data can produce must have an embedding row (else XLA silently clamps the gather)."""
+    """Every token id the data can produce must have an embedding row (else XLA silently clamps the gather); an
+    embedding over four times the vocabulary is legal but most likely a wrong vocabulary, so it is flagged."""
+    model_key = f"{type(model).__name__}.vocab_size"
     for feature in ("inputs", "targets"):
         vocab = task_or_mixture.output_features[feature].vocabulary
         _need(vocab.vocab_size <= model.vocab_size,
-              f"T5Config.vocab_size={model.vocab_size} is smaller than the {feature!r} vocabulary of {key}="
-              f"{task_or_mixture.name!r} ({vocab.vocab_size} ids)")
+              f"{model_key}={model.vocab_size} is smaller than the {feature!r} vocabulary of {key}="
+              f"{task_or_mixture.name!r} ({type(vocab).__name__}, {vocab.vocab_size} ids)")
+        if vocab.vocab_size * 4 < model.vocab_size:
+            warn_once(f"{model_key}={model.vocab_size} embedding rows for the {vocab.vocab_size}-id "
+                      f"{type(vocab).__name__} of {task_or_mixture.name!r}: most rows will never be used; is this "
+                      f"the intended vocabulary?")
+
+
+_WARNED = set()
+
+
+def warn_once(message: str) -> None:
+    """Logs a warning once per process: a config is checked again by each entry point it passes through."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.warning(message)
 
 
 def validate_config(cfg, num_devices: int) -> None:
@@ -176,11 +226,14 @@ def _check_best_metric(cfg) -> None:
         return
     _need(isinstance(cfg.best_metric, str) and "/" in cfg.best_metric,
           f"BEST_METRIC={cfg.best_metric!r}: expected '<task>/<metric>', e.g. 'mean_seen/accuracy'")
-    if cfg.eval_mixture_or_task_name:  # without evaluation there is no best
-        metric = cfg.best_metric.rsplit("/", 1)[1]
-        names = metric_names(cfg.eval_mixture_or_task_name, cfg.eval_calibrate)
-        _need(metric in names or "*" in names,
-              f"BEST_METRIC={cfg.best_metric!r}: the eval tasks report {sorted(names)}")
+    if best_metric_reported(cfg):
+        return
+    metrics = [m for m in reported_metrics(cfg.eval_mixture_or_task_name, cfg.eval_calibrate) if m != "*"]
+    valid = [f"{group}/{m}" for group in eval_groups(cfg)[:2] for m in metrics]
+    close = difflib.get_close_matches(cfg.best_metric, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigValueError(f"BEST_METRIC={cfg.best_metric!r}: the eval tasks report {metrics}; {hint}valid names "
+                           f"include {valid} (or <task>/<metric>, or None to keep no best checkpoint)")
 
 
 def _check_data_layout(cfg, num_devices: int) -> None:
