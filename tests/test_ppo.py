@@ -1,4 +1,6 @@
 """PPO arithmetic (GAE, clipping, masked KL, KL controller, entropy) and a tiny end-to-end PPO update."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,6 +200,9 @@ def test_learned_reward_reads_a_reward_model_checkpoint_and_scores_at_the_last_r
                                rtol=1e-5)
     with pytest.raises(FileNotFoundError):
         reward_adapter.load_reward_params(str(tmp_path / 'missing'), T5_TINY)
+    # a reward model of another config: the first mismatched parameter is named with both shapes
+    with pytest.raises(ValueError, match=r'mlp/wi_0/kernel: got \(16, 32\), expected \(16, 64\)'):
+        reward_adapter.load_reward_params(str(tmp_path), dataclasses.replace(T5_TINY, mlp_dim=64))
 
 
 def test_ppo_gin_config_parses_into_ppo_and_run_configs():
@@ -292,3 +297,12 @@ def test_rule_gin_restricts_prompts_to_the_list_tasks_and_comma_lists_load_each_
     assert all(c['kept'] == 3 for c in counts.values())
     with pytest.raises(ValueError, match='checkpoint_period'):
         ppo_main.checkpoint_config(ppo_main.RunConfig('d', 'sft', 'task', reward='rule', checkpoint_period=-1))
+
+
+def test_rollouts_stop_at_the_vocabulary_eos():
+    from flan_jax.cli import ppo as ppo_cli
+
+    class Vocab:   # a vocabulary whose EOS is not T5's 1
+        eos_id, pad_id = 5, 0
+    cfg = ppo_cli.with_vocabulary_eos(ppo_cli.ppo_config(), Vocab())
+    assert cfg.sampling.eos_id == 5

@@ -26,6 +26,7 @@ LENGTHS = {"inputs": 12, "targets": 6}
 
 class CharVocab:
     """Character ids 2..63 (0 pad, 1 EOS): enough to tokenize the test prompts without a SentencePiece model."""
+    pad_id, eos_id = 0, 1
 
     def encode(self, text):
         return [2 + (ord(c) % 62) for c in text]

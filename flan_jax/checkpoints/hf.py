@@ -23,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
-from flan_jax.checkpoints import hf_decoder, hf_tokenizer
+from flan_jax.checkpoints import hf_decoder, hf_tokenizer, param_check
 from flan_jax.checkpoints.hf_tokenizer import TokenIds
 from flan_jax.checkpoints.t5x import check_params, flatten, unflatten
 from flan_jax.models import T5Config
@@ -41,6 +41,8 @@ _RELPOS = 'block.0.layer.0.SelfAttention.relative_attention_bias.weight'
 _IGNORED = ('decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight',)
 # Copies of `shared` that HF may or may not write out.
 _EMBEDDING_ALIASES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
+# Our T5Config fields -> the config.json keys a user edits when an HF directory does not match its weights.
+CONFIG_KEYS = {'emb_dim': 'd_model', 'mlp_dim': 'd_ff', 'head_dim': 'd_kv', 'num_encoder_layers': 'num_layers'}
 # Special ids when the export is given no vocabulary: T5's, which every vocabulary of this package keeps.
 DEFAULT_IDS = TokenIds(start=PAD_ID, eos=EOS_ID, pad=PAD_ID)
 
@@ -201,15 +203,8 @@ def load_hf(path: str, **config_overrides):
     if 'lm_head.weight' not in weights and 'shared.weight' in weights:
         weights['lm_head.weight'] = weights['shared.weight']  # HF ties the head to the embedding
 
-    missing = sorted(n for n in names if n not in weights)
-    unexpected = sorted(n for n in weights if n not in names and n not in _IGNORED + _EMBEDDING_ALIASES)
-    if missing or unexpected:
-        lines = [f'{path}: HF weights do not match {config}']
-        if missing:
-            lines.append(f'  missing ({len(missing)}): ' + ', '.join(missing))
-        if unexpected:
-            lines.append(f'  unexpected ({len(unexpected)}): ' + ', '.join(unexpected))
-        raise ValueError('\n'.join(lines))
+    param_check.check_names(weights, hf_name_map, config, source=path, rename=CONFIG_KEYS,
+                            ignored=lambda n: n in _IGNORED + _EMBEDDING_ALIASES)
     for alias in _EMBEDDING_ALIASES:
         if alias in weights and not np.array_equal(weights[alias], weights['shared.weight']):
             raise ValueError(f'{path}: {alias} differs from shared.weight; untied input embeddings are not T5')
@@ -223,7 +218,7 @@ def load_hf(path: str, **config_overrides):
         if hf_name == 'lm_head.weight' and scale != 1.0:
             value = value * np.float32(scale)
         flat[ours] = np.ascontiguousarray(value).astype(dtype)
-    check_params(flat, config, source=path)
+    param_check.check_params(flat, config, source=path, rename=CONFIG_KEYS)
     return config, unflatten(flat)
 
 

@@ -18,6 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
+from flan_jax.checkpoints import param_check
 from flan_jax.checkpoints.t5x import flatten, unflatten
 from flan_jax.data.vocabularies import EOS_ID, PAD_ID
 from flan_jax.models import DecoderConfig
@@ -28,6 +29,10 @@ MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'gemma'
 _ATTENTION = {'q_proj': 'query', 'k_proj': 'key', 'v_proj': 'value', 'o_proj': 'out'}
 _MLP = {'gate_proj': 'wi_0', 'up_proj': 'wi_1', 'down_proj': 'wo'}
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
+# Our DecoderConfig fields -> the config.json keys a user edits when an HF directory does not match its weights.
+CONFIG_KEYS = {'emb_dim': 'hidden_size', 'num_layers': 'num_hidden_layers', 'num_heads': 'num_attention_heads',
+               'num_kv_heads': 'num_key_value_heads', 'mlp_dim': 'intermediate_size',
+               'tie_embeddings': 'tie_word_embeddings'}
 
 
 def hf_name_map(config) -> dict:
@@ -121,15 +126,14 @@ def load(path: str, hf_config: Mapping, weights: dict, **config_overrides):
         if not np.array_equal(weights['lm_head.weight'], weights['model.embed_tokens.weight']):
             raise ValueError(f'{path}: tie_word_embeddings is set but lm_head.weight differs from the embedding')
         del weights['lm_head.weight']
-    missing = sorted(n for n in names if n not in weights)
-    unexpected = sorted(n for n in weights if n not in names and not n.endswith(_IGNORED_SUFFIXES))
-    if missing or unexpected:
-        raise ValueError(f'{path}: HF weights do not match {config}: missing {missing}, unexpected {unexpected}')
+    param_check.check_names(weights, hf_name_map, config, source=path, rename=CONFIG_KEYS,
+                            ignored=lambda n: n.endswith(_IGNORED_SUFFIXES))
     dtype = np.dtype(config.param_dtype) if config.param_dtype != 'bfloat16' else _bfloat16()
     flat = {}
     for hf_name, (ours, transpose) in names.items():
         value = np.asarray(weights.pop(hf_name), dtype=np.float32)
         flat[ours] = np.ascontiguousarray(value.T if transpose else value).astype(dtype)
+    param_check.check_params(flat, config, source=path, rename=CONFIG_KEYS)
     return config, unflatten(flat)
 
 

@@ -20,7 +20,7 @@ from flan_jax import models
 from etils import epath
 import orbax.checkpoint as ocp
 import jax
-from flan_jax.checkpoints import hf_tokenizer, t5x, vocab_rows
+from flan_jax.checkpoints import hf_tokenizer, param_check, t5x, vocab_rows
 
 STEP_PREFIX = 'checkpoint'
 STATE_ITEM, META_ITEM = 'state', 'meta'
@@ -78,24 +78,42 @@ def read_meta(checkpoint_dir: str) -> dict:
 
 
 # --- restoring -----------------------------------------------------------------------------------------------------
+def _saved_params(checkpointer, state_dir: str):
+    """The saved `params` tree of array metadata (shape, dtype), read without the arrays."""
+    logging.getLogger('absl').setLevel(logging.ERROR)  # orbax warns that state/ lacks a step-level metadata file
+    saved = checkpointer.metadata(state_dir)
+    tree = getattr(saved, 'item_metadata', None) or saved
+    tree = getattr(tree, 'tree', tree)
+    if 'params' not in tree:
+        raise ValueError(f'{state_dir}: no params in this training checkpoint (top keys: {sorted(tree)})')
+    return tree['params']
+
+
+def check_restorable(saved, abstract_params, *, source: str) -> None:
+    """Every leaf of `abstract_params` is saved with its shape: orbax's partial restore would hand a missing one back
+    unfilled, and a shape mismatch would surface only inside a jitted step. Saved leaves beyond it are fine (PEFT
+    restores the frozen and trainable parts separately); a dtype differing from the saved one is cast by orbax."""
+    want = {p: (tuple(a.shape), np.dtype(a.dtype)) for p, a in t5x.flatten(abstract_params).items()}
+    have = t5x.flatten(_dict_tree(saved))   # ArrayMetadata leaves: np.shape reads their .shape
+    found = [f for f in param_check.problems(have, want, check_dtype=False) if f[0] != 'unexpected']
+    param_check.raise_first(source, 'the model config', found)
+
+
 def restore_params(checkpoint_dir: str, abstract_params: Any = None):
     """The `params` of a checkpoint_<N> dir, without its optimizer state.
 
     abstract_params: a tree of jax.ShapeDtypeStruct with .sharding (restored as sharded jax.Arrays, as training lays
-    them out); None restores numpy arrays of the saved shapes and dtypes (for conversion on one host).
+    them out; each one must be saved with its shape, see check_restorable); None restores numpy arrays of the saved
+    shapes and dtypes (for conversion on one host; load_trained checks them against the model config).
     """
     state_dir = os.path.join(checkpoint_dir, STATE_ITEM)
     checkpointer = ocp.PyTreeCheckpointer()
+    saved = _saved_params(checkpointer, state_dir)
     if abstract_params is None:
-        logging.getLogger('absl').setLevel(logging.ERROR)  # orbax warns that state/ lacks a step-level metadata file
-        saved = checkpointer.metadata(state_dir)
-        tree = getattr(saved, 'item_metadata', None) or saved
-        tree = getattr(tree, 'tree', tree)
-        if 'params' not in tree:
-            raise ValueError(f'{state_dir}: no params in this training checkpoint (top keys: {sorted(tree)})')
-        abstract_params = tree['params']
+        abstract_params = saved
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract_params)
     else:
+        check_restorable(saved, abstract_params, source=f'training checkpoint {checkpoint_dir}')
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
             item={'params': abstract_params}, restore_args={'params': restore_args}, partial_restore=True))
@@ -136,6 +154,11 @@ def load_trained(path: str, config=None):
         order = vocab_rows.order_from_swaps(record['vocabulary_size'], record['vocabulary_swaps'])
         params = vocab_rows.reorder_vocabulary_rows(config, params, vocab_rows.inverse(order))
     return config, params, step
+
+
+def _dict_tree(tree):
+    """Nested plain dicts (orbax may hand back its own mapping types), leaves untouched."""
+    return {k: _dict_tree(v) for k, v in tree.items()} if hasattr(tree, 'items') else tree
 
 
 def _numpy_tree(tree):

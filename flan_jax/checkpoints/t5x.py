@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from flan_jax.utils.tree_paths import flatten, unflatten  # noqa: F401  (part of this module's API)
+from flan_jax.checkpoints import param_check
 from flan_jax import models as model_api
 from flan_jax.models import T5Config
 import tensorstore as ts
@@ -43,22 +44,10 @@ def expected_shapes(config) -> dict:
     return {path: tuple(s.shape) for path, s in flatten(model_api.param_shapes(config)).items()}
 
 
-def check_params(flat: Mapping[str, Any], config, *, source: str) -> None:
-    """Raise one ValueError listing every missing, unexpected or mis-shaped parameter."""
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    bad_shapes = [f'{p}: got {tuple(np.shape(flat[p]))}, expected {expected[p]}'
-                  for p in sorted(set(expected) & set(flat)) if tuple(np.shape(flat[p])) != expected[p]]
-    if missing or unexpected or bad_shapes:
-        lines = [f'{source}: parameters do not match {config}']
-        if missing:
-            lines.append(f'  missing ({len(missing)}): ' + ', '.join(missing))
-        if unexpected:
-            lines.append(f'  unexpected ({len(unexpected)}): ' + ', '.join(unexpected))
-        if bad_shapes:
-            lines.append(f'  wrong shape ({len(bad_shapes)}): ' + '; '.join(bad_shapes))
-        raise ValueError('\n'.join(lines))
+def check_params(flat: Mapping[str, Any], config, *, source: str, check_dtype: bool = True) -> None:
+    """Raise one ValueError naming the first missing, unexpected, mis-shaped or mis-typed parameter (and the config
+    field that would fix it, when one does); see param_check."""
+    param_check.check_params(flat, config, source=source, check_dtype=check_dtype)
 
 
 def _count_layers(flat: Mapping[str, Any], stack: str) -> int:
@@ -68,8 +57,8 @@ def _count_layers(flat: Mapping[str, Any], stack: str) -> int:
 
 def infer_config(params: Mapping, **overrides):
     """T5Config whose shapes match `params` (nested or flat). Fields that shapes cannot tell
-    (layer_norm_epsilon, relative_attention_max_distance, dropout_rate, dtypes) take T5Config defaults
-    unless given in `overrides`."""
+    (layer_norm_epsilon, relative_attention_max_distance, dropout_rate, compute dtype) take T5Config defaults
+    unless given in `overrides`; param_dtype is the embedding's stored dtype."""
     flat = params if any('/' in k for k in params) else flatten(params)
     try:
         vocab, d = np.shape(flat['token_embedder/embedding'])
@@ -86,6 +75,9 @@ def infer_config(params: Mapping, **overrides):
                   mlp_dim=int(mlp_dim), relative_attention_num_buckets=int(buckets),
                   num_encoder_layers=_count_layers(flat, 'encoder'),
                   num_decoder_layers=_count_layers(flat, 'decoder'))
+    stored = np.dtype(getattr(flat['token_embedder/embedding'], 'dtype', np.float32)).name
+    if stored in ('float32', 'bfloat16', 'float16'):   # the dtype the checkpoint holds is the one it is checked for
+        fields['param_dtype'] = stored
     fields.update(overrides)
     return T5Config(**fields)
 

@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from flan_jax.pipeline import batches as data_lib
+from flan_jax.data.vocabularies import special_ids
 
 from flan_jax.cli import train as main_lib
 from flan_jax.train.metrics_log import MetricsWriter
@@ -92,7 +93,12 @@ def checkpoint_config(run: RunConfig) -> Optional[ppo_resume.CheckpointConfig]:
 def make_reward_fn(run: RunConfig, model_cfg, vocabulary):
     if run.reward == "rule":
         return rule_reward.exact_match_reward(vocabulary)
-    return reward_adapter.learned_reward(run.reward_model_dir, model_cfg)
+    return reward_adapter.learned_reward(run.reward_model_dir, model_cfg, special_ids(vocabulary).eos)
+
+
+def with_vocabulary_eos(cfg: ppo.PPOConfig, vocabulary) -> ppo.PPOConfig:
+    """Rollouts stop at the vocabulary's EOS: the one the rewards read responses up to."""
+    return dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, eos_id=special_ids(vocabulary).eos))
 
 
 def ptx_batches(train_cfg, run: RunConfig):
@@ -124,6 +130,7 @@ def run(argv: Sequence[str]) -> dict:
     epath.Path(run_cfg.model_dir, "config.gin").write_text(gin.config_str())
     sft_params, sft_step, vocab = main_lib.restore_trained(train_cfg, run_cfg.sft_checkpoint)
     sft_params = jax.device_get(sft_params)
+    cfg = with_vocabulary_eos(cfg, vocab)
     train_prompts, train_counts = prompts_lib.load_prompts(run_cfg.prompt_task, "train", run_cfg.num_train_prompts,
                                                            run_cfg.prompt_length)
     eval_prompts, eval_counts = prompts_lib.load_prompts(run_cfg.prompt_task, "validation",

@@ -7,6 +7,8 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
+from flan_jax.data.vocabularies import PAD_ID
+
 # What the summed token loss is divided by, with T5X's meanings (t5x/losses.py: compute_weighted_cross_entropy and
 # SpecialLossNormalizingFactor): None (or "none") leaves the weighted sum un-normalized; a number is a fixed divisor
 # (e.g. 233472 = 1024 x 228 for Mesh-TF-pretrained T5); a name is computed from the batch. Names are case-insensitive,
@@ -96,7 +98,7 @@ def loss_weights_and_denominator(batch, normalizer: Normalizer):
     """
     weights = batch.get("decoder_loss_weights")
     if weights is None:
-        weights = (batch["decoder_target_tokens"] > 0)
+        weights = (batch["decoder_target_tokens"] != PAD_ID)
     weights = weights.astype(jnp.float32)
     normalizer = canonical_normalizer(normalizer)
     if normalizer is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flan_jax.data.vocabularies import PAD_ID
+
 LOSS_TYPES = ("sigmoid", "ipo")
 
 
@@ -38,7 +40,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, 
 
 
 def sequence_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Sum over real (non-zero) target tokens of log p(token) [N] from logits [N, L, V] (float32)."""
+    """Sum over real (non-padding) target tokens of log p(token) [N] from logits [N, L, V] (float32)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum(jnp.where(targets != 0, picked, 0.0), axis=-1)
+    return jnp.sum(jnp.where(targets != PAD_ID, picked, 0.0), axis=-1)

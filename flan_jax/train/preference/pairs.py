@@ -12,8 +12,7 @@ import numpy as np
 import seqio
 
 from flan_jax.data import preference as preference_data
-
-EOS_ID = 1
+from flan_jax.data.vocabularies import EOS_ID, special_ids  # noqa: F401  (EOS_ID: this module's API)
 
 
 @dataclasses.dataclass
@@ -55,7 +54,7 @@ def _tokens(vocab, text: str, length: int, counters: collections.Counter, what: 
     if len(ids) > length - 1:
         counters[f"truncated_{what}"] += 1
         ids = ids[:length - 1]
-    return ids + [EOS_ID]
+    return ids + [special_ids(vocab).eos]
 
 
 def _pad(rows: Sequence[list[int]], length: int) -> np.ndarray:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flan_jax.data.vocabularies import EOS_ID
+
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of x over the positions where mask is 1 (0 when the mask is empty)."""
@@ -29,7 +31,7 @@ def masked_whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array
     return jnp.where(mask > 0, (x - mean) * jax.lax.rsqrt(var + eps), 0.0)
 
 
-def response_mask(tokens: jax.Array, eos_id: int = 1) -> jax.Array:
+def response_mask(tokens: jax.Array, eos_id: int = EOS_ID) -> jax.Array:
     """[B, L] float 0/1: the positions up to and including each row's first EOS (all of them when there is none).
 
     Not `tokens > 0`: a sampled id 0 before EOS is a real action, and the decoder writes 0 only after EOS.
