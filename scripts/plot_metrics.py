@@ -16,13 +16,20 @@ def load(model_dir):
     path = os.path.join(model_dir, "metrics.jsonl")
     if not os.path.exists(path):
         sys.exit(f"plot_metrics: no metrics.jsonl in {model_dir}")
-    rows = []
-    with open(path) as f:
+    rows, torn = [], 0
+    with open(path, errors="replace") as f:
         for line in f:
-            if line.strip():
+            if not line.strip():
+                continue
+            try:  # a line torn by a killed writer is skipped, not fatal
                 r = json.loads(line)
-                if isinstance(r["value"], (int, float)):
-                    rows.append(r)
+            except ValueError:
+                torn += 1
+                continue
+            if isinstance(r, dict) and isinstance(r.get("value"), (int, float)):
+                rows.append(r)
+    if torn:
+        print(f"plot_metrics: skipped {torn} torn line(s) of {path}", file=sys.stderr)
     return rows
 
 

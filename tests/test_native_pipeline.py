@@ -127,7 +127,7 @@ def test_trainer_on_the_native_pipeline_resumes_bitwise(tmp_path, monkeypatch):
     resumed = str(tmp_path / "resumed")
     cfg = train_main_lib._configured([f"--gin_file={tiny}", f"--gin.MODEL_DIR={resumed}", *flags])[1]
     loop.run(cfg, feature_converter=train_main_lib.make_feature_converter(), stop_after_steps=4)
-    assert os.path.exists(os.path.join(resumed, "input_state", "checkpoint_4", "process_0.pkl"))
+    assert os.path.exists(os.path.join(resumed, "input_state", "checkpoint_4", "process_0.json"))
     positions = []
     original = data_lib.train_batches
     monkeypatch.setattr(data_lib, "train_batches",

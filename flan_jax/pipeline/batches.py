@@ -127,7 +127,7 @@ def input_fingerprint(cfg: InputConfig, shard) -> dict:
     return {"mixture": cfg.mixture_or_task_name, "lengths": dict(cfg.task_feature_lengths),
             "batch": cfg.global_batch_size, "seed": cfg.seed, "split": cfg.split, "shuffle": cfg.shuffle,
             "sharding": cfg.input_sharding, "pipeline": cfg.pipeline,
-            "shard": None if shard is None else [shard.index, shard.count], "state_format": 2}
+            "shard": None if shard is None else [shard.index, shard.count], "state_format": 3}
 
 
 def pipeline_counters(feature_converter) -> dict:

@@ -15,8 +15,8 @@ Per-task shuffling uses a 1000-example buffer as seqio does. Data errors and tru
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
-import pickle
 import random
 from typing import Iterator, Mapping, Optional
 
@@ -204,7 +204,7 @@ class PackedBatches:
 
     The converter supplies the packing options and receives the `.stats` counters (as on the seqio path).
     `state()` (the mixture's position, the packer with its buffer and counters, rows not yet batched) is plain
-    picklable data; `state=` resumes bitwise where it was taken.
+    data (dicts, lists, tuples, numbers, numpy arrays: no objects); `state=` resumes bitwise where it was taken.
 
     examples: another (inputs, targets) stream with its own `state()` (the seqio path's); by default the mixture's
     MixtureStream. Given, it must already stand at state["examples"].
@@ -231,11 +231,11 @@ class PackedBatches:
                                                  **converter.packing_options)
             self._rows = collections.deque()
         else:
-            self._packer, self._rows = pickle.loads(state["packer"]), collections.deque(state["rows"])
+            self._packer, self._rows = packer_from_state(state["packer"]), collections.deque(state["rows"])
         converter.stats = self._packer.stats
 
     def state(self) -> dict:
-        return {"examples": self._examples.state(), "packer": pickle.dumps(self._packer), "rows": list(self._rows)}
+        return {"examples": self._examples.state(), "packer": packer_state(self._packer), "rows": list(self._rows)}
 
     def __iter__(self):
         return self
@@ -247,6 +247,28 @@ class PackedBatches:
         if self._prefix_lm:  # one decoder row per segment: inputs ++ targets share one length budget
             return packing.prefix_lm_feature_batch(rows, sum(self.lengths), self._loss_on_targets_only, self._bos)
         return packing.encdec_feature_batch(rows, self.lengths, self._bos)
+
+
+def packer_state(packer: packing.ExamplePacker) -> dict:
+    """An ExamplePacker's complete state as plain data: its fields, its BestFitPacker's fields (RNG as the bit
+    generator's state dict) and the counters."""
+    fields = {k: v for k, v in vars(packer).items() if k not in ("stats", "packer")}
+    best_fit = dict(vars(packer.packer))
+    best_fit["_rng"] = best_fit["_rng"].bit_generator.state
+    return {"fields": fields, "best_fit": best_fit, "stats": dataclasses.asdict(packer.stats)}
+
+
+def packer_from_state(state: dict) -> packing.ExamplePacker:
+    """The ExamplePacker `packer_state` described, rebuilt field by field (no constructor side effects)."""
+    best_fit = object.__new__(packing.BestFitPacker)
+    fields = dict(state["best_fit"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = fields["_rng"]
+    fields["_rng"] = rng
+    vars(best_fit).update(fields)
+    packer = object.__new__(packing.ExamplePacker)
+    vars(packer).update(state["fields"], packer=best_fit, stats=packing.PackingStats(**state["stats"]))
+    return packer
 
 
 def packed_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,

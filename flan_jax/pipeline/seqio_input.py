@@ -7,7 +7,7 @@ resumed run renders none of the examples it had already read.
 
 Our best-fit packers run in Python (not tf.data state), so they run here, outside tf.data, on the mixture's
 examples: the position is then the tf.data iterator's checkpoint, the examples read but not yet packed, and the
-pickled packer with its buffer and counters (`native_pipeline.PackedBatches`). seqio's own converters are tf.data,
+packer with its buffer and counters as plain data (`native_pipeline.PackedBatches`). seqio's own converters are tf.data,
 so the whole pipeline's iterator is the position. Pipelines with other parts (tasks from outside the registry,
 whose sources may hold Python state that tf.data cannot save) keep no position and are replayed on resume.
 """
@@ -49,7 +49,7 @@ def _with_state_ignored(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def save_iterator(iterator) -> dict:
-    """{file name: bytes} of a tf.train.Checkpoint of a tf.data iterator (plain data, picklable)."""
+    """{file name: bytes} of a tf.train.Checkpoint of a tf.data iterator (plain data)."""
     with tempfile.TemporaryDirectory() as d:
         tf.train.Checkpoint(iterator=iterator).write(os.path.join(d, "iterator"))
         return {name: open(os.path.join(d, name), "rb").read() for name in sorted(os.listdir(d))}

@@ -22,8 +22,8 @@ from flan_jax.pipeline import batches as data_lib
 from flan_jax.train import (checkpointing, init_from, optim, partitioning, peft_state as peft, program as program_lib,
                             state as state_lib, step as step_lib, trainer as trainer_lib, validation)
 from flan_jax.train.flops import measure_matmul_peak_tflops
-from flan_jax.train.metrics_log import MetricsWriter
-from flan_jax.train.trainer import NonFiniteLossError, log_eval  # noqa: F401  (callers take them from here)
+from flan_jax.train.metrics_log import MetricsWriter, truncate_metrics
+from flan_jax.train.trainer import Interrupted, NonFiniteLossError, log_eval  # noqa: F401  (callers take them from here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,7 @@ class TrainConfig:
     checkpoint_period: int = 0      # 0: only at the end
     keep_checkpoints: int = 3
     best_metric: Optional[str] = None  # e.g. "mean_seen/accuracy"
+    best_mode: Optional[str] = None    # 'min' or 'max'; None: 'min' for loss, ece, perplexity metrics, else 'max'
     log_period: int = 10
     seed: int = 0
     skip_nonfinite_updates: bool = False
@@ -100,8 +101,9 @@ def build_trainer(cfg: TrainConfig, feature_converter: Optional[seqio.FeatureCon
     peft.check_converter(cfg.model, converter)
     prog = program_lib.build(cfg, mesh, converter=converter)
     ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
-                                      best_metric=cfg.best_metric)
+                                      best_metric=cfg.best_metric, best_mode=cfg.best_mode)
     state, start, base = _init_or_restore(cfg, prog, ckpt)
+    truncate_metrics(cfg.model_dir, start)  # this run writes the steps after `start` again
     step_fn = prog.jitted if base is None else (lambda state_, batch: prog.jitted(state_, batch, base.params))
     hooks = _SftHooks(cfg, converter, partitioning.data_shard(mesh), prog.batch_sharding, base, start)
     periods = trainer_lib.Periods(cfg.train_steps, cfg.log_period, cfg.eval_period, cfg.checkpoint_period)

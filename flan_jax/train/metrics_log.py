@@ -7,6 +7,7 @@ evaluation or a checkpoint save took are train metrics of their own (eval_second
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -54,12 +55,52 @@ class MetricsWriter:
         self._tb = {}
 
 
+def parse_metric_lines(lines) -> tuple[list[dict], int]:
+    """(rows, count of lines skipped): a line that is not a JSON object (a write torn by a kill, or a torn line with
+    the next run's row appended to it) is skipped."""
+    rows, skipped = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        else:
+            skipped += 1
+    return rows, skipped
+
+
 def read_metrics(model_dir: str) -> list[dict]:
+    """metrics.jsonl's rows; torn lines are skipped with a warning."""
     path = os.path.join(model_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, errors="replace") as f:
+        rows, skipped = parse_metric_lines(f)
+    if skipped:
+        logging.warning("%s: skipped %d line(s) that are not whole JSON rows (torn writes)", path, skipped)
+    return rows
+
+
+def truncate_metrics(model_dir: str, step: int) -> int:
+    """Drops metrics.jsonl rows past `step` (and torn lines): a resumed run writes those steps again. Returns the
+    number of rows dropped. Written to a temporary file and renamed, so a kill leaves the old or the new file."""
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return 0
+    with open(path, errors="replace") as f:
+        rows, skipped = parse_metric_lines(f)
+    kept = [row for row in rows if int(row["step"]) <= step]
+    dropped = len(rows) - len(kept) + skipped
+    if dropped:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(path + ".tmp", path)
+        logging.info("%s: dropped %d row(s) past step %d", path, dropped, step)
+    return dropped
 
 
 class ProgressPrinter:

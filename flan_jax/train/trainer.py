@@ -13,10 +13,16 @@ checkpoint (the caller restores; the loop starts at `start`).
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from flan_jax.train import checkpointing, optim
 from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
@@ -24,6 +30,52 @@ from flan_jax.train.metrics_log import MetricsWriter, ProgressPrinter
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Interrupted(SystemExit):
+    """SIGTERM or SIGINT stopped the run after a checkpoint was saved. Exits with 128 + the signal number (143 for
+    SIGTERM, 130 for SIGINT), as a shell reports a process a signal ended: schedulers see a non-zero status."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(128 + signum)
+        self.signum, self.step = signum, step
+
+
+class StopSignals:
+    """While active, the first SIGTERM/SIGINT only sets `received` (the loop finishes its step and saves); a second
+    one ends the process at once. Handlers can only be set from the main thread; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)  # the second signal: no cleanup wanted
+        self.received = signum
+        if jax.process_index() == 0:
+            print(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                  "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def agreed(self) -> Optional[int]:
+        """The signal every process acts on at this step, or None: with several processes, each one's flag is
+        gathered so that all of them stop (and save) at the same step, whichever got the signal."""
+        if jax.process_count() == 1:
+            return self.received
+        flags = multihost_utils.process_allgather(np.int32(self.received or 0))
+        return int(np.max(flags)) or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +179,33 @@ class Trainer:
         """Trains to the last step, evaluates there and checkpoints; returns the last eval results.
 
         stop_after_steps: stop (after checkpointing) once this many steps were run in this call; used to test resume.
+        A run already at its last step does nothing. SIGTERM/SIGINT: see `interrupt`.
         """
-        while self.step < self.periods.train_steps:
-            self.train_one_step()
-            if stop_after_steps is not None and self.step - self.start >= stop_after_steps:
-                break
-        self.finish()
+        if self.start >= self.periods.train_steps:
+            if jax.process_index() == 0:
+                print(f"already trained to step {self.start} (TRAIN_STEPS={self.periods.train_steps}) in "
+                      f"{self.ckpt.model_dir}; nothing to do", flush=True)
+            return self.last_eval
+        with StopSignals() as signals:
+            while self.step < self.periods.train_steps:
+                self.train_one_step()
+                signum = signals.agreed()
+                if signum is not None:
+                    self.interrupt(signum)
+                if stop_after_steps is not None and self.step - self.start >= stop_after_steps:
+                    break
+            self.finish()
         return self.last_eval
+
+    def interrupt(self, signum: int) -> None:
+        """Saves this step (input position included), waits for the write, names it, and raises Interrupted."""
+        self.check_finite()
+        self.timed("checkpoint_seconds", self.save)
+        self.ckpt.wait()
+        if jax.process_index() == 0:
+            print(f"interrupted at step {self.step}, saved checkpoint_{self.step}; rerun the same command to resume",
+                  flush=True)
+        raise Interrupted(signum, self.step)
 
     def train_one_step(self) -> None:
         batch = self.hooks.device_batch(next(self.batches))
