@@ -1,6 +1,6 @@
-"""SPMD: meshes (8,1), (4,2), (2,4) and FSDP give the one-device losses, with really sharded params and optimizer
-state; two processes on 127.0.0.1 (jax.distributed, gloo) give the one-process losses of tiny_test.gin, and resume
-bitwise from their own saved input positions."""
+"""SPMD: meshes (8,1), (4,2), (2,4) and FSDP give the one-device losses (activation sharding constraints active),
+with really sharded params and optimizer state; two processes on 127.0.0.1 (jax.distributed, gloo) give the
+one-process losses of tiny_test.gin, and resume bitwise from their own saved input positions."""
 import json
 import os
 import socket
@@ -20,7 +20,7 @@ MESH_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     from tests.test_train_core import _packed_batch
     from flan_jax.models import t5
-    from flan_jax.train import loop, optim, partitioning, step as step_lib
+    from flan_jax.train import optim, partitioning, state as state_lib, step as step_lib
 
     cfg = t5.T5Config(vocab_size=64, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                       num_encoder_layers=1, num_decoder_layers=1)
@@ -32,10 +32,11 @@ MESH_SCRIPT = textwrap.dedent('''
                               ("2x4", (2, 4), False), ("4x2_fsdp", (4, 2), True)]:
         mcfg = partitioning.MeshConfig(mesh_shape=shape, fsdp=fsdp)
         mesh = partitioning.make_mesh(mcfg, jax.devices()[:shape[0] * shape[1]])
-        abstract, shardings = loop.abstract_train_state(cfg, opt, mcfg, mesh)
+        shardings = state_lib.state_layout(cfg, opt, mcfg, mesh).shardings
         init = jax.jit(lambda r: step_lib.init_state(cfg, opt, r), out_shardings=shardings)
         state = init(jax.random.PRNGKey(0))
-        step = jax.jit(step_lib.make_train_step(cfg, opt, step_lib.LossConfig()),
+        # Traced under the mesh, as program.build does: the models' activation constraints apply.
+        step = jax.jit(partitioning.under_mesh(mesh, step_lib.make_train_step(cfg, opt, step_lib.LossConfig())),
                        in_shardings=(shardings, partitioning.batch_sharding(mesh)), out_shardings=(shardings, None))
         losses = []
         for b in batches:
@@ -216,7 +217,7 @@ def test_two_hosts_resume_bitwise_from_their_own_input_positions(runs, tmp_path)
     checkpoint 2 end at step 3 with the uninterrupted run's params and optimizer state, bit for bit."""
     import shutil
     reference = runs["own_shard_per_host"]["multi"]
-    positions = [os.path.join(reference, "input_state", "checkpoint_2", f"process_{i}.pkl") for i in (0, 1)]
+    positions = [os.path.join(reference, "input_state", "checkpoint_2", f"process_{i}.json") for i in (0, 1)]
     assert open(positions[0], "rb").read() != open(positions[1], "rb").read()  # two shards, two positions
     resumed = str(tmp_path / "resumed")
     shutil.copytree(os.path.join(reference, "checkpoint_2"), os.path.join(resumed, "checkpoint_2"))

@@ -248,7 +248,7 @@ def _configured(argv):
     try:
         args = _setup(argv)
         cfg = _resolve_best_metric(args, train_config())
-        loop.validate_config(cfg, __import__("jax").device_count())
+        loop.validate_config(cfg, jax.device_count())
         return args, cfg
     except (ValueError, TypeError, KeyError, FileNotFoundError, OSError) as e:
         raise ConfigError(_one_line(e)) from e
@@ -336,7 +336,11 @@ def train_main(argv: Sequence[str]) -> dict:
     """Trains as configured. MODEL_DIR is held by this run alone (writer.lock), and a resume is checked against the
     stored structure (run_config.json) before config.gin or anything else is written; see train/run_guard.py.
     SIGTERM/SIGINT save and exit 128 + the signal (train/trainer.py: Interrupted)."""
-    _, cfg = _configured(argv)
+    return train_configured(_configured(argv)[1])
+
+
+def train_configured(cfg) -> dict:
+    """train_main for a TrainConfig already built from the flags (gin configured, distributed initialized)."""
     cfg = _with_best_mode(cfg)
     try:
         with run_guard.WriterLock(cfg.model_dir):
@@ -433,12 +437,12 @@ def end_summary(cfg, results: dict) -> str:
 
 
 def train_with_console(argv: Sequence[str]) -> dict:
-    """train_main between a start banner and an end summary. The banner's config is parsed here too: train_main
-    stays the plain library entry point, and a config error surfaces before any banner."""
-    args, cfg = _configured(argv)
+    """train_main between a start banner and an end summary (flags parsed once: jax.distributed may be initialized
+    only once per process); a config error surfaces before any banner."""
+    _, cfg = _configured(argv)
     if jax.process_index() == 0:
         print(start_banner(cfg), flush=True)
-    results = train_main(argv)
+    results = train_configured(cfg)
     if jax.process_index() == 0:
         print(end_summary(cfg, results or {}), flush=True)
     return results
