@@ -33,8 +33,15 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers", "import-linter", "grimp"],
+        # `flan-jax compile` and TPU slices: libtpu as jax 0.10.2 pins it (a libtpu must match its jax).
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
+        # tpu: tests/test_tpu_compile.py compiles small configs for TPU topologies on the CPU host (scripts/test.sh
+        # keeps the test processes on the CPU backend, JAX_PLATFORMS=cpu).
+        "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers", "import-linter", "grimp",
+                 "jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
         "bench": ["torch==2.13.0", "transformers"],
+        # Loading an HF export (`flan-jax convert --to hf --verify`): tokenizers writes its tokenizer.json.
+        "hf": ["torch==2.13.0", "transformers", "tokenizers", "sentencepiece", "protobuf"],
     },
     entry_points={"console_scripts": ["flan-jax=flan_jax.cli:main"]},
 )

@@ -1,4 +1,5 @@
-"""Span attention (models/span_attention.py) equals dense masked attention, values and gradients, and skips work."""
+"""Span and blocked attention (models/span_attention.py) equal dense masked attention, values and gradients; the span
+kernel skips work."""
 import dataclasses
 
 import jax
@@ -65,7 +66,8 @@ def _inputs(rng, mask, kv=2, groups=2, hd=8, dtype=jnp.float32, bias=False):
 
 @pytest.mark.parametrize('kind', ['causal', 'prefix_lm', 'bidirectional', 'cross'])
 @pytest.mark.parametrize('with_bias', [False, True])
-def test_span_equals_dense_values_and_gradients(kind, with_bias):
+@pytest.mark.parametrize('kernel', [sa.span_attention, sa.blocked_attention])
+def test_span_and_blocked_equal_dense_values_and_gradients(kind, with_bias, kernel):
     rng = np.random.default_rng(0)
     mask = jnp.asarray(_mask(kind, rng, lk=64 if kind == 'cross' else 48))
     q, k, v, bias, w = _inputs(rng, mask, bias=with_bias)
@@ -73,7 +75,7 @@ def test_span_equals_dense_values_and_gradients(kind, with_bias):
     def loss(fn):
         return lambda q, k, v, b: jnp.sum(fn(q, k, v, b) * w)
     dense = lambda q, k, v, b: sa.dense_attention(q, k, v, mask, 0.35, b)
-    span = lambda q, k, v, b: sa.span_attention(q, k, v, mask, 0.35, BLOCK, b)
+    span = lambda q, k, v, b: kernel(q, k, v, mask, 0.35, BLOCK, b)
     np.testing.assert_allclose(jax.jit(span)(q, k, v, bias), dense(q, k, v, bias), atol=1e-5)
     argnums = (0, 1, 2, 3) if with_bias else (0, 1, 2)
     grads_dense = jax.grad(loss(dense), argnums)(q, k, v, bias)
@@ -115,6 +117,10 @@ def test_usable_needs_whole_blocks_and_more_than_one():
     assert jax.default_backend() == 'cpu'   # the span path is CPU-only (see usable's doc)
     assert sa.usable(64, 64, 8) and sa.usable(8, 64, 8)
     assert not sa.usable(60, 64, 8) and not sa.usable(8, 8, 8) and not sa.usable(64, 64, 0)
+    assert sa.choose(64, 64, 8) is sa.span_attention and sa.choose(64, 64, 8, 'dense') is None
+    assert sa.choose(64, 48, 8, 'blocked') is sa.blocked_attention and sa.choose(60, 64, 8, 'blocked') is None
+    with pytest.raises(ValueError, match="attention_kernel='flash'"):
+        sa.choose(64, 64, 8, 'flash')
 
 
 # ---------------------------------------------------------------------------------------------- in the models
@@ -135,11 +141,12 @@ def _loss_and_grads(config, params, batch):
     return jax.value_and_grad(total)(params), models.forward(config, params, batch)
 
 
-def _assert_same_model(config, batch, valid):
-    """Span (block 8) and dense (block 0) give the same loss, gradients and logits at real positions."""
+def _assert_same_model(config, batch, valid, kernel='auto'):
+    """Span or blocked kernel (block 8) and dense (block 0) give the same loss, gradients and logits at real
+    positions ('auto' is the span kernel on this CPU backend)."""
     params = models.init_params(config, jax.random.PRNGKey(0))
-    (loss_span, grads_span), logits_span = _loss_and_grads(dataclasses.replace(config, attention_block=BLOCK),
-                                                           params, batch)
+    chosen = dataclasses.replace(config, attention_block=BLOCK, attention_kernel=kernel)
+    (loss_span, grads_span), logits_span = _loss_and_grads(chosen, params, batch)
     (loss_dense, grads_dense), logits_dense = _loss_and_grads(dataclasses.replace(config, attention_block=0),
                                                               params, batch)
     np.testing.assert_allclose(loss_span, loss_dense, rtol=1e-5)
@@ -150,14 +157,17 @@ def _assert_same_model(config, batch, valid):
 
 
 @pytest.mark.parametrize('prefix_lm', [True, False])
-def test_decoder_span_attention_equals_dense(prefix_lm):
+@pytest.mark.parametrize('kernel', ['auto', 'blocked'])
+def test_decoder_span_and_blocked_attention_equal_dense(prefix_lm, kernel):
     examples = _decoder_examples(3)
     rows = packing.prefix_lm_feature_batch([examples[:3], examples[3:]], 48)
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
-    _assert_same_model(dataclasses.replace(DECODER, prefix_lm=prefix_lm), batch, rows['decoder_segment_ids'] != 0)
+    _assert_same_model(dataclasses.replace(DECODER, prefix_lm=prefix_lm), batch, rows['decoder_segment_ids'] != 0,
+                       kernel)
 
 
-def test_t5_span_attention_equals_dense_with_relative_position_bias():
+@pytest.mark.parametrize('kernel', ['auto', 'blocked'])
+def test_t5_span_and_blocked_attention_equal_dense_with_relative_position_bias(kernel):
     config = models.T5Config.preset('tiny', num_encoder_layers=2, num_decoder_layers=2, emb_dim=32, mlp_dim=48,
                                     head_dim=8, num_heads=2)
     rng = np.random.default_rng(4)
@@ -167,7 +177,7 @@ def test_t5_span_attention_equals_dense_with_relative_position_bias():
     features = packing.encdec_feature_batch(rows, (32, 16))
     assert features['encoder_segment_ids'].max() > 1
     batch = {k: jnp.asarray(v) for k, v in features.items()}
-    _assert_same_model(config, batch, features['decoder_segment_ids'] != 0)
+    _assert_same_model(config, batch, features['decoder_segment_ids'] != 0, kernel)
 
 
 def test_a_mask_shared_by_the_rows_is_broadcast_to_every_row():

@@ -23,7 +23,7 @@ import numpy as np
 from flan_jax.models import peft as peft_lib
 from flan_jax.models import span_attention
 from flan_jax.models.sharding import batch_sharded
-from flan_jax.models.layers import MASK_VALUE, Dropout, dense, gelu_tanh, linear
+from flan_jax.models.layers import MASK_VALUE, Dropout, dense, gelu_tanh, linear, run_layers
 
 Params = dict
 Batch = Mapping[str, Any]
@@ -57,9 +57,10 @@ class DecoderConfig:
     # Query/key block of the span attention (models/span_attention.py) for masked self-attention over whole rows;
     # 0 computes the dense [L, L] scores.
     attention_block: int = 128
-    # 'auto' (span kernel on a CPU backend, else dense), 'span' or 'dense'; models.for_platform resolves 'auto' for the
-    # platform a step is compiled for.
+    # 'auto' (span kernel on a CPU backend, else dense), 'span', 'blocked' (query blocks of attention_block, scores
+    # recomputed in the backward pass) or 'dense'; models.for_platform resolves 'auto' for the compile target.
     attention_kernel: str = 'auto'
+    scan_layers: bool = False   # one lax.scan over the layers (layers.run_layers): compile time, same numbers
     peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
@@ -203,9 +204,9 @@ def attention(p: Mapping, x: jax.Array, positions: jax.Array, mask: jax.Array, c
     k, v, mask, _ = peft_lib.with_prefix(p.get('prefix'), k, v, mask)
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     kv, groups, hd = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
-    span = span_attention.usable(lq, lk, config.attention_block, config.attention_kernel)
-    if cache is None and not drop.active and span:
-        out = span_attention.span_attention(
+    kernel = span_attention.choose(lq, lk, config.attention_block, config.attention_kernel)
+    if cache is None and not drop.active and kernel is not None:
+        out = kernel(
             q.reshape(b, lq, kv, groups, hd).transpose(0, 2, 1, 3, 4), k.transpose(0, 2, 1, 3),
             v.transpose(0, 2, 1, 3), mask, 1.0 / math.sqrt(hd), config.attention_block)
         return linear(p['out'], out.transpose(0, 2, 1, 3, 4).reshape(b, lq, -1), config.dtype), cache
@@ -300,8 +301,7 @@ def hidden_states(config: DecoderConfig, params: Params, batch: Batch, *, dropou
     x = peft_lib.insert_prompt(params.get('prompt'), x, positions - 1)   # after each segment's BOS (see peft.py)
     x = drop(x, (-2,))
     layer_fn = _remat(lambda p, x, r: layer(p, x, positions, mask, r, config)[0], config)
-    for i in range(config.num_layers):
-        x = layer_fn(params[f'layers_{i}'], x, None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
+    x = run_layers(layer_fn, params, config.num_layers, x, dropout_rng, config.scan_layers)
     return rms_norm(drop(x, (-2,)), params['final_norm']['scale'], config)
 
 

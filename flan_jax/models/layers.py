@@ -3,12 +3,13 @@ and the additive mask value."""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 from flan_jax.models import peft as peft_lib
+from flan_jax.models.sharding import gathered
 
 # Additive value for masked attention logits (T5X uses -1e10 as well).
 MASK_VALUE = -1e10
@@ -18,7 +19,7 @@ _GELU_2U = 2 * math.sqrt(2 / math.pi)   # twice the tanh argument's scale: 0.5 (
 def dense(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     # As a 2-D matmul: the kernel gradient is then one [d, B*L] x [B*L, o] product; with batch and length kept as
     # two contracting dimensions XLA:CPU runs it several times slower than the matmul itself.
-    y = jnp.dot(x.astype(dtype).reshape(-1, x.shape[-1]), kernel.astype(dtype))
+    y = jnp.dot(x.astype(dtype).reshape(-1, x.shape[-1]), gathered(kernel.astype(dtype)))
     return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
@@ -54,3 +55,24 @@ class Dropout:
             shape[axis] = 1
         keep = jax.random.bernoulli(jax.random.fold_in(self.rng, self.calls), 1.0 - self.rate, shape)
         return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+def run_layers(layer_fn: Callable, stack: Mapping, num_layers: int, x: jax.Array, rng: Optional[jax.Array],
+               scan: bool = False) -> jax.Array:
+    """x through layer_fn(stack[f'layers_{i}'], x, rng_i) for i < num_layers, rng_i = fold_in(rng, i) (None if rng is).
+
+    scan=True runs one `lax.scan` over the layers' parameters stacked on a new leading axis: the same numbers, but
+    the compiler sees one layer instead of num_layers (TPU compile memory and time grow with unrolled depth). The
+    stack is a per-step copy of the layers' parameters, a layout checkpoints need not know about."""
+    if not scan:
+        for i in range(num_layers):
+            x = layer_fn(stack[f'layers_{i}'], x, None if rng is None else jax.random.fold_in(rng, i))
+        return x
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[stack[f'layers_{i}'] for i in range(num_layers)])
+    rngs = None if rng is None else jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(num_layers))
+
+    def body(carry, layer):
+        p, layer_rng = layer
+        return layer_fn(p, carry, layer_rng), None
+
+    return jax.lax.scan(body, x, (stacked, rngs))[0]

@@ -39,9 +39,29 @@ def dense_attention(q, k, v, mask, scale: float, bias=None):
     return jnp.einsum('bkqgs,bksd->bkqgd', p.astype(v.dtype), v)
 
 
+def blocked_attention(q, k, v, mask, scale: float, block: int, bias=None):
+    """dense_attention computed `block` queries at a time, each block's scores recomputed in the backward pass: a row's
+    whole [Lq, Lk] float32 score matrix never exists (Lq / block times less attention memory, for a second pass over
+    the scores). Same layout and values as dense_attention; Lq a whole number of blocks."""
+    b, kv, lq, g, hd = q.shape
+    n = lq // block
+    blocks = q.reshape(b, kv, n, block, g, hd).transpose(2, 0, 1, 3, 4, 5)
+    masks = jnp.broadcast_to(mask, (b, lq, k.shape[2])).reshape(b, n, block, -1).transpose(1, 0, 2, 3)
+    biases = None if bias is None else bias.reshape(kv, n, block, g, -1).transpose(1, 0, 2, 3, 4)
+    one = jax.checkpoint(lambda qb, mb, bb: dense_attention(qb, k, v, mb, scale, bb))
+    out = jax.lax.map(lambda xs: one(*xs), (blocks, masks, biases))
+    return out.transpose(1, 2, 0, 3, 4, 5).reshape(b, kv, lq, g, v.shape[-1])
+
+
 # 'auto': the span kernel on the CPU backend the step is traced on; models.for_platform resolves it for the platform a
-# step is compiled for (a TPU program traced on a CPU host must not get the CPU kernel). 'span' / 'dense': forced.
-KERNELS = ('auto', 'span', 'dense')
+# step is compiled for (a TPU program traced on a CPU host must not get the CPU kernel). 'span', 'blocked' (query
+# blocks, any platform) and 'dense' (the model's own fused attention) are chosen as named.
+KERNELS = ('auto', 'span', 'blocked', 'dense')
+
+
+def _check(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f'attention_kernel={kernel!r}: expected one of {KERNELS}')
 
 
 def usable(lq: int, lk: int, block: int, kernel: str = 'auto') -> bool:
@@ -50,14 +70,24 @@ def usable(lq: int, lk: int, block: int, kernel: str = 'auto') -> bool:
 
     On GPU/TPU the loop over (row, block) pairs would serialize the work and, under a batch-sharded mesh, gather
     every row to every device; there XLA's dense (fused) attention is the better kernel."""
-    if kernel not in KERNELS:
-        raise ValueError(f'attention_kernel={kernel!r}: expected one of {KERNELS}')
+    _check(kernel)
     on_cpu = kernel == 'span' or (kernel == 'auto' and jax.default_backend() == 'cpu')
     return bool(block) and lq % block == 0 and lk % block == 0 and max(lq, lk) > block and on_cpu
 
 
+def choose(lq: int, lk: int, block: int, kernel: str = 'auto'):
+    """The kernel function (span_attention or blocked_attention, called as f(q, k, v, mask, scale, block, bias)) for
+    these lengths, or None where the model's own dense attention runs."""
+    if usable(lq, lk, block, kernel):
+        return span_attention
+    if kernel == 'blocked' and block and lq % block == 0 and lq > block:
+        return blocked_attention
+    return None
+
+
 def kernel_for_platform(kernel: str, platform: str) -> str:
-    """The kernel a step compiled for `platform` ('cpu', 'gpu', 'tpu') uses: 'auto' resolved, a forced one kept."""
+    """The kernel a step compiled for `platform` ('cpu', 'gpu', 'tpu') uses: 'auto' resolved, a named one kept."""
+    _check(kernel)
     if kernel != 'auto':
         return kernel
     return 'span' if platform == 'cpu' else 'dense'

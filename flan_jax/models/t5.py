@@ -20,7 +20,7 @@ import numpy as np
 from flan_jax.models import peft as peft_lib
 from flan_jax.models import span_attention
 from flan_jax.models.sharding import batch_sharded
-from flan_jax.models.layers import MASK_VALUE, Dropout, gelu_tanh, linear
+from flan_jax.models.layers import MASK_VALUE, Dropout, gelu_tanh, linear, run_layers
 from flan_jax.models.t5_positions import relative_position_bias, relative_position_bucket  # noqa: F401 (public here too)
 
 Params = dict
@@ -66,9 +66,10 @@ class T5Config:
     # 512/128 the T5 small step measured 0.88x the dense one's time once the bias gradient left the span loop's
     # carry (docs/benchmarks.md, "Train").
     attention_block: int = 128
-    # 'auto' (span kernel on a CPU backend, else dense), 'span' or 'dense'; models.for_platform resolves 'auto' for the
-    # platform a step is compiled for.
+    # 'auto' (span kernel on a CPU backend, else dense), 'span', 'blocked' (query blocks of attention_block, scores
+    # recomputed in the backward pass) or 'dense'; models.for_platform resolves 'auto' for the compile target.
     attention_kernel: str = 'auto'
+    scan_layers: bool = False   # one lax.scan over each stack's layers (layers.run_layers): compile time, same numbers
     peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
 
     def __post_init__(self):
@@ -229,8 +230,9 @@ def attend(p: Mapping, x_q: jax.Array, k: jax.Array, v: jax.Array, mask, bias, c
     """
     k, v, mask, bias = peft_lib.with_prefix(p.get('prefix'), k, v, mask, bias)
     q = _split_heads(linear(p['query'], x_q, config.dtype), config)
-    if _span_applies(q, k, mask, bias, dropout, config):
-        return linear(p['out'], _span_attend(q, k, v.astype(config.dtype), mask, bias, config), config.dtype)
+    kernel = _kernel(q, k, mask, bias, dropout, config)
+    if kernel is not None:
+        return linear(p['out'], _kernel_attend(kernel, q, k, v.astype(config.dtype), mask, bias, config), config.dtype)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if bias is not None and bias.shape[0] == 1 and mask is not None:
         logits = _masked_shared_bias_logits(logits, bias, mask)
@@ -246,21 +248,21 @@ def attend(p: Mapping, x_q: jax.Array, k: jax.Array, v: jax.Array, mask, bias, c
     return linear(p['out'], out, config.dtype)
 
 
-def _span_applies(q, k, mask, bias, dropout: Dropout, config: T5Config) -> bool:
-    """The span path needs a mask shared by the heads, a bias shared by the rows, and no attention dropout."""
-    return (mask is not None and mask.shape[1] == 1 and (bias is None or bias.shape[0] == 1)
-            and not dropout.active
-            and span_attention.usable(q.shape[1], k.shape[1], config.attention_block,
-                                          config.attention_kernel))
+def _kernel(q, k, mask, bias, dropout: Dropout, config: T5Config):
+    """span_attention's span or blocked kernel where it applies (None: the dense path below). The kernels need a mask
+    shared by the heads, a bias shared by the rows, and no attention dropout."""
+    if mask is None or mask.shape[1] != 1 or (bias is not None and bias.shape[0] != 1) or dropout.active:
+        return None
+    return span_attention.choose(q.shape[1], k.shape[1], config.attention_block, config.attention_kernel)
 
 
-def _span_attend(q, k, v, mask, bias, config: T5Config) -> jax.Array:
-    """Attention output [B, Lq, h * hd] through span_attention (heads as its kv axis, one query group, scale 1)."""
+def _kernel_attend(kernel, q, k, v, mask, bias, config: T5Config) -> jax.Array:
+    """Attention output [B, Lq, h * hd] through a span_attention kernel (heads as its kv axis, one query group,
+    scale 1)."""
     b, lq = q.shape[0], q.shape[1]
     heads_first = lambda x: x.transpose(0, 2, 1, 3)
-    out = span_attention.span_attention(
-        heads_first(q)[:, :, :, None], heads_first(k), heads_first(v), mask[:, 0],
-        1.0, config.attention_block, None if bias is None else bias[0][:, :, None, :])
+    out = kernel(heads_first(q)[:, :, :, None], heads_first(k), heads_first(v), mask[:, 0],
+                 1.0, config.attention_block, None if bias is None else bias[0][:, :, None, :])
     return heads_first(out[:, :, :, 0]).reshape(b, lq, config.joined_kv)
 
 
@@ -361,9 +363,7 @@ def encode(config: T5Config, params: Params, batch: Batch, *, dropout_rng=None) 
                                batch.get('encoder_positions', np.arange(length)))
     x = drop(x, (-2,))
     layer_fn = _remat(lambda p, x, r: _encoder_layer(p, x, mask, bias, r, config), config)
-    for i in range(config.num_encoder_layers):
-        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-        x = layer_fn(params['encoder'][f'layers_{i}'], x, layer_rng)
+    x = run_layers(layer_fn, params['encoder'], config.num_encoder_layers, x, rng, config.scan_layers)
     x = rms_norm(x, params['encoder']['encoder_norm']['scale'], config)
     return drop(x)
 
@@ -436,9 +436,8 @@ def decode_hidden(config: T5Config, params: Params, encoded: jax.Array, batch: B
     y = drop(embed(params, tokens, config), (-2,))
     layer_fn = _remat(lambda p, y, enc, r: _decoder_layer(p, y, enc, self_mask, bias, cross_mask,
                                                           decoder_rows_per_input, r, config), config)
-    for i in range(config.num_decoder_layers):
-        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-        y = layer_fn(params['decoder'][f'layers_{i}'], y, encoded, layer_rng)
+    y = run_layers(lambda p, y, r: layer_fn(p, y, encoded, r), params['decoder'], config.num_decoder_layers, y, rng,
+                   config.scan_layers)
     y = rms_norm(y, params['decoder']['decoder_norm']['scale'], config)
     return drop(y, (-2,))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Callable, Iterator, Optional
@@ -46,6 +47,9 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
     """The (compile-only) devices of a TPU topology such as 'v5e:2x2', 'v5p:2x2x2', 'v4:2x2x1'."""
     if not re.fullmatch(r"v[0-9][a-z]*:[0-9]+(x[0-9]+){1,2}", topology or ""):
         raise TopologyError(f"--topology={topology!r}: expected GENERATION:SHAPE, e.g. v5e:2x2, v5p:2x2x2, v4:2x2x1")
+    # libtpu takes a host-wide lock for the chips it would drive; compiling drives none, so concurrent compiles (and
+    # a compile beside a TPU job) may load it too.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     try:
         return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
@@ -106,10 +110,13 @@ class CompileReport:
     total_gib: Optional[float]
     fits: bool
     headroom: Optional[float]  # 1 - total / usable
-    compile_seconds: float
+    compile_seconds: float    # wall clock of lower + compile
+    compile_cpu_seconds: float  # this process's CPU time in it: comparable across loaded and idle hosts
     compiled_flops: Optional[float]   # all chips, one step (XLA counts a loop body once)
     model_flops: float                # 3 x models.flops_per_example x batch
     collectives: dict
+    estimate_gib: float = 0.0         # analytic per-chip estimate (weights, optimizer, gradients, activations)
+    traced_flops: Optional[float] = None   # matmul FLOPs of the traced step, scans counted x their length
     error: Optional[str] = None       # the compiler's own reason when it does not fit
     largest_buffers: list = dataclasses.field(default_factory=list)
 
@@ -117,8 +124,12 @@ class CompileReport:
     def flops_ratio(self) -> Optional[float]:
         return None if not self.compiled_flops else self.compiled_flops / self.model_flops
 
+    @property
+    def traced_ratio(self) -> Optional[float]:
+        return None if not self.traced_flops else self.traced_flops / self.model_flops
+
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio}
+        return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio, "traced_ratio": self.traced_ratio}
 
     def fits_with(self, headroom: float) -> bool:
         return self.fits and self.headroom is not None and self.headroom >= headroom
@@ -140,12 +151,101 @@ def settings_of(cfg, model_cfg) -> dict:
             "peft": None if model_cfg.peft is None else model_cfg.peft.method}
 
 
+def _attention_shapes(model_cfg, lengths: dict) -> list:
+    """[(layers, query length, score elements per head per row)] of each stack: what one layer holds per row."""
+    if models.is_encoder_decoder(model_cfg):
+        lin, lt = int(lengths["inputs"]), int(lengths["targets"])
+        return [(model_cfg.num_encoder_layers, lin, lin * lin), (model_cfg.num_decoder_layers, lt, lt * lt + lt * lin)]
+    length = int(lengths["inputs"]) + int(lengths["targets"])
+    return [(model_cfg.num_layers, length, length * length)]
+
+
+def estimate_activation_gib(model_cfg, rows_per_chip: int, lengths: dict, head_chunk: Optional[int] = None,
+                            model_shards: int = 1) -> float:
+    """A rough per-chip estimate of the activations a step holds: what each layer saves for the backward pass under
+    its remat policy, one layer's recomputation at its peak (with remat), and the output head's float32 logits and
+    their gradient. Heads, MLP and vocabulary are split over `model_shards` chips (tensor parallelism)."""
+    a = np.dtype(model_cfg.dtype).itemsize
+    d, f, h = model_cfg.emb_dim, model_cfg.mlp_dim / model_shards, model_cfg.num_heads / model_shards
+    saved = peak = 0
+    for layers, length, scores in _attention_shapes(model_cfg, lengths):
+        per_token = {"none": (8 * d + 3 * f) * a, "dots": (4 * d + 3 * f) * a, "full": d * a}[model_cfg.remat]
+        per_layer = length * per_token + (h * scores * (4 + a) if model_cfg.remat == "none" else 0)
+        saved += layers * per_layer
+        if model_cfg.remat != "none":   # the backward pass recomputes one layer at a time
+            peak = max(peak, h * scores * (8 + a) + 3 * length * f * a)
+    head_positions = int(lengths["targets"]) if models.is_encoder_decoder(model_cfg) else (head_chunk or sum(
+        int(v) for v in lengths.values()))
+    logits = head_positions * model_cfg.vocab_size / model_shards * 4 * 2
+    return rows_per_chip * (saved + peak + logits) / GIB
+
+
 def _argument_gib(prog: program.StepProgram) -> dict:
     layout = prog.layout
     params = per_chip_bytes(layout.abstract["params"])
     frozen = 0 if layout.frozen is None else per_chip_bytes(layout.frozen)
-    return {"parameters": (params + frozen) / GIB, "optimizer_state": per_chip_bytes(layout.abstract["opt_state"]) / GIB,
+    opt_state = per_chip_bytes(layout.abstract["opt_state"])
+    return {"parameters": (params + frozen) / GIB, "optimizer_state": opt_state / GIB,
             "gradients_estimate": params / GIB, "batch": per_chip_bytes(prog.batch) / GIB}
+
+
+def _sub_jaxprs(params: dict) -> list:
+    found = []
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "eqns"):
+                found.append(item)
+            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
+                found.append(item.jaxpr)
+    return found
+
+
+def matmul_flops(jaxpr) -> float:
+    """2 x multiply-adds of every dot_general in a jaxpr: a scan's body times its length, a cond's costliest branch,
+    a while loop's body once (its trip count is data). Custom-VJP backward rules are not in the jaxpr."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+        subs = [matmul_flops(sub) for sub in _sub_jaxprs(eqn.params)]
+        if eqn.primitive.name == "cond":
+            total += max(subs, default=0.0)
+        else:
+            total += eqn.params.get("length", 1) * sum(subs) if eqn.primitive.name == "scan" else sum(subs)
+    return total
+
+
+def largest_values(jaxpr, top: int = 8) -> list:
+    """The `top` largest values a traced step computes, as 'dtype[shape] GiB (xN)' with global (unsharded) shapes:
+    libtpu's RESOURCE_EXHAUSTED message names no buffers, so these say what to shrink."""
+    sizes = {}
+
+    def visit(jp):
+        for eqn in jp.eqns:
+            for var in eqn.outvars:
+                aval = getattr(var, "aval", None)
+                itemsize = getattr(getattr(aval, "dtype", None), "itemsize", None)   # PRNG keys have none
+                if getattr(aval, "shape", None) is not None and itemsize:
+                    key = f"{aval.dtype}[{','.join(map(str, aval.shape))}]"
+                    sizes[key] = (math.prod(aval.shape) * itemsize, sizes.get(key, (0, 0))[1] + 1)
+            for sub in _sub_jaxprs(eqn.params):
+                visit(sub)
+
+    visit(jaxpr)
+    ranked = sorted(sizes.items(), key=lambda kv: -kv[1][0])[:top]
+    return [f"{key} {nbytes / GIB:.3f} GiB (x{count})" for key, (nbytes, count) in ranked]
+
+
+def _estimate_gib(cfg, model_cfg, report: CompileReport) -> float:
+    known = report.per_chip_gib
+    rows = cfg.input.global_batch_size // report.mesh[partitioning.DATA]
+    head_chunk = None if models.is_encoder_decoder(model_cfg) else cfg.loss.head_chunk
+    activations = estimate_activation_gib(model_cfg, rows, cfg.input.task_feature_lengths, head_chunk,
+                                          report.mesh[partitioning.MODEL])
+    return (known["parameters"] + known["optimizer_state"] + known["gradients_estimate"] + known["batch"]
+            + activations)
 
 
 def compile_train_step(cfg, topology: str, num_slices: int = 1, *, converter=None) -> CompileReport:
@@ -161,22 +261,27 @@ def compile_train_step(cfg, topology: str, num_slices: int = 1, *, converter=Non
         topology=topology, num_slices=num_slices, num_chips=len(devices), device_kind=devices[0].device_kind,
         hbm_gib=nominal, usable_gib=usable, mesh=dict(mesh.shape), settings=settings_of(cfg, model_cfg),
         per_chip_gib=_argument_gib(prog), total_gib=None, fits=False, headroom=None, compile_seconds=0.0,
-        compiled_flops=None, model_flops=model_flops(cfg), collectives={})
-    start = time.perf_counter()
+        compile_cpu_seconds=0.0, compiled_flops=None, model_flops=model_flops(cfg), collectives={})
+    report.estimate_gib = _estimate_gib(cfg, model_cfg, report)
+    traced = jax.make_jaxpr(prog.step_fn)(*prog.abstract_args()).jaxpr
+    report.traced_flops = matmul_flops(traced)
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         compiled = prog.jitted.lower(*prog.abstract_args()).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        report.compile_seconds = time.perf_counter() - start
-        return _with_failure(report, str(e))
+        compiled, message = None, str(e)
     report.compile_seconds = time.perf_counter() - start
-    return _with_compiled(report, compiled)
+    report.compile_cpu_seconds = time.process_time() - cpu_start
+    return _with_compiled(report, compiled) if compiled is not None else _with_failure(report, message, traced)
 
 
-def _with_failure(report: CompileReport, message: str) -> CompileReport:
+def _with_failure(report: CompileReport, message: str, traced) -> CompileReport:
     reason, temp_gib, buffers = parse_resource_exhausted(message)
-    report.error, report.largest_buffers = reason, buffers
+    report.error = reason
+    report.largest_buffers = buffers or ["(the compiler names none; the largest values of the traced step, global "
+                                         "shapes:)"] + largest_values(traced)
     if temp_gib is not None:
         known = report.per_chip_gib
         report.per_chip_gib = {**known, "temporaries": temp_gib}
@@ -280,7 +385,8 @@ def describe_fit(report: CompileReport) -> str:
         return f"does not fit: {report.error}"
     verdict = "fits" if report.fits else "does not fit"
     return (f"{verdict}: {report.total_gib:.2f} GiB per chip of {report.usable_gib:.2f} "
-            f"(headroom {100 * report.headroom:.0f}%), compile {report.compile_seconds:.0f} s")
+            f"(headroom {100 * report.headroom:.0f}%), compile {report.compile_seconds:.0f} s "
+            f"({report.compile_cpu_seconds:.0f} s CPU)")
 
 
 def summary(report: CompileReport) -> str:
@@ -290,11 +396,14 @@ def summary(report: CompileReport) -> str:
              f"({report.hbm_gib:g} GiB HBM, {report.usable_gib:g} usable); mesh {report.mesh}",
              f"batch {s['batch']} ({s['lengths']}), remat {s['remat']}, fsdp {s['fsdp']}, dtype {s['dtype']}, "
              f"param_dtype {s['param_dtype']}, attention {s['attention_kernel']}, peft {s['peft']}",
-             "per chip (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in report.per_chip_gib.items()),
+             "per chip (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in report.per_chip_gib.items())
+             + f"; analytic estimate {report.estimate_gib:.3f}",
              describe_fit(report)]
     if report.compiled_flops:
-        lines.append(f"FLOPs per step: compiled {report.compiled_flops / 1e12:.2f} T, model "
-                     f"{report.model_flops / 1e12:.2f} T (ratio {report.flops_ratio:.3f})")
+        lines.append(f"FLOPs per step (all chips): model {report.model_flops / 1e12:.4g} T; compiled "
+                     f"{report.compiled_flops / 1e12:.4g} T (ratio {report.flops_ratio:.3f}; XLA counts a loop body "
+                     f"once); traced matmuls {report.traced_flops / 1e12:.4g} T (ratio {report.traced_ratio:.3f})")
     lines.append("collectives: " + (", ".join(f"{k} {v}" for k, v in report.collectives.items()) or "none"))
+    lines.append(f"compile {report.compile_seconds:.1f} s wall, {report.compile_cpu_seconds:.1f} s CPU")
     lines += [f"  {b}" for b in report.largest_buffers[:12]]
     return "\n".join(lines)
