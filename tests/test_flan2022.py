@@ -40,7 +40,7 @@ def test_caps_template_types_and_inversions(submixtures):
     assert sum(giga.values()) == pytest.approx(30_000)
     inv = [t for t in flan if t.endswith("_inv")]
     assert inv and all(flan[t] <= 0.3 * 30_000 + 1e-6 for t in inv)
-    # The fixture dir gives cot_arith and gsm8k; other tests of this session may have registered more cot tasks
+    # The fixture dir gives cot_arith and gsm8k; other tests in the same pytest process may have registered more cot tasks
     # (the registry is global), and the submix takes every registered task of the collection.
     cot = set(submixtures["cot"])
     assert {"cot_arith_cot", "cot_gsm8k_cot"} <= cot
