@@ -13,7 +13,7 @@ import pytest
 
 from flan_jax import models
 from flan_jax.cli import compile as cli_compile
-from flan_jax.train import compile as compile_lib, partitioning, program
+from flan_jax.train import compile as compile_lib, executable, partitioning, program
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (pip install '.[tpu]')")
@@ -48,10 +48,12 @@ def reports(tmp_path_factory):
     pytest.importorskip("libtpu")
     """Every case compiled once; the first through the command line and its --json file."""
     out = {}
-    path = tmp_path_factory.mktemp("compile") / "t5.json"
-    argv = _argv(CASES["t5_v5e"][0]) + ["--topology=v5e:2x2", f"--json={path}"]
+    folder = tmp_path_factory.mktemp("compile")
+    path, saved = folder / "t5.json", folder / "step"
+    argv = _argv(CASES["t5_v5e"][0]) + ["--topology=v5e:2x2", f"--json={path}", f"--save_executable={saved}"]
     assert cli_compile.main(argv) == 0
     out["t5_v5e"] = json.loads(path.read_text())
+    out["saved_step"] = saved
     for name, (_, topology) in CASES.items():
         if name not in out:
             out[name] = compile_lib.compile_train_step(_config(name), topology).to_dict()
@@ -68,6 +70,16 @@ def test_compiles_fits_and_counts_flops(reports, name):
     assert low < r["flops_ratio"] < 1.5
     # Gradients (or the model axis's partial sums) are combined across chips.
     assert set(r["collectives"]) & {"all-reduce", "reduce-scatter"}
+
+
+@needs_libtpu
+def test_the_saved_executable_is_the_tpu_program_with_its_manifest(reports):
+    """--save_executable wrote the TPU executable and the manifest a launch checks (tests/test_executable.py: the
+    loading side, on CPU)."""
+    manifest = json.loads((reports["saved_step"] / executable.MANIFEST).read_text())
+    assert manifest["device_kind"] == "TPU v5 lite" and manifest["num_devices"] == 4
+    assert manifest["topology"] == "v5e:2x2" and manifest["versions"]["libtpu"] == "0.0.42.1"
+    assert (reports["saved_step"] / executable.BINARY).stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -124,6 +136,22 @@ def test_a_program_that_does_not_fit_reports_the_compilers_reason():
     assert not r.fits and "RESOURCE_EXHAUSTED" in r.error and "HBM" in r.error
     assert r.per_chip_gib["temporaries"] > r.usable_gib and r.headroom < 0
     assert "does not fit" in compile_lib.summary(r)
+
+
+@needs_libtpu
+def test_two_slices_compile_on_a_hybrid_mesh_data_parallel_across_slices(reports):
+    """--num_slices 2: eight chips of two v5e:2x2 slices, slice 0's chips the first half of the data axis (the DCN
+    link carries only the gradient all-reduce); per-chip state as on one slice, the batch split over twice the chips."""
+    cfg = compile_lib.with_settings(_config("t5_v5e"), compile_effort=-1.0)
+    devices = compile_lib.topology_devices("v5e:2x2", num_slices=2)
+    mesh = partitioning.make_mesh(cfg.mesh, devices=devices)
+    assert [d.slice_index for d in mesh.devices.flat] == [0] * 4 + [1] * 4
+    r = compile_lib.compile_train_step(cfg, "v5e:2x2", num_slices=2)
+    one = reports["t5_v5e"]
+    assert r.fits and r.num_chips == 8 and r.mesh == {"data": 8, "model": 1}
+    assert r.per_chip_gib["parameters"] == pytest.approx(one["per_chip_gib"]["parameters"])
+    assert r.per_chip_gib["batch"] == pytest.approx(one["per_chip_gib"]["batch"] / 2)
+    assert "all-reduce" in r.collectives
 
 
 @needs_libtpu

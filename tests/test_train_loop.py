@@ -114,6 +114,8 @@ def test_resume_after_sigkill_right_after_checkpoint(full_run, tmp_path):
     ("--gin.BATCH_SIZE='eight'", "BATCH_SIZE"),
     ("--gin.NUM_PARTITIONS=3", "NUM_PARTITIONS"),
     ("--gin.T5Config.vocab_size=384", "T5Config.vocab_size=384 is smaller"),
+    ("--gin.train.compile_effort=2.0", "train.compile_effort=2.0"),
+    ("--gin.MODEL_DIR='gs://bucket/run'", "MODEL_DIR='gs://bucket/run': a URL; mount the bucket"),
 ])
 def test_config_errors_name_the_key_before_training(tmp_path, flag, needle):
     d = str(tmp_path / "bad")

@@ -1,13 +1,17 @@
 """`flan-jax compile`: ahead-of-time compile of a run config's train step for a TPU topology, on any host.
 
     flan-jax compile --gin_file=gin_configs/runs/flan_t5_base_finetune.gin [--gin.NAME=value ...] [--module M]
-        --topology=v5e:2x2 [--num_slices=N] [--json FILE] [--suggest] [--max_trials 8]
+        --topology=v5e:2x2 [--num_slices=N] [--quick] [--json FILE] [--save_executable DIR] [--suggest]
 
 Prints, per chip: parameter, optimizer-state, gradient (estimate), batch, temporary and generated-code GiB, the total
 against the chip's HBM with the headroom, and fits / does not fit; compiled FLOPs against the model's FLOPs per
 step; collectives by kind; compile seconds; for a program that does not fit, the compiler's own reason and the
 largest buffers it names. --suggest searches global batch, remat policy and mesh split (fsdp, model axis) for the
-largest setting that fits with 10% headroom. Needs libtpu (pip install 'flan_jax[tpu]'); no TPU is used.
+largest setting that fits with 10% headroom. --quick compiles with XLA's lowest execution-time optimization effort
+(train.compile_effort=-1): several times faster, for a program that may take somewhat more memory than the default
+one (docs/tpu-fit.md compares the two). --save_executable DIR writes the compiled step (when it fits) for a launch
+on the slice to load instead of compiling: `--gin.train.compiled_step_dir="'DIR'"` (train/executable.py).
+Needs libtpu (pip install 'flan_jax[tpu]'); no TPU is used.
 Exit status: 0 fits, 1 does not fit (or --suggest found nothing), 2 a configuration or topology error.
 """
 from __future__ import annotations
@@ -30,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x2, v5e:4x4, v5p:2x2x2, v4:2x2x1")
     p.add_argument("--num_slices", type=int, default=1, help="slices joined over DCN (data parallel across them)")
+    p.add_argument("--quick", action="store_true",
+                   help="compile with train.compile_effort=-1: several times faster; may need somewhat more memory")
     p.add_argument("--json", default=None, help="also write the report (or the --suggest trials) here as JSON")
+    p.add_argument("--save_executable", default=None,
+                   help="write the compiled step here (train.compiled_step_dir loads it on the slice)")
     p.add_argument("--suggest", action="store_true",
                    help="search batch, remat and mesh split for the largest setting that fits with 10%% headroom")
     p.add_argument("--max_trials", type=int, default=8, help="--suggest: at most this many compiles")
@@ -60,6 +68,8 @@ def _write_json(path: str, payload) -> None:
 
 
 def _run(args, cfg) -> int:
+    if args.quick:
+        cfg = compile_lib.with_settings(cfg, compile_effort=-1.0)
     print(f"flan-jax compile: {', '.join(args.gin_file)} for {args.topology}", flush=True)
     if args.suggest:
         best, trials = compile_lib.suggest(cfg, args.topology, args.num_slices, max_trials=args.max_trials,
@@ -69,8 +79,11 @@ def _run(args, cfg) -> int:
                                                              for s, r in trials]})
         print(f"suggested: {best}" if best else "suggested: nothing tried fits with 10% headroom")
         return 0 if best else 1
-    report = compile_lib.compile_train_step(cfg, args.topology, args.num_slices)
+    report = compile_lib.compile_train_step(cfg, args.topology, args.num_slices, save_executable=args.save_executable)
     print(compile_lib.summary(report))
+    if args.save_executable and report.fits:
+        print(f"saved the compiled step in {args.save_executable}: train with "
+              f"--gin.train.compiled_step_dir=\"'{args.save_executable}'\"")
     if args.json:
         _write_json(args.json, report.to_dict())
     return 0 if report.fits else 1

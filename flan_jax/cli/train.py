@@ -108,6 +108,8 @@ def train_config(
     input_pipeline: str = "seqio",
     restore_optimizer_state: bool = False,
     peak_tflops: Optional[float] = None,
+    compile_effort: float = 0.0,
+    compiled_step_dir: Optional[str] = None,
     adafactor_multiply_by_parameter_scale: bool = True,
     adafactor_weight_decay_rate: Optional[float] = None,
     peft=None,
@@ -132,6 +134,7 @@ def train_config(
             best_metric=best_metric, log_period=log_period, seed=seed, skip_nonfinite_updates=skip_nonfinite_updates,
             async_checkpointing=async_checkpointing, init_checkpoint=init_checkpoint,
             restore_optimizer_state=restore_optimizer_state, peak_tflops=peak_tflops,
+            compile_effort=compile_effort, compiled_step_dir=compiled_step_dir,
             adafactor=optim.AdafactorConfig(multiply_by_parameter_scale=adafactor_multiply_by_parameter_scale,
                                             weight_decay_rate=adafactor_weight_decay_rate))
 

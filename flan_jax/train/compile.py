@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from flan_jax import models
-from flan_jax.train import partitioning, program, validation
+from flan_jax.train import executable, partitioning, program, validation
 
 GIB = 2 ** 30
 SUGGEST_HEADROOM = 0.10
@@ -148,7 +148,8 @@ def settings_of(cfg, model_cfg) -> dict:
             "mesh_shape": cfg.mesh.mesh_shape, "num_microbatches": cfg.num_microbatches,
             "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
             "attention_kernel": model_cfg.attention_kernel,
-            "peft": None if model_cfg.peft is None else model_cfg.peft.method}
+            "peft": None if model_cfg.peft is None else model_cfg.peft.method,
+            "compile_effort": cfg.compile_effort}
 
 
 def _attention_shapes(model_cfg, lengths: dict) -> list:
@@ -248,9 +249,11 @@ def _estimate_gib(cfg, model_cfg, report: CompileReport) -> float:
             + activations)
 
 
-def compile_train_step(cfg, topology: str, num_slices: int = 1, *, converter=None) -> CompileReport:
+def compile_train_step(cfg, topology: str, num_slices: int = 1, *, converter=None,
+                       save_executable: Optional[str] = None) -> CompileReport:
     """Compiles TrainConfig `cfg`'s train step for `topology` (num_slices slices) and reports per-chip memory, FLOPs,
-    collectives and whether it fits. A program the compiler rejects for memory gives a report with fits=False."""
+    collectives and whether it fits. A program the compiler rejects for memory gives a report with fits=False.
+    save_executable: a directory to write the compiled step to (train/executable.py), when it fits."""
     devices = topology_devices(topology, num_slices)
     validation.validate_config(cfg, len(devices))
     nominal, usable = hbm_gib(devices[0])
@@ -266,15 +269,22 @@ def compile_train_step(cfg, topology: str, num_slices: int = 1, *, converter=Non
     traced = jax.make_jaxpr(prog.step_fn)(*prog.abstract_args()).jaxpr
     report.traced_flops = matmul_flops(traced)
     start, cpu_start = time.perf_counter(), time.process_time()
+    lowered = prog.jitted.lower(*prog.abstract_args())
     try:
-        compiled = prog.jitted.lower(*prog.abstract_args()).compile()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         compiled, message = None, str(e)
     report.compile_seconds = time.perf_counter() - start
     report.compile_cpu_seconds = time.process_time() - cpu_start
-    return _with_compiled(report, compiled) if compiled is not None else _with_failure(report, message, traced)
+    if compiled is None:
+        return _with_failure(report, message, traced)
+    report = _with_compiled(report, compiled)
+    if save_executable and report.fits:
+        executable.save(compiled, lowered, devices, save_executable, cfg.compile_effort, topology=topology,
+                        num_slices=num_slices)
+    return report
 
 
 def _with_failure(report: CompileReport, message: str, traced) -> CompileReport:
@@ -316,8 +326,11 @@ _REMAT_ORDER = ("none", "dots", "full")   # least recomputation first
 
 
 def with_settings(cfg, *, batch: Optional[int] = None, remat: Optional[str] = None, fsdp: Optional[bool] = None,
-                  num_partitions: Optional[int] = None):
-    """cfg with a different global batch, remat policy or mesh split (mesh_shape cleared when the split changes)."""
+                  num_partitions: Optional[int] = None, compile_effort: Optional[float] = None):
+    """cfg with a different global batch, remat policy, mesh split (mesh_shape cleared when the split changes) or
+    compile effort."""
+    if compile_effort is not None:
+        cfg = dataclasses.replace(cfg, compile_effort=compile_effort)
     if batch is not None:
         cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, global_batch_size=batch))
     if remat is not None:
@@ -395,7 +408,8 @@ def summary(report: CompileReport) -> str:
     lines = [f"{report.topology} x{report.num_slices}: {report.num_chips} x {report.device_kind} "
              f"({report.hbm_gib:g} GiB HBM, {report.usable_gib:g} usable); mesh {report.mesh}",
              f"batch {s['batch']} ({s['lengths']}), remat {s['remat']}, fsdp {s['fsdp']}, dtype {s['dtype']}, "
-             f"param_dtype {s['param_dtype']}, attention {s['attention_kernel']}, peft {s['peft']}",
+             f"param_dtype {s['param_dtype']}, attention {s['attention_kernel']}, peft {s['peft']}, "
+             f"compile_effort {s['compile_effort']:g}",
              "per chip (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in report.per_chip_gib.items())
              + f"; analytic estimate {report.estimate_gib:.3f}",
              describe_fit(report)]

@@ -19,8 +19,9 @@ from flan_jax.checkpoints import run_dir as trained_checkpoints
 from flan_jax.evaluation import evaluator as evaluator_lib
 from flan_jax.evaluation.evaluator import base_task_name
 from flan_jax.pipeline import batches as data_lib
-from flan_jax.train import (checkpointing, init_from, optim, partitioning, peft_state as peft, program as program_lib,
-                            state as state_lib, step as step_lib, trainer as trainer_lib, validation)
+from flan_jax.train import (checkpointing, executable, init_from, optim, partitioning, peft_state as peft,
+                            program as program_lib, state as state_lib, step as step_lib, trainer as trainer_lib,
+                            validation)
 from flan_jax.train.flops import measure_matmul_peak_tflops
 from flan_jax.train.metrics_log import MetricsWriter, truncate_metrics
 from flan_jax.train.trainer import Interrupted, NonFiniteLossError, log_eval  # noqa: F401  (callers take them from here)
@@ -54,6 +55,13 @@ class TrainConfig:
     init_checkpoint: Optional[str] = None  # a T5X or HF checkpoint to finetune from (see train/init_from.py)
     restore_optimizer_state: bool = False  # T5X only: also restore Adafactor slots and step
     peak_tflops: Optional[float] = None    # all devices together; None: measured with a matmul at start-up
+    # XLA's exec_time_optimization_effort for the train step, in [-1, 1] (0: XLA's default). -1 compiles the step
+    # several times faster (docs/tpu-fit.md: T5 base on v5e:2x2 in 37 s instead of 331) for a program that may run
+    # slower and take somewhat more memory; `flan-jax compile --quick` compiles with -1.
+    compile_effort: float = 0.0
+    # A directory `flan-jax compile --save_executable` wrote: its step is loaded instead of compiled when it was made
+    # for this very program and these devices (train/executable.py); otherwise the step is compiled as usual.
+    compiled_step_dir: Optional[str] = None
 
 
 def validate_config(cfg: TrainConfig, num_devices: int) -> None:
@@ -100,6 +108,8 @@ def build_trainer(cfg: TrainConfig, feature_converter: Optional[seqio.FeatureCon
                  else feature_converter)
     peft.check_converter(cfg.model, converter)
     prog = program_lib.build(cfg, mesh, converter=converter)
+    if cfg.compiled_step_dir:
+        prog = _with_saved_step(cfg, prog)
     ckpt = checkpointing.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing,
                                       best_metric=cfg.best_metric, best_mode=cfg.best_mode)
     state, start, base = _init_or_restore(cfg, prog, ckpt)
@@ -110,6 +120,12 @@ def build_trainer(cfg: TrainConfig, feature_converter: Optional[seqio.FeatureCon
     return trainer_lib.Trainer(state, step_fn, hooks.batches, start=start, periods=periods, hooks=hooks, ckpt=ckpt,
                                writer=MetricsWriter(cfg.model_dir), schedule=optim.make_schedule(cfg.schedule),
                                skip_nonfinite_updates=cfg.skip_nonfinite_updates)
+
+
+def _with_saved_step(cfg: TrainConfig, prog: program_lib.StepProgram) -> program_lib.StepProgram:
+    loaded = executable.load(prog.jitted, prog.abstract_args(), list(prog.mesh.devices.flat), cfg.compiled_step_dir,
+                             cfg.compile_effort, log=logging.warning)
+    return prog if loaded is None else dataclasses.replace(prog, jitted=loaded)
 
 
 def _init_or_restore(cfg: TrainConfig, prog: program_lib.StepProgram, ckpt: checkpointing.Checkpointer):

@@ -63,5 +63,5 @@ def build(cfg, mesh: Mesh, *, converter=None, optimizer: Optional[optax.Gradient
     batch_sharding = partitioning.batch_sharding(mesh)
     shapes = batch_shapes(model_cfg, cfg.input.task_feature_lengths, cfg.input.global_batch_size, converter)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding) for k, shape in shapes.items()}
-    jitted = state_lib.jit_step(step_fn, layout, batch_sharding)
+    jitted = state_lib.jit_step(step_fn, layout, batch_sharding, cfg.compile_effort)
     return StepProgram(step_fn, jitted, layout, batch, batch_sharding, mesh, optimizer)

@@ -101,14 +101,16 @@ def init_on_mesh(make_params: Callable, optimizer: optax.GradientTransformation,
     return init(*args)
 
 
-def jit_step(step_fn: Callable, state_layout_: StateLayout, batch_sharding):
+def jit_step(step_fn: Callable, state_layout_: StateLayout, batch_sharding, compile_effort: float = 0.0):
     """`step_fn(state, batch[, frozen]) -> (state, metrics)` jitted with the layout's shardings, the state donated.
-    The same function serves training (called) and `flan-jax compile` (`.lower(...)` on abstract arguments)."""
+    The same function serves training (called) and `flan-jax compile` (`.lower(...)` on abstract arguments).
+    compile_effort: XLA's exec_time_optimization_effort (TrainConfig.compile_effort); 0 leaves XLA's default."""
     in_shardings = (state_layout_.shardings, batch_sharding)
     if state_layout_.frozen is not None:
         in_shardings += (state_layout_.frozen_shardings,)
+    options = {"exec_time_optimization_effort": float(compile_effort)} if compile_effort else None
     return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_layout_.shardings, None),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=options)
 
 
 def abstract_params(model_cfg, mesh_cfg: partitioning.MeshConfig, mesh) -> dict:

@@ -178,6 +178,7 @@ def _check_optimization(cfg) -> None:
           f"{loss_lib.NORMALIZER_NAMES}")
     if cfg.loss.head_chunk is not None:
         check_int("train.head_chunk", cfg.loss.head_chunk, 1)
+    check_real("train.compile_effort", cfg.compile_effort, -1.0, 1.0)
     _need(isinstance(cfg.mesh.fsdp, bool), f"train.fsdp={cfg.mesh.fsdp!r}: expected True or False")
     for flag in ("skip_nonfinite_updates", "async_checkpointing", "restore_optimizer_state"):
         _need(isinstance(getattr(cfg, flag), bool), f"train.{flag}={getattr(cfg, flag)!r}: expected True or False")
@@ -264,8 +265,11 @@ def checkpoint_bytes(model, min_dim_size_to_factor: int = 128) -> int:
 
 def _check_model_dir(cfg) -> None:
     _need(isinstance(cfg.model_dir, str) and cfg.model_dir != "", f"MODEL_DIR={cfg.model_dir!r}: expected a path")
-    if "://" in cfg.model_dir:  # gs:// and other remote stores (written through etils.epath): no local disk checks
-        return
+    # The run directory's lock, metrics log and input positions are local files (appended, renamed, locked with
+    # O_EXCL), which object stores do not offer: a bucket is used through a mount.
+    _need("://" not in cfg.model_dir,
+          f"MODEL_DIR={cfg.model_dir!r}: a URL; mount the bucket (e.g. gcsfuse) and give the mounted path "
+          f"(docs/tpu.md)")
     try:
         os.makedirs(cfg.model_dir, exist_ok=True)
     except OSError as e:
