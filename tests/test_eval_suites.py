@@ -267,3 +267,22 @@ def test_cli_run_from_gin_and_checkpoint_writes_metrics_predictions_and_table(tm
     assert len(open(preds).read().splitlines()) == 2
     # a missing data folder is a clear error, not a traceback
     assert suites_cli.main(["run", "--suite", "mmlu", "--data_dir", str(tmp_path / "none"), *argv[5:]]) == 2
+    # an output folder that cannot be written is refused before the checkpoint is read or any example runs
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    capsys.readouterr()
+    assert suites_cli.main([*argv, f"--output_dir={blocker}/preds"]) == 2
+    err = capsys.readouterr().err
+    assert f"--output_dir='{blocker}/preds': cannot write there" in err and "Traceback" not in err
+
+
+def test_ids_and_task_names_from_data_cannot_leave_the_predictions_folder(tmp_path):
+    from flan_jax.evaluation import predictions
+    for name in ("../../etc/passwd", "a/b", "..", "", "tydiqa/eng lish"):
+        path = predictions.file_in(str(tmp_path), name)
+        assert os.path.dirname(path) == str(tmp_path) and not os.path.basename(path).startswith("."), (name, path)
+    bad = {"data": [{"paragraphs": [{"context": "c", "qas": [
+        {"id": "../../x-1", "question": "q", "answers": [{"text": "a"}]}]}]}]}
+    (tmp_path / "dev.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"dev.json: question id '../../x-1' does not start with a language name"):
+        tydiqa.read_questions(str(tmp_path))

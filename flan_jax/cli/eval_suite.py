@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from flan_jax.evaluation import predictions as predictions_lib
 from flan_jax.evaluation.suites import SUITES, suite_module
 from flan_jax.cli import train as train_main
 from flan_jax.evaluation.suites.runner import RunOptions, SuiteRunner
@@ -44,7 +45,7 @@ def _run_parser():
 
 def _write_predictions(folder: str, result) -> str:
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, result.name.split("/", 1)[1] + ".jsonl")
+    path = predictions_lib.file_in(folder, result.name.split("/", 1)[1])
     with open(path, "w", encoding="utf-8") as f:
         for rec in result.records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -94,6 +95,12 @@ def run_main(argv: Sequence[str]) -> int:
     if args.calibrate and not any(t.kind == "rank" for t in tasks):
         print(f"flan-jax eval-suite: --calibrate applies to rank classification; {args.suite} --mode {mode} "
               "generates, so only raw metrics are reported", file=sys.stderr)
+    folder = args.output_dir or os.path.join(cfg.model_dir, "eval_suites", f"{args.suite}_{mode}")
+    try:   # before the checkpoint is read and any example runs
+        predictions_lib.check_writable(folder, "--output_dir")
+    except ValueError as e:
+        print(f"flan-jax eval-suite: {e}", file=sys.stderr)
+        return 2
     params, step, vocab = train_main.restore_trained(cfg, flags.checkpoint)
     try:
         options = RunOptions(args.batch_size, args.max_input_len, args.max_decode_len, args.calibrate,
@@ -102,7 +109,6 @@ def run_main(argv: Sequence[str]) -> int:
         print(f"flan-jax eval-suite: {e}", file=sys.stderr)
         return 2
     runner = SuiteRunner(cfg.model, params, vocab, options)
-    folder = args.output_dir or os.path.join(cfg.model_dir, "eval_suites", f"{args.suite}_{mode}")
     writer, results, start = MetricsWriter(cfg.model_dir, enable_tensorboard=False), [], time.perf_counter()
     for result in runner.run_many(tasks):
         results.append(result)

@@ -462,6 +462,11 @@ def eval_cli(argv: Optional[Sequence[str]] = None) -> int:
 def run_eval(cfg: loop.TrainConfig, checkpoint: str, predictions_dir: str = None) -> dict:
     if not cfg.eval_mixture_or_task_name:
         raise ValueError("EVAL_MIXTURE_OR_TASK_NAME is not set in the gin config")
+    if predictions_dir:   # a bad folder fails here, not after the whole evaluation
+        try:
+            predictions.check_writable(predictions_dir, "--predictions_dir")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     params, step = restore.restore_params(cfg, checkpoint)
     evaluator = loop.make_evaluator(cfg)
     results = evaluator.evaluate(params)

@@ -3,10 +3,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import tempfile
 
 from flan_jax.data import registry
 from flan_jax.data.sources import niv2
 from flan_jax.evaluation import inference
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def file_in(folder: str, name: str, suffix: str = ".jsonl") -> str:
+    """folder/<name><suffix> with every character outside [A-Za-z0-9._-] replaced: a task or example name taken from
+    data ("../x", "a/b") cannot leave the folder."""
+    stem = _UNSAFE.sub("_", name).strip(".")
+    return os.path.join(folder, (stem or "_") + suffix)
+
+
+def check_writable(folder: str, key: str) -> None:
+    """Creates `folder` and writes a probe file, so a bad output setting fails before any evaluation runs; the error
+    names the setting `key`."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{key}={folder!r}: cannot write there ({e.strerror or e})") from None
 
 
 def write_predictions(evaluator, out_dir: str) -> list[str]:
@@ -16,7 +39,7 @@ def write_predictions(evaluator, out_dir: str) -> list[str]:
     written, niv2_ids, niv2_preds = [], [], []
     for d in evaluator.data:
         preds = evaluator.last_predictions[d.name]
-        path = os.path.join(out_dir, f"{d.name}.jsonl")
+        path = file_in(out_dir, d.name)
         with open(path, "w", encoding="utf-8") as f:
             for i, (tokens, target, pred) in enumerate(zip(d.inputs, d.target_strings, preds)):
                 text = inference.tokens_to_text(evaluator.vocab, tokens)

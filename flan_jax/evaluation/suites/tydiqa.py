@@ -60,7 +60,11 @@ def read_questions(data_dir: str) -> dict:
                     answers = tuple(a["text"] for a in qa.get("answers", []))
                     if not answers or "id" not in qa:
                         raise ValueError(f"{path}: question {qa.get('id', '?')} lacks an id or answers")
-                    by_lang[qa["id"].split("-", 1)[0]].append((para["context"], qa["question"], answers))
+                    lang = str(qa["id"]).split("-", 1)[0]
+                    if not lang.isalpha():   # the language names a task and its predictions file
+                        raise ValueError(f"{path}: question id {qa['id']!r} does not start with a language name "
+                                         "(e.g. english-123)")
+                    by_lang[lang].append((para["context"], qa["question"], answers))
     return dict(by_lang)
 
 
