@@ -104,3 +104,29 @@ def test_cli_list(registration):
     lines = out.getvalue().splitlines()
     assert "niv2_task001_reverse_word\ttask001_reverse_word\t120" in lines
     assert any(line.startswith("# SKIPPED\ttask999_missing_file") for line in lines)
+
+
+def test_a_broken_task_file_skips_that_task_counted_not_the_mixture(tmp_path, caplog):
+    """A file whose instances are counted at registration but that fails to load later (invalid JSON) costs its own
+    records, counted per task as record_is_none with the reason kept on the source; the other tasks still stream."""
+    import shutil
+    from flan_jax.data import render
+    shutil.copytree(NIV2_DIR, tmp_path / "niv2")
+    broken = tmp_path / "niv2" / "tasks" / "task002_count_letters.json"
+    broken.write_text(broken.read_text()[:-40])                       # torn: its "id" keys are still counted
+    result = niv2_tasks.register(str(tmp_path / "niv2"))
+    assert "task002_count_letters" in result.base_tasks
+    render.reset_data_error_counts()
+    with caplog.at_level("WARNING"):
+        ds = seqio.get_mixture_or_task("niv2_task002_count_letters_zs_noopt").get_dataset(
+            None, split="train", shuffle=False)
+        assert list(ds.as_numpy_iterator()) == []
+        good = seqio.get_mixture_or_task("niv2_task001_reverse_word_zs_noopt").get_dataset(
+            None, split="train", shuffle=False)
+        assert len(list(good.as_numpy_iterator())) == 120
+    assert render.data_error_counts("niv2_task002_count_letters_zs_noopt", "train") == {"record_is_none": 12}
+    assert "task002_count_letters" in caplog.text and "invalid JSON" in caplog.text
+    source = registry.task_spec("niv2_task002_count_letters").source
+    assert source.read_error_counts() == {"bad_task_file": 12}
+    assert "invalid JSON" in source.first_read_errors()["bad_task_file"]
+    niv2_tasks.register(NIV2_DIR)   # the fixture's registration back for the tests that follow

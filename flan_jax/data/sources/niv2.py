@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
+import logging
 import os
 import re
 import string
@@ -173,14 +175,32 @@ class NIv2Source(RecordSource):
         self.niv2_dir, self.task = niv2_dir, task
         self.encoding = Encoding.parse(encoding) if isinstance(encoding, str) else encoding
         self._data: dict | None = None
+        self._bad_file: str | None = None
+        self._errors: collections.Counter = collections.Counter()
 
     def data(self) -> dict:
         if self._data is None:
             self._data = read_task(self.niv2_dir, self.task)
         return self._data
 
+    def read_error_counts(self) -> dict[str, int]:
+        """{"bad_task_file": records skipped} when the task's file failed to load (see _iter_split)."""
+        return dict(self._errors)
+
+    def first_read_errors(self) -> dict[str, str]:
+        return {"bad_task_file": self._bad_file} if self._bad_file else {}
+
     def _iter_split(self, split: str) -> Iterable[dict]:
-        data = self.data()
+        try:
+            data = self.data()
+        except NIv2Error as e:   # one broken file skips its own task's records, counted, not the whole mixture
+            if self._bad_file is None:
+                logging.warning("%s; its records are skipped", e)
+                self._bad_file = str(e)
+            n = self.num_examples(split) or 0
+            self._errors["bad_task_file"] += n
+            yield from itertools.repeat(None, n)
+            return
         instances = data["Instances"][:TEST_INSTANCES_PER_TASK] if split == "test" else data["Instances"]
         for instance in instances:
             outputs = [o for o in instance["output"] if isinstance(o, str)]
