@@ -10,7 +10,7 @@ import time
 import gin
 import pytest
 
-from flan_jax.cli import train as cli_train
+from flan_jax.cli import console, train as cli_train
 
 MODULE = "newcomer_reverse_tasks"   # unique: the module stays imported for the rest of the test session
 PROBE = "newcomer_probe_module"     # registers nothing; shows whether config.gin imports it
@@ -93,19 +93,30 @@ def test_config_gin_imports_the_modules_of_the_run(user_dir):
 # --- 4. console -----------------------------------------------------------------------------------------------------
 def test_start_banner_and_end_summary(user_dir):
     _, cfg = cli_train._configured(_flags())
-    banner = cli_train.start_banner(cfg)
+    banner = console.start_banner(cfg)
     for part in ("model        T5, ", "M parameters", "vocabulary   ByteVocabulary, 259 ids (embedding: 2048 rows)",
                  f"mixture      {TASK}", "mesh data=", "MODEL_DIR    run", "start        fresh, to step 12"):
         assert part in banner
     (user_dir / "run" / "checkpoint_6").mkdir(parents=True)
-    assert "resuming from checkpoint_6" in cli_train.start_banner(cfg)
+    assert "resuming from checkpoint_6" in console.start_banner(cfg)
     (user_dir / "run" / "best.json").write_text(json.dumps(
         {"metric": "mean_seen/exact_match", "value": 0.5, "step": 6, "path": "run/best/checkpoint_6"}))
-    summary = cli_train.end_summary(cfg, {"mean_seen": {"exact_match": 0.5, "loss": 1.0}, TASK: {"loss": 1.0}})
+    summary = console.end_summary(cfg, {"mean_seen": {"exact_match": 0.5, "loss": 1.0}, TASK: {"loss": 1.0}})
     assert "final eval   mean_seen: exact_match=0.5000, loss=1.0000" in summary
     assert "best         run/best/checkpoint_6 (mean_seen/exact_match=0.5000 at step 6)" in summary
     assert "flan-jax eval --gin_file=run/config.gin --checkpoint=run/best/checkpoint_6" in summary
     assert "python scripts/plot_metrics.py run" in summary and "flan-jax convert --from t5x --to hf" in summary
+    # what the data cost, from the latest counters the loop logged (a resumed run logs restored counts)
+    rows = [(4, "all", "packing_examples_in", 90), (8, "all", "packing_examples_in", 180),
+            (8, "all", "packing_truncated", 3), (8, "all", "packing_dropped_overlength", 0),
+            (4, f"{TASK}_zs_noopt", "data_errors/invalid_json", 1), (8, f"{TASK}_zs_noopt", "data_errors/invalid_json", 2),
+            (8, f"{TASK}_zs_noopt", "data_errors/invalid_utf8", 1)]
+    with open(user_dir / "run" / "metrics.jsonl", "w") as f:
+        for step, task, metric, value in rows:
+            f.write(json.dumps({"step": step, "split": "train", "task": task, "metric": metric, "value": value}) + "\n")
+    summary = console.end_summary(cfg, {})
+    assert "data         180 examples packed; 3 truncated" in summary and "dropped" not in summary
+    assert f"skipped      {TASK}_zs_noopt: 3 records (invalid_json 2, invalid_utf8 1)" in summary
 
 
 def _flan_jax(*args):

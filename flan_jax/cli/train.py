@@ -11,7 +11,6 @@ import functools
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -32,6 +31,7 @@ from flan_jax import packing
 import dataclasses
 from flan_jax.train import run_guard, validation
 from flan_jax.utils import gin_flags
+from flan_jax.cli import console
 from flan_jax.utils.gin_flags import REPO_GIN_DIR, parse_flags  # noqa: F401  (parse_flags: callers take it here)
 from flan_jax.utils.user_modules import import_modules
 
@@ -310,7 +310,7 @@ def save_vocabulary(cfg) -> Optional[str]:
     """Writes the training vocabulary into MODEL_DIR: a SentencePiece model as vocabulary.model (the run directory
     alone is then enough to decode, evaluate or export the model, whatever cache it was built in); any other
     vocabulary as vocabulary.json describing it (kind, size, HF tokenizer path). Returns the path written."""
-    vocab = _targets_vocabulary(cfg)
+    vocab = console.targets_vocabulary(cfg)
     if isinstance(vocab, seqio.SentencePieceVocabulary):
         path = epath.Path(cfg.model_dir) / "vocabulary.model"  # epath: gs:// model dirs too
         path.write_bytes(vocab.sp_model)
@@ -318,10 +318,6 @@ def save_vocabulary(cfg) -> Optional[str]:
     path = epath.Path(cfg.model_dir) / "vocabulary.json"
     path.write_text(json.dumps(describe_vocabulary(vocab), indent=1) + "\n")
     return str(path)
-
-
-def _targets_vocabulary(cfg):
-    return seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
 
 
 def describe_vocabulary(vocab) -> dict:
@@ -392,62 +388,15 @@ def _cli(fn, name: str, argv) -> int:
     return 0
 
 
-# --- console: start banner and end summary of `flan-jax train` (process 0 prints) --------------------------------
-def latest_checkpoint_step(model_dir: str) -> Optional[int]:
-    """N of MODEL_DIR's newest checkpoint_N (what the loop resumes from), None for a fresh run."""
-    root = epath.Path(model_dir)
-    if not root.exists():
-        return None
-    steps = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"checkpoint_(\d+)", p.name))]
-    return max(steps) if steps else None
-
-
-def start_banner(cfg) -> str:
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(models.param_shapes(cfg.model)))
-    vocab = _targets_vocabulary(cfg)
-    dp, mp = partitioning.validate_mesh(cfg.mesh, jax.device_count())
-    step = latest_checkpoint_step(cfg.model_dir)
-    family = type(cfg.model).__name__.removesuffix("Config")
-    lines = [f"model        {family}, {n_params / 1e6:,.1f}M parameters"
-             + (" (+ PEFT)" if getattr(cfg.model, "peft", None) is not None else ""),
-             f"vocabulary   {type(vocab).__name__}, {vocab.vocab_size} ids (embedding: {cfg.model.vocab_size} rows)",
-             f"mixture      {cfg.input.mixture_or_task_name} (eval: {cfg.eval_mixture_or_task_name or 'none'}; "
-             f"BEST_METRIC={cfg.best_metric})",
-             f"devices      {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es); "
-             f"mesh data={dp} model={mp}",
-             f"MODEL_DIR    {cfg.model_dir}",
-             f"start        {f'resuming from checkpoint_{step}' if step is not None else 'fresh'}, "
-             f"to step {cfg.train_steps}"]
-    return "\n".join(["=== flan-jax train", *lines])
-
-
-def end_summary(cfg, results: dict) -> str:
-    groups = [g for g in validation.AGGREGATES if g in results] or sorted(results)
-    lines = ["=== flan-jax train: done"]
-    lines += [f"final eval   {g}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(results[g].items()))
-              for g in groups]
-    best_file = epath.Path(cfg.model_dir) / "best.json"
-    best = json.loads(best_file.read_text()) if best_file.exists() else None
-    if best:
-        lines.append(f"best         {best['path']} ({best['metric']}={best['value']:.4f} at step {best['step']})")
-    ckpt = best["path"] if best else cfg.model_dir
-    convert = (f"flan-jax convert --merge-peft --to hf --gin_file={cfg.model_dir}/config.gin {cfg.model_dir}_hf"
-               if getattr(cfg.model, "peft", None) is not None
-               else f"flan-jax convert --from t5x --to hf {ckpt} {cfg.model_dir}_hf")
-    lines += ["next:", f"  flan-jax eval --gin_file={cfg.model_dir}/config.gin --checkpoint={ckpt}",
-              f"  python scripts/plot_metrics.py {cfg.model_dir}", f"  {convert}"]
-    return "\n".join(lines)
-
-
 def train_with_console(argv: Sequence[str]) -> dict:
     """train_main between a start banner and an end summary (flags parsed once: jax.distributed may be initialized
     only once per process); a config error surfaces before any banner."""
     _, cfg = _configured(argv)
     if jax.process_index() == 0:
-        print(start_banner(cfg), flush=True)
+        print(console.start_banner(cfg), flush=True)
     results = train_configured(cfg)
     if jax.process_index() == 0:
-        print(end_summary(cfg, results or {}), flush=True)
+        print(console.end_summary(cfg, results or {}), flush=True)
     return results
 
 
