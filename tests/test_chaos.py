@@ -63,3 +63,16 @@ def test_torn_and_foreign_checkpoints_are_detected(reference_dir, tmp_path):
     unreadable, messages = chaos.verify_checkpoints(reference_dir, [outcome], STEPS, PERIOD)
     assert unreadable == 2 and any(f"checkpoint_{PERIOD}" in m for m in messages), messages
     assert any(f"checkpoint_{2 * PERIOD}" in m and "holds step" in m for m in messages), messages
+
+
+def test_fault_drill_two_writers_and_the_report(tmp_path, capsys):
+    """scripts/chaos_faults.py with one fault, real processes: the second writer is refused in one line, the first
+    finishes bitwise equal to the reference; the report's totals and exit status follow from the fault reports."""
+    from scripts import chaos_faults
+    assert chaos_faults.main(["--faults", "two_writers", "--steps", "4", "--work_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "two_writers       signals 0, resumes 0, divergent 0, unreadable 0, lost steps 0, tracebacks 0" in out
+    bad = chaos_faults.FaultReport("x", tracebacks=1)
+    bad.fail("why")
+    total = chaos_faults.total([bad, chaos_faults.FaultReport("y", signals=2)])
+    assert (total.signals, total.divergent, total.tracebacks) == (2, 1, 1) and "[why]" in bad.line()
