@@ -231,7 +231,11 @@ def two_writers(drill: Drill, report: FaultReport, d: str) -> None:
     first = chaos._start(d, drill.argv(d), log)
     while not at_step(1)(d) and first.poll() is None:
         time.sleep(chaos.POLL_S)
-    rc, out = drill.run(report, d)
+    first.send_signal(signal.SIGSTOP)   # paused holding the lock: the second writer meets a live first one
+    try:
+        rc, out = drill.run(report, d)
+    finally:
+        first.send_signal(signal.SIGCONT)
     expect_refusal(report, rc, out, "is being written by pid")
     if chaos._finish(first) != 0:
         report.fail("the first writer did not finish")

@@ -226,3 +226,21 @@ def test_native_position_resumes_bitwise_through_json():
         got = next(resumed)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(capsys):
+    """What `flan-jax train` prints when a write fails for space (scripts/chaos_faults.py disk_full fills a real
+    tmpfs): the failing file and the way on, exit 1; other OS errors are not hidden."""
+    import errno
+
+    def full(_argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/run/x/input_state/tmp.json")
+    assert train_cli._cli(full, "train", []) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device writing /run/x/input_state/tmp.json" in err
+    assert "rerun the same command" in err
+
+    def denied(_argv):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(PermissionError):
+        train_cli._cli(denied, "train", [])

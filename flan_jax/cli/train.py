@@ -7,6 +7,7 @@ only this module knows gin. `flan-jax train` prints a start banner and an end su
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import inspect
 import json
@@ -382,6 +383,12 @@ def _cli(fn, name: str, argv) -> int:
     except ConfigError as e:
         print(f"flan-jax {name}: config error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"flan-jax {name}: {e.strerror} writing {e.filename or 'MODEL_DIR'}; free space (or move MODEL_DIR) and "
+              "rerun the same command: it resumes from the newest complete checkpoint", file=sys.stderr)
+        return 1
     if name == "eval":
         for task, values in results.items():
             print(task + "\t" + "\t".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))

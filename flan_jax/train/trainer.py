@@ -13,6 +13,7 @@ checkpoint (the caller restores; the loop starts at `start`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -171,9 +172,14 @@ class Trainer:
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.ckpt.close()
-        self.writer.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.ckpt.close()
+            self.writer.close()
+        except OSError as e:   # a full disk fails the closing writes too; the error that stopped the run is the news
+            if exc is None:
+                raise
+            logging.warning("closing the run's writers failed as well: %s", e)
 
     def run(self, stop_after_steps: Optional[int] = None) -> dict:
         """Trains to the last step, evaluates there and checkpoints; returns the last eval results.
