@@ -278,8 +278,8 @@ def verify_checkpoints(reference_dir: str, outcomes: list, steps: int, checkpoin
                 unreadable += 1
                 messages.append(f"unreadable {where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue
-            if outcome.model_dir == reference_dir:
-                continue
+            if outcome.model_dir == reference_dir or step not in checkpoint_steps(reference_dir):
+                continue   # the reference itself, or an off-period save (a SIGTERM stop): it restores, that is all
             if step not in reference_states:
                 reference_states[step] = jax.device_get(restore(reference_dir, step)[0])
             got = jax.device_get(state)
