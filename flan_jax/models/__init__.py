@@ -121,7 +121,8 @@ def feature_converter(config, **packing_options):
 def for_platform(config, platform: str):
     """The config a step compiled for `platform` ('cpu', 'gpu', 'tpu') traces: attention_kernel 'auto' resolved for
     that platform, so a TPU program traced on a CPU host gets the TPU's kernel, not the host's."""
-    kernel = _span_attention.kernel_for_platform(config.attention_kernel, platform)
+    kernel = _span_attention.kernel_for_platform(config.attention_kernel, platform,
+                                                 f'{type(config).__name__}.attention_kernel')
     return config if kernel == config.attention_kernel else dataclasses.replace(config, attention_kernel=kernel)
 
 

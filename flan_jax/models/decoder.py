@@ -58,7 +58,9 @@ class DecoderConfig:
     # 0 computes the dense [L, L] scores.
     attention_block: int = 128
     # 'auto' (span kernel on a CPU backend, else dense), 'span', 'blocked' (query blocks of attention_block, scores
-    # recomputed in the backward pass) or 'dense'; models.for_platform resolves 'auto' for the compile target.
+    # recomputed in the backward pass), 'dense', 'splash' (Pallas splash attention on TPU, tiles from attention_block)
+    # or 'cudnn' (cuDNN's fused attention on GPU, XLA's elsewhere): models/fused_attention.py. models.for_platform
+    # resolves 'auto' for the compile target.
     attention_kernel: str = 'auto'
     scan_layers: bool = False   # one lax.scan over the layers (layers.run_layers): compile time, same numbers
     peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
@@ -74,6 +76,9 @@ class DecoderConfig:
         if self.attention_kernel not in span_attention.KERNELS:
             raise ValueError(f'DecoderConfig.attention_kernel={self.attention_kernel!r}: expected one of '
                              f'{span_attention.KERNELS}')
+        if self.attention_kernel in span_attention.FUSED and self.dropout_rate:
+            raise ValueError(f'DecoderConfig.attention_kernel={self.attention_kernel!r} has no attention dropout: set '
+                             f'dropout_rate=0 (is {self.dropout_rate}) or choose another kernel')
         for key in ('vocab_size', 'emb_dim', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim'):
             value = getattr(self, key)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:

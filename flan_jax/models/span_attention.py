@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from flan_jax.models import fused_attention
 from flan_jax.models.layers import MASK_VALUE
 
 
@@ -55,8 +56,10 @@ def blocked_attention(q, k, v, mask, scale: float, block: int, bias=None):
 
 # 'auto': the span kernel on the CPU backend the step is traced on; models.for_platform resolves it for the platform a
 # step is compiled for (a TPU program traced on a CPU host must not get the CPU kernel). 'span', 'blocked' (query
-# blocks, any platform) and 'dense' (the model's own fused attention) are chosen as named.
-KERNELS = ('auto', 'span', 'blocked', 'dense')
+# blocks, any platform) and 'dense' (the model's own fused attention) are chosen as named. 'splash' (Pallas, TPU only)
+# and 'cudnn' (cuDNN on GPU, XLA elsewhere) are models/fused_attention.py's, for decoder-only models.
+KERNELS = ('auto', 'span', 'blocked', 'dense', 'splash', 'cudnn')
+FUSED = {'splash': fused_attention.splash_attention, 'cudnn': fused_attention.cudnn_attention}
 
 
 def _check(kernel: str) -> None:
@@ -76,8 +79,10 @@ def usable(lq: int, lk: int, block: int, kernel: str = 'auto') -> bool:
 
 
 def choose(lq: int, lk: int, block: int, kernel: str = 'auto'):
-    """The kernel function (span_attention or blocked_attention, called as f(q, k, v, mask, scale, block, bias)) for
-    these lengths, or None where the model's own dense attention runs."""
+    """The kernel function (span_attention, blocked_attention or a FUSED one, called as f(q, k, v, mask, scale, block,
+    bias)) for these lengths, or None where the model's own dense attention runs."""
+    if kernel in FUSED:   # any lengths: splash pads them to whole tiles
+        return FUSED[kernel]
     if usable(lq, lk, block, kernel):
         return span_attention
     if kernel == 'blocked' and block and lq % block == 0 and lq > block:
@@ -85,9 +90,13 @@ def choose(lq: int, lk: int, block: int, kernel: str = 'auto'):
     return None
 
 
-def kernel_for_platform(kernel: str, platform: str) -> str:
-    """The kernel a step compiled for `platform` ('cpu', 'gpu', 'tpu') uses: 'auto' resolved, a named one kept."""
+def kernel_for_platform(kernel: str, platform: str, key: str = 'attention_kernel') -> str:
+    """The kernel a step compiled for `platform` ('cpu', 'gpu', 'tpu') uses: 'auto' resolved, a named one kept; 'splash'
+    only for TPU (or under fused_attention.INTERPRET). `key` names the setting in the error."""
     _check(kernel)
+    if kernel == 'splash' and platform != 'tpu' and not fused_attention.INTERPRET:
+        raise ValueError(f"{key}='splash' is a TPU kernel (Pallas); this step compiles for {platform!r}: choose "
+                         "'auto', 'span', 'blocked', 'dense' or 'cudnn' there")
     if kernel != 'auto':
         return kernel
     return 'span' if platform == 'cpu' else 'dense'

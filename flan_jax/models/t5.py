@@ -67,7 +67,8 @@ class T5Config:
     # carry (docs/benchmarks.md, "Train").
     attention_block: int = 128
     # 'auto' (span kernel on a CPU backend, else dense), 'span', 'blocked' (query blocks of attention_block, scores
-    # recomputed in the backward pass) or 'dense'; models.for_platform resolves 'auto' for the compile target.
+    # recomputed in the backward pass) or 'dense'; models.for_platform resolves 'auto' for the compile target. The
+    # fused 'splash' and 'cudnn' take no relative-position bias: decoder-only models only.
     attention_kernel: str = 'auto'
     scan_layers: bool = False   # one lax.scan over each stack's layers (layers.run_layers): compile time, same numbers
     peft: Optional[peft_lib.PeftConfig] = None   # parameter-efficient tuning (models/peft.py); None = full model
@@ -82,6 +83,9 @@ class T5Config:
         if self.attention_kernel not in span_attention.KERNELS:
             raise ValueError(f'T5Config.attention_kernel={self.attention_kernel!r}: expected one of '
                              f'{span_attention.KERNELS}')
+        if self.attention_kernel in span_attention.FUSED:
+            raise ValueError(f'T5Config.attention_kernel={self.attention_kernel!r} takes no relative-position bias '
+                             "(decoder-only models): choose 'auto', 'span', 'blocked' or 'dense'")
         if (not isinstance(self.dropout_rate, (int, float)) or isinstance(self.dropout_rate, bool)
                 or not 0.0 <= self.dropout_rate < 1.0):
             raise ValueError(f'T5Config.dropout_rate={self.dropout_rate}: expected 0 <= rate < 1')
