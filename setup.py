@@ -38,10 +38,14 @@ setup(
         # tpu: tests/test_tpu_compile.py compiles small configs for TPU topologies on the CPU host (scripts/test.sh
         # keeps the test processes on the CPU backend, JAX_PLATFORMS=cpu).
         "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers", "import-linter", "grimp",
-                 "jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
+                 "jax[tpu]==0.10.2", "libtpu==0.0.42.1", "lm-eval==0.4.13", "qwix==0.1.8"],
         "bench": ["torch==2.13.0", "transformers"],
         # Loading an HF export (`flan-jax convert --to hf --verify`): tokenizers writes its tokenizer.json.
         "hf": ["torch==2.13.0", "transformers", "tokenizers", "sentencepiece", "protobuf"],
+        # `flan-jax eval-harness` and the "flan_jax" model type of lm-evaluation-harness (docs/eval-harness.md).
+        "lmeval": ["lm-eval==0.4.13"],
+        # QLoRA: the frozen base stored int8 / 4-bit (docs/qlora.md).
+        "qlora": ["qwix==0.1.8"],
     },
     entry_points={"console_scripts": ["flan-jax=flan_jax.cli:main"]},
 )

@@ -113,9 +113,7 @@ def table(record: dict, held: list) -> str:
     lines = ["| method | trainable params | held-out acc (" + ", ".join(h.replace("_zs_opt", "") for h in held)
              + ") | gain | % of full FT gain | seen option acc | s |", "|---|---|---|---|---|---|---|"]
     lines.append(f"| base (default run) | - | {base_held:.3f} | - | - | {mean(record['base']['seen']):.3f} | - |")
-    for method in METHODS:
-        if method not in record:
-            continue
+    for method in [m for m in record if m not in ("base", "settings")]:   # peft/<method>.gin runs too (qlora)
         r = record[method]
         gain = mean(r["heldout"]) - base_held
         share = f"{100 * gain / full_gain:.0f}%" if full_gain else "-"

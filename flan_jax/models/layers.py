@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from flan_jax.models import peft as peft_lib
+from flan_jax.models import peft as peft_lib, quant
 from flan_jax.models.sharding import gathered
 
 # Additive value for masked attention logits (T5X uses -1e10 as well).
@@ -16,11 +16,15 @@ MASK_VALUE = -1e10
 _GELU_2U = 2 * math.sqrt(2 / math.pi)   # twice the tanh argument's scale: 0.5 (1 + tanh(u)) = sigmoid(2u)
 
 
-def dense(x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+def dense(x: jax.Array, kernel, dtype) -> jax.Array:
     # As a 2-D matmul: the kernel gradient is then one [d, B*L] x [B*L, o] product; with batch and length kept as
     # two contracting dimensions XLA:CPU runs it several times slower than the matmul itself.
-    y = jnp.dot(x.astype(dtype).reshape(-1, x.shape[-1]), gathered(kernel.astype(dtype)))
-    return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
+    if quant.is_quantized(kernel):   # QLoRA base: gathered in its storage type (fewer bytes), then dequantized
+        w = quant.dequantize(jax.tree.map(gathered, kernel), dtype)
+    else:
+        w = gathered(kernel.astype(dtype))
+    y = jnp.dot(x.astype(dtype).reshape(-1, x.shape[-1]), w)
+    return y.reshape(x.shape[:-1] + (w.shape[-1],))
 
 
 def linear(p: Mapping, x: jax.Array, dtype) -> jax.Array:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flan_jax.models import quant
 from flan_jax.utils import tree_paths
 
 METHODS = ('lora', 'adapter', 'prompt', 'prefix')
@@ -58,8 +59,15 @@ class PeftConfig:
     # Prompt tuning's init (Lester et al. 2021): 'vocab' (sampled embeddings of the first 5,000 ids), 'labels' (the
     # class labels of the training mixture's option tasks first, the rest sampled), or a .npy file (load_prompt).
     prompt_init: str = 'vocab'
+    # QLoRA (models/quant.py): the frozen base's 2-D kernels stored 'int8', 'int4' or 'nf4'; None keeps them as
+    # loaded. LoRA only: prefix tuning finds its blocks by kernel path, and no other method is tested on it.
+    base_quantization: Optional[str] = None
 
     def __post_init__(self):
+        quant.check_mode(self.base_quantization)
+        if self.base_quantization is not None and self.method != 'lora':
+            raise ValueError(f'PeftConfig.base_quantization={self.base_quantization!r} needs method=\'lora\' '
+                             f'(QLoRA), not {self.method!r}')
         if self.prompt_init not in ('vocab', 'labels') and not str(self.prompt_init).endswith('.npy'):
             raise ValueError(f"PeftConfig.prompt_init={self.prompt_init!r}: expected 'vocab', 'labels' or a .npy path")
         if self.method not in METHODS:
@@ -363,13 +371,15 @@ def with_prefix(prefix: Optional[Mapping], k: jax.Array, v: jax.Array, mask, bia
 # Export: merge LoRA into the base; fold the prefix MLP away.
 
 def merge(config, params: Mapping):
-    """(config without peft, base params with (alpha / rank) A B added to each adapted kernel). LoRA only."""
+    """(config without peft, base params with (alpha / rank) A B added to each adapted kernel). LoRA only; a quantized
+    base (QLoRA) comes back dequantized, in its original dtype."""
     if config.peft is None:
         return config, params
     if config.peft.method != 'lora':
         raise ValueError(f'merge_peft: PEFT method {config.peft.method!r} adds parameters that do not fit the base '
                          "model's shapes; only 'lora' merges (keep the PEFT parameters next to the base instead)")
-    flat = tree_paths.flatten({k: v for k, v in params.items() if k != 'peft'})
+    # A QLoRA base merges dequantized: the merged kernel is the one the LoRA factors were trained against.
+    flat = tree_paths.flatten(quant.dequantize_tree({k: v for k, v in params.items() if k != 'peft'}))
     scale, extra = config.peft.lora_scale, tree_paths.flatten(params.get('peft', {}))
     for path, value in extra.items():
         if path.endswith('/lora_a'):

@@ -72,7 +72,7 @@ def per_chip_bytes(tree) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+        total += math.prod(shape) * jax.dtypes.itemsize_bits(leaf.dtype) // 8   # int4 / NF4: half a byte
     return total
 
 

@@ -27,6 +27,7 @@ from etils import epath
 from flan_jax import models
 from flan_jax.checkpoints import run_dir as trained
 from flan_jax.data import registry
+from flan_jax.models import quant
 from flan_jax.pipeline import batches as data_lib
 from flan_jax.train import checkpointing, init_from, optim, partitioning, state as state_lib
 
@@ -196,7 +197,20 @@ def check_same_base(init_checkpoint: Optional[str], reference: dict) -> None:
 
 
 def load_base(reference: dict, frozen_abstract, model_cfg) -> dict:
-    """The base parameters named by `reference`, laid out as `frozen_abstract` (ShapeDtypeStructs with shardings)."""
+    """The base parameters named by `reference`, laid out as `frozen_abstract` (ShapeDtypeStructs with shardings).
+    QLoRA: a quantized `frozen_abstract` gets the checkpoint quantized once, here; full-precision params in it come
+    back quantized as the model config says (eval and merge run on the base the LoRA factors were trained on)."""
+    mode = model_cfg.peft.base_quantization if enabled(model_cfg) else None
+    params = _load_full(reference, quant.full_precision(frozen_abstract), model_cfg)
+    if not mode:
+        return params
+    if not quant.any_quantized(frozen_abstract):   # a full-precision layout given (eval): XLA lays the result out
+        return jax.jit(lambda p: quant.quantize_tree(p, mode))(params)
+    shardings = jax.tree.map(lambda a: a.sharding, frozen_abstract)
+    return jax.jit(lambda p: quant.quantize_tree(p, mode), out_shardings=shardings)(params)
+
+
+def _load_full(reference: dict, frozen_abstract, model_cfg) -> dict:
     path, fmt = reference["path"], reference["format"]
     if fmt == "flan_jax":
         checkpoint_dir = os.path.join(path, f"{checkpointing.STEP_PREFIX}_{reference['step']}")

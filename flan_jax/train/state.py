@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from flan_jax import models
+from flan_jax.models import quant
 from flan_jax.train import partitioning
 
 PEFT_KEY = "peft"
@@ -41,7 +42,7 @@ def new_state(params, optimizer: optax.GradientTransformation, step: int = 0) ->
 class StateLayout:
     abstract: TrainState   # ShapeDtypeStructs carrying their NamedShardings
     shardings: TrainState  # the NamedSharding tree (in/out shardings of the jitted step)
-    frozen: Any = None     # PEFT: the frozen base params as ShapeDtypeStructs with shardings; None otherwise
+    frozen: Any = None     # PEFT: the frozen base params as ShapeDtypeStructs with shardings (QLoRA: quantized)
 
     @property
     def frozen_shardings(self):
@@ -90,6 +91,8 @@ def state_layout(model_cfg, optimizer: optax.GradientTransformation, mesh_cfg: p
     if not peft_enabled(model_cfg):
         return layout(shapes, axes, optimizer, mesh_cfg, mesh)
     (trainable, frozen), (trainable_axes, frozen_axes) = split_trainable(shapes), split_trainable(axes)
+    if model_cfg.peft.base_quantization:   # QLoRA: the base is held (and compiled for) in its storage types
+        frozen, frozen_axes = quant.abstract(frozen, frozen_axes, model_cfg.peft.base_quantization)
     return layout(trainable, trainable_axes, optimizer, mesh_cfg, mesh, frozen_shapes=frozen, frozen_axes=frozen_axes)
 
 
