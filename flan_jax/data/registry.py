@@ -36,6 +36,9 @@ Example (a TFDS dataset with 3 templates, as tasks/flan2021 does)::
         max_examples=30_000)              # FLAN 2021 train cap
     # -> ["rte_zs_opt", "rte_zs_noopt", "rte_fs_opt", "rte_fs_noopt"]
 
+Chat `messages` records register with `register_chat_task(name, source)`: one example per assistant turn
+(`flan_jax.data.sources.chat`).
+
 `task_info("rte_zs_opt")` then gives base task, variant, cluster, has_options, ...; `list_tasks("flan2021")` lists
 the registered seqio task names; mixtures are built with `flan_jax.data.mixing`.
 """
@@ -51,6 +54,7 @@ from flan_jax.data import render as rendered_source, templates as tpl
 from flan_jax.data.spec import TaskInfo, TaskSpec  # noqa: F401  (part of this module's API)
 from flan_jax.data import metrics
 from flan_jax.data.sources import MalformedRecordError, RecordSource, check_record
+from flan_jax.data.sources import chat
 import os
 
 VARIANTS = ("zs_opt", "zs_noopt", "fs_opt", "fs_noopt", "cot", "inv")
@@ -181,6 +185,21 @@ def register_task(
     unregister_task(name)
     _SPECS[name] = spec
     return [_add_variant(spec, variant, shuffle_buffer_size) for variant in chosen]
+
+
+# The whole rendered conversation is the inputs and the assistant turn the target (sources/chat.py says why).
+CHAT_TEMPLATE = tpl.Template("{%s}" % chat.CONVERSATION_FIELD, "{%s}" % chat.REPLY_FIELD, name="chat")
+
+
+def register_chat_task(name: str, source: RecordSource, *, messages_field: str = "messages", cluster: str = "chat",
+                       **kwargs) -> list[str]:
+    """Registers a source of chat `messages` records: one example per assistant turn, inputs the conversation so
+    far in the chat format of `flan_jax.data.sources.chat`, target that turn (so a decoder's loss falls on
+    assistant text only). Only the zero-shot variant by default (`<name>_zs_noopt`); other `register_task` keyword
+    arguments pass through. Malformed conversations are skipped and counted with their reason."""
+    kwargs.setdefault("variants", ["zs_noopt"])
+    return register_task(name, chat.ChatTurnsSource(source, messages_field), [CHAT_TEMPLATE],
+                         fields=[chat.CONVERSATION_FIELD, chat.REPLY_FIELD], cluster=cluster, **kwargs)
 
 
 def _check_arguments(name, source, record_policy, options_style, options_field, fixed_options) -> None:

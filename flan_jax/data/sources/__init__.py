@@ -5,11 +5,14 @@ Every source yields `(index, record)` pairs where `index` is the record's positi
 used for deterministic template choice and to keep a record out of its own few-shot exemplars).
 
 - `check_record` / `MalformedRecordError`: record validation shared by every task (reasons are counter keys).
+- `SkippedRecord`: what a source yields in place of a record it already knows is malformed, with the reason.
 - `RecordSource`: the base class (override `records`; `num_examples` declares split sizes so mixing rates work
   without building a dataset).
 - `FunctionSource`: wraps `fn(split) -> iterable of dicts`.
 - `TfdsSource`: a TFDS dataset, decoded to Python values (bytes -> str) and mapped by `map_fn`. Works offline under
   `tfds.testing.mock_data`.
+- `hf_datasets.DatasetsSource`: a Hugging Face `datasets` dataset (data files, a `save_to_disk` directory, a hub name).
+- `chat.ChatTurnsSource`: chat `messages` records, one record per assistant turn.
 - `flan_jax.data.sources.generated.GeneratedSource`: procedurally generated records (the embedded default mixture).
 """
 from __future__ import annotations
@@ -33,6 +36,17 @@ class MalformedRecordError(ValueError):
         self.reason, self.detail = reason, detail
 
 
+class SkippedRecord:
+    """Yielded by a source in place of a record it found malformed (e.g. a conversation without an assistant turn):
+    `check_record` raises its reason, so the registry skips and counts it like any other bad record."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+
+    def __repr__(self) -> str:
+        return f"SkippedRecord({self.reason!r}, {self.detail!r})"
+
+
 def _as_text(value: Any, field: str) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
@@ -50,6 +64,8 @@ def check_record(record: Any, text_fields: Sequence[str], options_field: str | N
     """Validates a record: each text field a non-blank str (bytes are decoded), the options field (if any) a list
     of >= 2 such strings. Returns {field: str} plus "_options": list[str]; raises MalformedRecordError whose
     `reason` names the problem and field ("missing_field:x", "wrong_type:x", "empty_field:x", ...)."""
+    if isinstance(record, SkippedRecord):
+        raise MalformedRecordError(record.reason, record.detail)
     if record is None:
         raise MalformedRecordError("record_is_none", "the source or its map_fn returned None")
     if not isinstance(record, Mapping):
