@@ -27,9 +27,22 @@ from flan_jax.train import compile as compile_lib  # noqa: E402
 SUITE = "tpu_fit"
 # (label, gin files and flags, topology): every run config under gin_configs/runs/tpu/ on the topology it names.
 CASES = (
+    ("flan_t5_small@v5e:2x2", ["gin_configs/runs/tpu/flan_t5_small_v5e_2x2.gin"], "v5e:2x2"),
     ("flan_t5_base@v5e:2x2", ["gin_configs/runs/tpu/flan_t5_base_v5e_2x2.gin"], "v5e:2x2"),
+    ("flan_t5_large@v5e:2x2", ["gin_configs/runs/tpu/flan_t5_large_v5e_2x2.gin"], "v5e:2x2"),
     ("flan_t5_xl@v5e:4x4", ["gin_configs/runs/tpu/flan_t5_xl_v5e_4x4.gin"], "v5e:4x4"),
+    ("flan_t5_xxl@v5p:2x2x2", ["gin_configs/runs/tpu/flan_t5_xxl_v5p_2x2x2.gin"], "v5p:2x2x2"),
+    ("flan_t5_xxl_lora@v5e:2x4", ["gin_configs/runs/tpu/flan_t5_xxl_lora_v5e_2x4.gin"], "v5e:2x4"),
+    ("llama3_2_1b@v5e:2x2", ["gin_configs/runs/tpu/llama3_2_1b_v5e_2x2.gin"], "v5e:2x2"),
+    ("llama3_2_1b_lora@v5e:2x2", ["gin_configs/runs/tpu/llama3_2_1b_lora_v5e_2x2.gin"], "v5e:2x2"),
+    ("llama3_1_8b@v5p:2x2x2", ["gin_configs/runs/tpu/llama3_1_8b_v5p_2x2x2.gin"], "v5p:2x2x2"),
     ("llama3_1_8b_lora@v5e:2x2", ["gin_configs/runs/tpu/llama3_1_8b_lora_v5e_2x2.gin"], "v5e:2x2"),
+    ("qwen2_5_0_5b@v5e:2x2", ["gin_configs/runs/tpu/qwen2_5_0_5b_v5e_2x2.gin"], "v5e:2x2"),
+    ("qwen2_5_0_5b_lora@v5e:2x2", ["gin_configs/runs/tpu/qwen2_5_0_5b_lora_v5e_2x2.gin"], "v5e:2x2"),
+    ("qwen2_5_7b@v5p:2x2x2", ["gin_configs/runs/tpu/qwen2_5_7b_v5p_2x2x2.gin"], "v5p:2x2x2"),
+    ("qwen2_5_7b_lora@v5e:2x2", ["gin_configs/runs/tpu/qwen2_5_7b_lora_v5e_2x2.gin"], "v5e:2x2"),
+    ("gemma_2b@v5e:2x2", ["gin_configs/runs/tpu/gemma_2b_v5e_2x2.gin"], "v5e:2x2"),
+    ("gemma_2b_lora@v5e:2x2", ["gin_configs/runs/tpu/gemma_2b_lora_v5e_2x2.gin"], "v5e:2x2"),
 )
 QUICK_CASES = (
     ("t5_tiny@v5e:2x2", ["gin_configs/runs/default_cpu.gin", "--gin.BATCH_SIZE=8"], "v5e:2x2"),
