@@ -6,8 +6,9 @@ seconds, and the traced step's matmul FLOPs against the model's FLOPs per step (
 below 1 with LoRA, which computes no base-weight gradients). A config that does not fit gives its per-chip GiB from
 the compiler's RESOURCE_EXHAUSTED message (ratio > 1). docs/tpu-fit.md records the table with its commands.
 
---quick: the tiny T5 and decoder configs on v5e:2x2 (seconds); the full suite compiles the big models, minutes each
-on a 2-core host and up to ~10 GB of host memory per compile.
+Every compile uses the lowest compile effort (`flan-jax compile --quick`, train.compile_effort = -1), as the fit table
+of docs/tpu-fit.md does. --quick: the tiny T5 and decoder configs on v5e:2x2 (seconds); the full suite compiles the
+16 run configs, 0.5-3 minutes each on a 2-core host and up to ~10 GB of host memory per compile.
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def run(quick: bool = False) -> list[dict]:
   jax.config.update("jax_platforms", "cpu")   # no local accelerator is used
   rows = []
   for label, argv, topology in (QUICK_CASES if quick else CASES):
-    report = compile_lib.compile_train_step(cli_compile.load_config(_argv(argv)), topology)
+    cfg = compile_lib.with_settings(cli_compile.load_config(_argv(argv)), compile_effort=-1.0)
+    report = compile_lib.compile_train_step(cfg, topology)
     print(f"{label}: {compile_lib.describe_fit(report)}", file=sys.stderr, flush=True)
     rows += _rows(label, report)
   return rows
