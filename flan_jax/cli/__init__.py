@@ -31,9 +31,12 @@ COMMANDS = {
     "compile": ("compile", "main", "ahead-of-time compile for a TPU topology: memory, FLOPs, fit "
                                    "(flan-jax compile --gin_file=... --topology=v5e:2x2)"),
     "eval-suite": ("eval_suite", "main", "BBH / MMLU / TyDiQA / MGSM (flan-jax eval-suite run --suite bbh ...)"),
+    "eval-harness": ("eval_harness", "main", "lm-evaluation-harness tasks (flan-jax eval-harness "
+                                             "--gin_file=... --checkpoint=... --tasks arc_easy)"),
     "preference": ("preference", "main", "reward model / DPO after SFT "
                                          "(flan-jax preference --gin_file=gin_configs/runs/dpo_default_cpu.gin)"),
     "ppo": ("ppo", "main", "PPO after SFT (flan-jax ppo --gin_file=gin_configs/runs/ppo_rule_cpu.gin)"),
+    "grpo": ("grpo", "main", "GRPO after SFT (flan-jax grpo --gin_file=gin_configs/runs/grpo_rule_cpu.gin)"),
     "self-instruct": ("self_instruct", "main", "generate instruction data "
                                                "(flan-jax self-instruct --gin_file=... --checkpoint=... --out=DIR)"),
 }
@@ -41,7 +44,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: flan-jax COMMAND [flags]   (flan-jax COMMAND --help for its flags)",
-             "train, eval, data, compile, preference and ppo take --module NAME (repeatable): import your "
+             "train, eval, data, compile, preference, ppo and grpo take --module NAME (repeatable): import your "
              "task-registration module first", "", "commands:"]
     lines += [f"    {name:<14}{help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)

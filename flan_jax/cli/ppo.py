@@ -149,12 +149,12 @@ def run(argv: Sequence[str]) -> dict:
     summary = {"sft": first, "ppo": last, "iterations": cfg.iterations, "kl_target": cfg.kl_target,
                "seconds": time.time() - start, "prompt_counts": {"train": train_counts, "validation": eval_counts}}
     epath.Path(run_cfg.model_dir, "ppo_summary.json").write_text(json.dumps(summary, indent=1))
-    _save_params(run_cfg.model_dir, params)
+    save_params(run_cfg.model_dir, params)
     _print_acceptance(first, last, cfg.kl_target)
     return summary
 
 
-def _save_params(model_dir: str, params) -> None:
+def save_params(model_dir: str, params) -> None:
     path = os.path.abspath(os.path.join(model_dir, "policy_params"))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, jax.device_get(params), force=True)
