@@ -35,6 +35,8 @@ setup(
     extras_require={
         # `flan-jax compile` and TPU slices: libtpu as jax 0.10.2 pins it (a libtpu must match its jax).
         "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
+        # GPU hosts: the CUDA 12 plugin of the same jax (not installed by the tests: CI has no GPU).
+        "cuda": ["jax[cuda12]==0.10.2"],
         # tpu: tests/test_tpu_compile.py compiles small configs for TPU topologies on the CPU host (scripts/test.sh
         # keeps the test processes on the CPU backend, JAX_PLATFORMS=cpu).
         "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers", "import-linter", "grimp",
