@@ -244,3 +244,24 @@ def test_a_full_disk_is_one_line_not_a_traceback(capsys):
         raise PermissionError(errno.EACCES, "Permission denied")
     with pytest.raises(PermissionError):
         train_cli._cli(denied, "train", [])
+
+
+def test_the_lock_heartbeat_is_renewed_and_a_silent_one_taken_over(tmp_path, caplog):
+    """A lock from another host cannot be checked by pid: one renewed recently is refused, one whose heartbeat is older
+    than stale_after_s is taken over with a warning. The holder renews its heartbeat while it runs."""
+    d, path = str(tmp_path), os.path.join(str(tmp_path), run_guard.LOCK_FILE)
+    old = "2026-01-01T00:00:00+00:00"
+    with open(path, "w") as f:
+        json.dump({"host": "tpu-worker-7", "pid": 4242, "started": old, "heartbeat": run_guard._now()}, f)
+    with pytest.raises(run_guard.RunDirError, match="pid 4242 on tpu-worker-7"):
+        run_guard.WriterLock(d).acquire()
+    with open(path, "w") as f:
+        json.dump({"host": "tpu-worker-7", "pid": 4242, "started": old, "heartbeat": old}, f)
+    lock = run_guard.WriterLock(d, heartbeat_s=0.05, stale_after_s=600)
+    with lock:
+        assert "pid 4242 on tpu-worker-7 has not renewed it for" in caplog.text
+        first = json.load(open(path))
+        assert first["pid"] == os.getpid()
+        time.sleep(1.2)   # heartbeats carry whole seconds
+        assert json.load(open(path))["heartbeat"] > first["heartbeat"]
+    assert not os.path.exists(path)

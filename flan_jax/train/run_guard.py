@@ -1,8 +1,9 @@
 """What keeps a MODEL_DIR consistent across runs: one writer at a time, and no resume under another structure.
 
-- `WriterLock`: MODEL_DIR/writer.lock names the host, pid and start time of the run writing there. A second run
-  stops with a message naming the first; a lock left by a dead process on this host is taken over with a warning.
-  A lock from another host cannot be checked from here: it is refused, and the message says which file to remove.
+- `WriterLock`: MODEL_DIR/writer.lock names the host, pid and start time of the run writing there, and a heartbeat
+  the holder renews every HEARTBEAT_S. A second run stops with a message naming the first; a lock left by a dead
+  process on this host, or one whose heartbeat is older than STALE_AFTER_S (a host that died or was preempted: its
+  pid cannot be checked from here), is taken over with a warning.
 - `check_structure` / `write_run_config`: MODEL_DIR/run_config.json records the run's structural config (what its
   checkpoints' shapes and input position depend on) and its hyperparameters. A resume whose structure differs stops
   before anything is written, naming each differing key with both values; changed hyperparameters are logged.
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from typing import Any, Optional
 
 import jax
@@ -25,6 +27,8 @@ from etils import epath
 from flan_jax.pipeline import batches as data_lib
 
 LOCK_FILE = "writer.lock"
+HEARTBEAT_S = 60.0      # how often the holder renews writer.lock's heartbeat
+STALE_AFTER_S = 600.0   # a lock not renewed for this long belongs to a run that is gone
 RUN_CONFIG_FILE = "run_config.json"
 RUN_CONFIG_VERSION = 1
 
@@ -49,14 +53,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _age_s(stamp: Optional[str]) -> Optional[float]:
+    try:
+        then = datetime.datetime.fromisoformat(stamp)
+    except (TypeError, ValueError):
+        return None
+    return (datetime.datetime.now(datetime.timezone.utc) - then).total_seconds()
+
+
 class WriterLock:
     """A context manager holding MODEL_DIR/writer.lock (by default process 0 of a run takes it)."""
 
-    def __init__(self, model_dir: str, active: Optional[bool] = None):
+    def __init__(self, model_dir: str, active: Optional[bool] = None, heartbeat_s: float = HEARTBEAT_S,
+                 stale_after_s: float = STALE_AFTER_S):
         self.path = epath.Path(model_dir) / LOCK_FILE
         self.active = is_lead() if active is None else active
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+        self._stop = threading.Event()
 
     def __enter__(self) -> "WriterLock":
         if self.active:
@@ -83,20 +101,44 @@ class WriterLock:
                 continue  # released between our two looks
             if holder.get("pid") == os.getpid() and holder.get("host") == self.record["host"]:
                 break  # this process already writes here (a second run in one interpreter)
-            if holder and (holder.get("host") != self.record["host"] or _pid_alive(int(holder.get("pid", -1)))):
+            gone = self._why_gone(holder)
+            if gone is None:
                 raise RunDirError(
                         f"{self.path.parent} is being written by pid {holder.get('pid')} on {holder.get('host')} "
-                        f"(started {holder.get('started')}); wait for it, use another MODEL_DIR, or delete "
-                        f"{self.path} if that run is gone")
-            logging.warning("taking over %s: %s", self.path,
-                            f"pid {holder.get('pid')} on this host, started {holder.get('started')}, is gone"
-                            if holder else "it was unreadable")
-            self.path.write_text(json.dumps(self.record))
+                        f"(started {holder.get('started')}, heartbeat {holder.get('heartbeat', 'none')}); wait for "
+                        f"it, use another MODEL_DIR, or delete {self.path} if that run is gone")
+            logging.warning("taking over %s: %s", self.path, gone)
+            self._write()
             break
+        threading.Thread(target=self._beat, name="writer.lock heartbeat", daemon=True).start()
+
+    def _why_gone(self, holder: dict) -> Optional[str]:
+        """Why the holder no longer writes here, or None while it may."""
+        if not holder:
+            return "it was unreadable"
+        age = _age_s(holder.get("heartbeat") or holder.get("started"))
+        if age is not None and age > self.stale_after_s:
+            return f"pid {holder.get('pid')} on {holder.get('host')} has not renewed it for {age:.0f} s"
+        if holder.get("host") == self.record["host"] and not _pid_alive(int(holder.get("pid", -1))):
+            return f"pid {holder.get('pid')} on this host, started {holder.get('started')}, is gone"
+        return None
+
+    def _write(self) -> None:
+        """The lock's record with a fresh heartbeat, replaced whole (a reader never sees half of it)."""
+        tmp = f"{os.fspath(self.path)}.{self.record['pid']}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps({**self.record, "heartbeat": _now()}))
+        os.replace(tmp, os.fspath(self.path))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            holder = self._holder()
+            if holder and holder.get("pid") == self.record["pid"] and holder.get("host") == self.record["host"]:
+                self._write()
 
     def _create(self) -> bool:
         """Creates the lock file if there is none (atomically on local disks)."""
-        text = json.dumps(self.record)
+        text = json.dumps({**self.record, "heartbeat": _now()})
         if "://" in os.fspath(self.path):  # object stores have no exclusive create: check, then write
             if self.path.exists():
                 return False
@@ -111,6 +153,7 @@ class WriterLock:
         return True
 
     def release(self) -> None:
+        self._stop.set()
         holder = self._holder()
         if holder and holder.get("pid") == self.record["pid"] and holder.get("host") == self.record["host"]:
             self.path.unlink()
