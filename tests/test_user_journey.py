@@ -63,7 +63,11 @@ def test_own_jsonl_task_train_then_eval(user_dir, capsys):
              "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}"]
     assert cli.main(["train", *flags]) == 0
     assert os.path.isdir(tmp_path / "run" / "checkpoint_2")
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    # the first eval and the end summary say what the data cost: the malformed line of the train file, per task
+    after_eval = out[out.index("eval step 2:"):]
+    assert "  skipped my_reviews_zs_opt: " in after_eval and "record_is_none" in after_eval, after_eval[:600]
+    assert "skipped      my_reviews_zs_opt: " in out and "examples packed" in out
 
     assert cli.main(["eval", *flags, "--checkpoint=run", "--predictions_dir=preds"]) == 0
     printed = capsys.readouterr().out

@@ -171,6 +171,7 @@ class _SftHooks(trainer_lib.Hooks):
         self.batches = data_lib.train_batches(cfg.input, converter, skip_batches=start, shard=shard,
                                               input_state=input_state)
         self.evaluator = make_evaluator(cfg) if cfg.eval_mixture_or_task_name else None
+        self._data_reported = False
         self.has_eval = self.evaluator is not None
         self.peak_tflops = cfg.peak_tflops or measure_matmul_peak_tflops(cfg.model.dtype) * jax.device_count()
         self.parameter_counts = peft.parameter_counts(cfg.model)
@@ -218,7 +219,12 @@ class _SftHooks(trainer_lib.Hooks):
 
     def eval_line(self, step: int, results: dict) -> str:
         seen, held = results.get("mean_seen", {}), results.get("mean_heldout", {})
-        return f"eval step {step}: mean_seen {fmt(seen)} | mean_heldout {fmt(held)}"
+        line = f"eval step {step}: mean_seen {fmt(seen)} | mean_heldout {fmt(held)}"
+        if self._data_reported:
+            return line
+        self._data_reported = True   # once, at the first eval: what the data has cost so far (the end summary repeats)
+        return "\n".join([line, *data_lines(data_lib.pipeline_counters(self.converter),
+                                             data_lib.data_errors_by_task(self.cfg.input.split))])
 
     def meta(self, step: int) -> dict:
         return {"step": int(step), "seed": self.cfg.seed, "batches_consumed": int(step), **self.extra_meta}
@@ -227,6 +233,21 @@ class _SftHooks(trainer_lib.Hooks):
         position = self.batches.state()
         if position is not None:
             checkpointing.save_input_state(self.cfg.model_dir, step, self.fingerprint, position, keep_steps=kept_steps)
+
+
+def data_lines(packing: dict, errors: dict) -> list:
+    """Console lines: examples packed, truncated and dropped so far, and each task's skipped records by reason."""
+    lines = []
+    if "packing_examples_in" in packing:
+        parts = [f"{int(packing[key]):,} {label}" for key, label in (
+            ("packing_truncated", "truncated"), ("packing_dropped_overlength", "dropped (over length)"),
+            ("packing_dropped_empty", "dropped (empty)")) if packing.get(key)]
+        lines.append(f"  data so far: {int(packing['packing_examples_in']):,} examples packed"
+                     + (f"; {', '.join(parts)}" if parts else ""))
+    for task, values in sorted(errors.items()):
+        reasons = ", ".join(f"{k.split('/', 1)[1]} {int(v):,}" for k, v in sorted(values.items()) if "/" in k)
+        lines.append(f"  skipped {task}: {int(values['data_errors']):,} records ({reasons})")
+    return lines
 
 
 def fmt(values: dict) -> str:
