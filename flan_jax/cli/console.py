@@ -13,12 +13,8 @@ import seqio
 from etils import epath
 
 from flan_jax import models
-from flan_jax.train import partitioning, validation
+from flan_jax.train import loop, partitioning, validation
 from flan_jax.train.metrics_log import read_metrics
-
-PACKING = (("packing_truncated", "truncated"), ("packing_dropped_overlength", "dropped (over length)"),
-           ("packing_dropped_empty", "dropped (empty)"))
-
 
 def targets_vocabulary(cfg):
     return seqio.get_mixture_or_task(cfg.input.mixture_or_task_name).output_features["targets"].vocabulary
@@ -78,19 +74,13 @@ def data_summary(model_dir: str) -> list:
     for row in read_metrics(model_dir):
         if row["split"] == "train":
             latest[(row["task"], row["metric"])] = row["value"]
-    packed = {metric: value for (task, metric), value in latest.items() if metric.startswith("packing_")}
-    lines = []
-    if "packing_examples_in" in packed:
-        parts = [f"{int(packed[key]):,} {label}" for key, label in PACKING if packed.get(key)]
-        lines.append(f"data         {int(packed['packing_examples_in']):,} examples packed"
-                     + (f"; {', '.join(parts)}" if parts else "; none truncated or dropped"))
-    skipped = {}
+    packed = {metric: value for (_, metric), value in latest.items() if metric.startswith("packing_")}
+    errors = {}
     for (task, metric), value in latest.items():
         if metric.startswith("data_errors/") and value:
-            skipped.setdefault(task, {})[metric.split("/", 1)[1]] = int(value)
-    for task, reasons in sorted(skipped.items()):
-        detail = ", ".join(f"{reason} {n:,}" for reason, n in sorted(reasons.items()))
-        lines.append(f"skipped      {task}: {sum(reasons.values()):,} records ({detail})")
-    if lines and not skipped:
+            errors.setdefault(task, {"data_errors": 0})[metric] = value
+            errors[task]["data_errors"] += value
+    lines = loop.data_lines(packed, errors, data_label="data        ", skipped_label="skipped     ")
+    if lines and not errors:
         lines.append("skipped      no malformed records")
     return lines

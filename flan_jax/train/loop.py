@@ -235,18 +235,22 @@ class _SftHooks(trainer_lib.Hooks):
             checkpointing.save_input_state(self.cfg.model_dir, step, self.fingerprint, position, keep_steps=kept_steps)
 
 
-def data_lines(packing: dict, errors: dict) -> list:
-    """Console lines: examples packed, truncated and dropped so far, and each task's skipped records by reason."""
+PACKING_COUNTS = (("packing_truncated", "truncated"), ("packing_dropped_overlength", "dropped (over length)"),
+                  ("packing_dropped_empty", "dropped (empty)"))
+
+
+def data_lines(packing: dict, errors: dict, data_label: str = "  data so far:",
+               skipped_label: str = "  skipped") -> list:
+    """Console lines on what the data cost: examples packed, truncated and dropped (packing's counters), and each
+    task's skipped records by reason ({task: {"data_errors": n, "data_errors/<reason>": n}})."""
     lines = []
     if "packing_examples_in" in packing:
-        parts = [f"{int(packing[key]):,} {label}" for key, label in (
-            ("packing_truncated", "truncated"), ("packing_dropped_overlength", "dropped (over length)"),
-            ("packing_dropped_empty", "dropped (empty)")) if packing.get(key)]
-        lines.append(f"  data so far: {int(packing['packing_examples_in']):,} examples packed"
-                     + (f"; {', '.join(parts)}" if parts else ""))
+        parts = [f"{int(packing[key]):,} {label}" for key, label in PACKING_COUNTS if packing.get(key)]
+        lines.append(f"{data_label} {int(packing['packing_examples_in']):,} examples packed; "
+                     + (", ".join(parts) if parts else "none truncated or dropped"))
     for task, values in sorted(errors.items()):
         reasons = ", ".join(f"{k.split('/', 1)[1]} {int(v):,}" for k, v in sorted(values.items()) if "/" in k)
-        lines.append(f"  skipped {task}: {int(values['data_errors']):,} records ({reasons})")
+        lines.append(f"{skipped_label} {task}: {int(values['data_errors']):,} records ({reasons})")
     return lines
 
 
