@@ -61,3 +61,18 @@ def test_backend_is_decided_from_jax_platforms_then_installed_plugins():
     assert wants({runtime_env.OPT_OUT_VARIABLE: "1", "JAX_PLATFORMS": "cuda"}, plugins=[], path_exists=no_devices)
     assert not wants({"JAX_PLATFORMS": "tpu"}, plugins=[], path_exists=no_devices)
     assert wants({}, plugins=[], path_exists=no_devices)
+
+
+def test_an_installed_plugin_without_its_device_is_not_started():
+    """libtpu of the `tpu` extra on a host without TPU device nodes: the CLI pins JAX to the CPU it would end on
+    anyway, so the plugin's start-up warnings never print; with the device (or a JAX_PLATFORMS of the user's) it
+    leaves JAX to choose."""
+    env = {}
+    runtime_env.skip_absent_accelerators(env, plugins=["libtpu"], path_exists=lambda path: False)
+    assert env == {"JAX_PLATFORMS": "cpu"}
+    env = {}
+    runtime_env.skip_absent_accelerators(env, plugins=["libtpu"], path_exists=lambda path: path == "/dev/vfio")
+    assert env == {}
+    env = {"JAX_PLATFORMS": "tpu"}
+    runtime_env.skip_absent_accelerators(env, plugins=["libtpu"], path_exists=lambda path: False)
+    assert env == {"JAX_PLATFORMS": "tpu"}

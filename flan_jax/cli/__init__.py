@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 
 from flan_jax.utils import gin_flags
 from flan_jax.utils.quiet_stderr import quiet_native_stderr
-from flan_jax.utils.runtime_env import reexec_with_tuned_malloc
+from flan_jax.utils.runtime_env import reexec_with_tuned_malloc, skip_absent_accelerators
 
 # Library start-up chatter a user cannot act on: TensorFlow/XLA C++ logs, oneDNN notices, gRPC, glog.
 QUIET_ENVIRON = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "GRPC_VERBOSITY": "ERROR",
@@ -83,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     verbose = "--verbose" in rest
     rest = set_verbosity(rest)
+    skip_absent_accelerators()
     if command in GIN_COMMANDS and ("-h" in rest or "--help" in rest):
         return gin_flags.print_help(command, rest)
     module, function, _ = COMMANDS[command]

@@ -61,6 +61,14 @@ def jax_backend_is_cpu(environ: Mapping[str, str], plugins: Optional[Iterable[st
     return True
 
 
+def skip_absent_accelerators(environ=os.environ, **backend_probe) -> None:
+    """JAX_PLATFORMS=cpu when JAX would end on the CPU anyway (no installed plugin finds its device nodes), so an
+    installed but idle plugin (libtpu of the `tpu` extra on a laptop) is not started: it would only print warnings
+    about the TPU it cannot find. A JAX_PLATFORMS the user set is left alone. Call before JAX is imported."""
+    if "JAX_PLATFORMS" not in environ and jax_backend_is_cpu(environ, **backend_probe):
+        environ["JAX_PLATFORMS"] = "cpu"
+
+
 def wants_malloc_tuning(environ: Mapping[str, str], **backend_probe) -> bool:
     """FLAN_JAX_MALLOC_TUNING=0: never; =1: always; unset: only for the CPU backend."""
     choice = environ.get(OPT_OUT_VARIABLE)
