@@ -40,12 +40,16 @@ setup(
         # tpu: tests/test_tpu_compile.py compiles small configs for TPU topologies on the CPU host (scripts/test.sh
         # keeps the test processes on the CPU backend, JAX_PLATFORMS=cpu).
         "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers", "import-linter", "grimp",
-                 "jax[tpu]==0.10.2", "libtpu==0.0.42.1", "lm-eval==0.4.13", "qwix==0.1.8"],
+                 "jax[tpu]==0.10.2", "libtpu==0.0.42.1", "lm-eval==0.4.13", "qwix==0.1.8",
+                 "apache-beam==2.77.0", "grain==0.2.18", "array-record==0.8.6"],
         "bench": ["torch==2.13.0", "transformers"],
         # Loading an HF export (`flan-jax convert --to hf --verify`): tokenizers writes its tokenizer.json.
         "hf": ["torch==2.13.0", "transformers", "tokenizers", "sentencepiece", "protobuf"],
         # `flan-jax eval-harness` and the "flan_jax" model type of lm-evaluation-harness (docs/eval-harness.md).
         "lmeval": ["lm-eval==0.4.13"],
+        # `flan-jax data cache` (an Apache Beam job writing ArrayRecord shards) and `train.input_pipeline = 'cache'`
+        # (reading them through Grain): docs/cache.md.
+        "cache": ["apache-beam==2.77.0", "grain==0.2.18", "array-record==0.8.6"],
         # QLoRA: the frozen base stored int8 / 4-bit (docs/qlora.md).
         "qlora": ["qwix==0.1.8"],
     },

@@ -78,6 +78,7 @@ _INFOS: dict[str, TaskInfo] = {}
 
 
 # Rendering lives in render.py; these names stay reachable here, where task authors and tools look for them.
+RENDER_VERSION = rendered_source.RENDER_VERSION
 normalize_record = rendered_source.normalize_record
 example_rng = rendered_source.example_rng
 variant_templates = rendered_source.variant_templates

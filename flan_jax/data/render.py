@@ -21,6 +21,8 @@ from flan_jax.data.sources import MalformedRecordError, check_record
 from flan_jax.data.spec import TaskSpec
 
 _BUILD_COUNT = 0
+# Changes whenever a record would render to different text (templates aside): caches keyed on it are rebuilt.
+RENDER_VERSION = 1
 
 # The source is a tf.data range of chunk numbers mapped through one Python call per chunk (one Python->TF
 # conversion per chunk instead of per example, ~3x faster). Unlike a from_generator stream, a range and its

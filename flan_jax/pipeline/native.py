@@ -51,10 +51,21 @@ def registry_components(mixture_or_task_name: str, key: str = "MIXTURE_OR_TASK_N
     return {name: rate / total for name, rate in rates.items()}
 
 
-def _encode_batch(vocabulary: seqio.Vocabulary, texts: list) -> list:
+def encode_batch(vocabulary: seqio.Vocabulary, texts: list) -> list:
     if isinstance(vocabulary, seqio.SentencePieceVocabulary):
         return vocabulary.tokenizer.encode(texts)  # one C++ call for the chunk
     return [vocabulary.encode(text) for text in texts]
+
+
+def tokenize_examples(output_features: Mapping[str, seqio.Feature], examples: list) -> list:
+    """Rendered examples -> (inputs, targets) int32 arrays, EOS appended where the task's feature adds it."""
+    columns = []
+    for key in ("inputs", "targets"):
+        feature = output_features[key]
+        ids = encode_batch(feature.vocabulary, [e[key] for e in examples])
+        eos = [feature.vocabulary.eos_id] if feature.add_eos else []
+        columns.append([np.asarray(list(x) + eos, np.int32) for x in ids])
+    return list(zip(*columns))
 
 
 class TaskStream:
@@ -72,8 +83,6 @@ class TaskStream:
         info = registry.task_info(task_name)
         self._spec, self._variant = registry.task_spec(info.base_task), info.variant
         self._features = seqio.get_mixture_or_task(task_name).output_features
-        self._eos = {k: (self._features[k].vocabulary.eos_id if self._features[k].add_eos else None)
-                     for k in ("inputs", "targets")}
         self.split, self.shuffle, self.shuffle_buffer, self.repeat = split, shuffle, shuffle_buffer, repeat
         self.shard_index, self.num_shards = shard_index, num_shards
         rng = random.Random(f"native/{seed}/{task_name}/{shard_index}")
@@ -89,14 +98,6 @@ class TaskStream:
         return dict(self._pos, ready=list(self._pos["ready"]), buffer=list(self._pos["buffer"]),
                     rng=self._rng.getstate())
 
-    def _tokenized(self, examples: list) -> list:
-        columns = []
-        for key in ("inputs", "targets"):
-            ids = _encode_batch(self._features[key].vocabulary, [e[key] for e in examples])
-            eos = self._eos[key]
-            columns.append([np.asarray(list(x) + ([eos] if eos is not None else []), np.int32) for x in ids])
-        return list(zip(*columns))
-
     def _fill(self) -> bool:
         """Tokenizes the next chunk of the (repeated) pass into `ready`; False once the stream has ended."""
         pos = self._pos
@@ -110,7 +111,7 @@ class TaskStream:
             if chunk:
                 pos["cursor"] = chunk[-1][0] + 1
                 pos["pass_count"] += len(chunk)
-                pos["ready"].extend(self._tokenized([e for _, e in chunk]))
+                pos["ready"].extend(tokenize_examples(self._features, [e for _, e in chunk]))
             if len(chunk) < _TOKENIZE_CHUNK:  # end of a pass: start the next one, unless not repeating or empty
                 self._records = None
                 pos["ended"] = not self.repeat or pos["pass_count"] == 0
