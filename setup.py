@@ -41,8 +41,10 @@ setup(
         # keeps the test processes on the CPU backend, JAX_PLATFORMS=cpu).
         "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers", "import-linter", "grimp",
                  "jax[tpu]==0.10.2", "libtpu==0.0.42.1", "lm-eval==0.4.13", "qwix==0.1.8",
-                 "apache-beam==2.77.0", "grain==0.2.18", "array-record==0.8.6"],
-        "bench": ["torch==2.13.0", "transformers"],
+                 "apache-beam==2.77.0", "grain==0.2.18", "array-record==0.8.6", "google-crc32c==1.9.0"],
+        # google-crc32c: seqio's cache_tasks_main (the cache suite's baseline) writes TFRecords through Beam.
+        "bench": ["torch==2.13.0", "transformers", "apache-beam==2.77.0", "grain==0.2.18", "array-record==0.8.6",
+                  "google-crc32c==1.9.0"],
         # Loading an HF export (`flan-jax convert --to hf --verify`): tokenizers writes its tokenizer.json.
         "hf": ["torch==2.13.0", "transformers", "tokenizers", "sentencepiece", "protobuf"],
         # `flan-jax eval-harness` and the "flan_jax" model type of lm-evaluation-harness (docs/eval-harness.md).

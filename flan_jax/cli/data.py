@@ -5,6 +5,7 @@
   flan-jax data stats NAME [-n N] [--split S] [--mock] [--feature_lengths inputs=256,targets=64]
                                                               per-task rate and share, token-length percentiles,
                                                               examples that would be truncated, skipped records
+  flan-jax data cache NAME --output DIR [...] [-- BEAM_OPTIONS]   tokenized ArrayRecord cache (flan_jax.cli.data_cache)
 `show` and `stats` take a seqio task or mixture name, or a base task name (`my_task`, `t0_<dataset>_<template>`,
 `cot_<name>`: all its variants). `show` ends each task with what it skipped and why ("# TASK [split]: shown 3; skipped
 2 record(s) of those read: 1 invalid_json (first at FILE:LINE); 1 missing_field:label") and exits with status 1 when
@@ -35,6 +36,7 @@ from flan_jax.tasks import niv2
 from flan_jax.tasks import cot
 from flan_jax.tasks import flan2022
 from flan_jax.data import mixing, registry
+from flan_jax.cli import data_cache
 
 PERCENTILES = (50, 90, 99)
 
@@ -69,6 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mock", action="store_true", help="use tfds.testing.mock_data for TFDS sources")
     sub.choices["stats"].add_argument("--feature_lengths", type=_parse_feature_lengths,
                                       default={"inputs": 1024, "targets": 256})
+    data_cache.add_parser(sub, [common])
     return parser
 
 
@@ -288,10 +291,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
         argv = argv[1:]
+    argv, pipeline_args = data_cache.split_pipeline_args(argv)
     args = _build_parser().parse_args(argv)
+    args.pipeline_args = pipeline_args
     _import_registrations(args.module)
     _register_collections(args)
-    command = {"list": cmd_list, "show": cmd_show, "stats": cmd_stats}[args.command]
+    command = {"list": cmd_list, "show": cmd_show, "stats": cmd_stats, "cache": data_cache.cmd_cache}[args.command]
     return command(args, out or sys.stdout)
 
 

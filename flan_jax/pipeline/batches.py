@@ -19,6 +19,7 @@ import seqio
 from flan_jax.data import registry
 from flan_jax.pipeline import native as native_pipeline
 from flan_jax.pipeline import seqio_input
+from flan_jax.pipeline.cache import grain_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,10 @@ class InputConfig:
     # 'seqio': seqio Tasks/Mixture + the feature converter over tf.data (the reference; what T5X runs).
     # 'native': flan_jax.pipeline.native, the same examples rendered, tokenized, mixed and packed in Python
     #   (registry tasks and PackedEncDecFeatureConverter only; several times faster on CPU).
+    #   'cache': flan_jax.pipeline.cache.grain_input, the tokenized examples of a preprocessed cache (`flan-jax data
+    #   cache`) at `cache_dir`, read, mixed and packed with Grain.
     pipeline: str = "seqio"
+    cache_dir: Optional[str] = None
 
 
 def resolve_mixture_or_task(name: str, key: str = "MIXTURE_OR_TASK_NAME"):
@@ -104,7 +108,15 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
     # Our packer truncates (or drops) over-length examples itself and counts them; seqio's trimming is silent.
     counts_truncation = hasattr(feature_converter, "stats")
     batch_size = local if per_shard else cfg.global_batch_size
-    if cfg.pipeline == "native":
+    if cfg.pipeline == "cache":
+        batches = grain_input.cache_batches(
+                cfg.cache_dir, cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter,
+                split=cfg.split, seed=cfg.seed, shuffle=cfg.shuffle, shard_index=index if per_shard else 0,
+                num_shards=count if per_shard else 1, state=input_state)
+        if input_state is None:
+            for _ in range(skip_batches):
+                next(batches)
+    elif cfg.pipeline == "native":
         batches = native_pipeline.packed_batches(
                 cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter, split=cfg.split,
                 seed=cfg.seed, shuffle=cfg.shuffle, shard_index=index if per_shard else 0,
@@ -124,10 +136,26 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
 
 def input_fingerprint(cfg: InputConfig, shard) -> dict:
     """What a saved input position depends on; a position saved under a different one is not reused."""
-    return {"mixture": cfg.mixture_or_task_name, "lengths": dict(cfg.task_feature_lengths),
-            "batch": cfg.global_batch_size, "seed": cfg.seed, "split": cfg.split, "shuffle": cfg.shuffle,
-            "sharding": cfg.input_sharding, "pipeline": cfg.pipeline,
-            "shard": None if shard is None else [shard.index, shard.count], "state_format": 3}
+    identity = {"mixture": cfg.mixture_or_task_name, "lengths": dict(cfg.task_feature_lengths),
+                "batch": cfg.global_batch_size, "seed": cfg.seed, "split": cfg.split, "shuffle": cfg.shuffle,
+                "sharding": cfg.input_sharding, "pipeline": cfg.pipeline,
+                "shard": None if shard is None else [shard.index, shard.count], "state_format": 3}
+    if cfg.pipeline == "cache":  # only then: the positions saved by the other pipelines keep their fingerprint
+        identity["cache"] = _cache_identity(cfg)
+    return identity
+
+
+def _cache_identity(cfg: InputConfig) -> Optional[dict]:
+    """The cache a position was taken in: its directory and the fingerprints of the split's tasks (a rebuilt task
+    gives another stream)."""
+    if cfg.pipeline != "cache":
+        return None
+    try:
+        entries = grain_input.cache_format.read_manifest(cfg.cache_dir).get("tasks") or {}
+    except grain_input.CacheError:
+        entries = {}
+    return {"dir": cfg.cache_dir, "tasks": {t: (e.get(cfg.split) or {}).get("fingerprint")
+                                            for t, e in sorted(entries.items())}}
 
 
 def pipeline_counters(feature_converter) -> dict:

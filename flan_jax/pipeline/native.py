@@ -27,7 +27,7 @@ from flan_jax import packing
 
 from flan_jax.data import registry
 
-PIPELINES = ("seqio", "native")
+PIPELINES = ("seqio", "native", "cache")
 _TOKENIZE_CHUNK = 256
 _RATE_DRAWS = 4096
 

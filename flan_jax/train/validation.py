@@ -14,6 +14,7 @@ import numpy as np
 
 from flan_jax.evaluation.evaluator import base_task_name
 from flan_jax.pipeline import native as native_pipeline
+from flan_jax.pipeline.cache import grain_input
 from flan_jax import models
 from flan_jax.pipeline import batches as data_lib
 from flan_jax.train import loss as loss_lib, optim, partitioning
@@ -215,11 +216,20 @@ def _check_tasks(cfg) -> None:
                       ("EVAL_MIXTURE_OR_TASK_NAME", cfg.eval_mixture_or_task_name)):
         if key == "MIXTURE_OR_TASK_NAME" or name:
             check_vocabulary(cfg.model, data_lib.resolve_mixture_or_task(name, key=key), key)
-    if cfg.input.pipeline == "native":
+    _need(cfg.input.pipeline != "cache" or isinstance(cfg.input.cache_dir, str) and cfg.input.cache_dir,
+          "train.input_pipeline='cache' needs train.input_cache_dir: the directory of a preprocessed cache (built "
+          f"with `flan-jax data cache`); got train.input_cache_dir={cfg.input.cache_dir!r}")
+    if cfg.input.pipeline in ("native", "cache"):
         try:
             native_pipeline.registry_components(cfg.input.mixture_or_task_name)
         except ValueError as e:
             raise ConfigValueError(str(e)) from None
+    if cfg.input.pipeline == "cache":  # the cache serves this run (a CacheError names what differs)
+        try:
+            grain_input.check_cache(cfg.input.cache_dir, sorted(native_pipeline.registry_components(
+                    cfg.input.mixture_or_task_name)), cfg.input.split, cfg.input.task_feature_lengths)
+        except grain_input.CacheError as e:
+            raise ConfigValueError(f"train.input_cache_dir={cfg.input.cache_dir!r}: {e}") from None
 
 
 def _check_best_metric(cfg) -> None:

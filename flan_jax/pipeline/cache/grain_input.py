@@ -1,0 +1,309 @@
+"""Training input read from a preprocessed cache (`format.py`) with Grain: select it with `train.input_pipeline =
+'cache'` and `train.input_cache_dir = '/path'`.
+
+    per task: ArrayRecord shards -> records decoded -> shuffled per epoch (seeded) -> repeated
+    tasks mixed by the registered rates (MapDataset.mix: index-based, so any position is O(1))
+    -> this process's slice of the mixed stream (mixed[shard_index::num_shards])
+    -> to_iter_dataset (optionally mp_prefetch worker processes) -> our best-fit packer (a Grain IterDataset)
+    -> batches of exactly the features native.PackedBatches produces.
+
+The whole position is the Grain iterator's `get_state()`: the mixed stream's next index, the packer (its buffer,
+RNG and counters, as `native.packer_state`) and the rows not yet batched. All plain data, so it is saved with each
+checkpoint; a run built with `state=` continues bitwise, reading only the records after the position.
+
+The cache is refused (`format.CacheError`, naming the field, task or file) when it was built for another vocabulary,
+render or format version or other feature lengths, misses a task or split of the mixture, holds a stale task (its
+fingerprint differs from the task's declaration now), or a shard is missing or corrupt.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import hashlib
+import os
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from flan_jax import packing
+from flan_jax.pipeline import native
+from flan_jax.pipeline.cache import format as cache_format
+
+REBUILD = "rebuild it with `flan-jax data cache`"
+# Threads reading records ahead of the packer, and how far ahead: a restored iterator re-reads at most this many.
+READ_THREADS, READ_AHEAD = 2, 64
+
+
+CacheError = cache_format.CacheError
+
+
+# --- opening and checking a cache ------------------------------------------------------------------------------------
+def _run_lengths(task_feature_lengths: Mapping[str, int]) -> dict:
+    return {key: int(task_feature_lengths[key]) for key in ("inputs", "targets")}
+
+
+def check_cache(cache_dir: str, tasks: Sequence[str], split: str, task_feature_lengths: Mapping[str, int]) -> dict:
+    """{task: [shard paths]} of a cache that can serve `tasks`' `split` for a run of these feature lengths;
+    a CacheError naming what differs otherwise (see the module docstring)."""
+    manifest = cache_format.read_manifest(cache_dir)
+    cached_lengths = manifest.get("feature_lengths")
+    # An untruncated cache (feature_lengths None) serves any run lengths; a truncated one only its own.
+    expected = cache_format.expected_manifest(tasks, None if cached_lengths is None else
+                                              _run_lengths(task_feature_lengths))
+    cache_format.check_manifest(manifest, expected, cache_dir)
+    entries = manifest.get("tasks") or {}
+    shards = {}
+    for task in tasks:
+        entry = (entries.get(task) or {}).get(split)
+        if entry is None:
+            raise CacheError(f"cache {cache_dir} has no {split!r} split of task {task!r} ({REBUILD} for the run's "
+                             "mixture)")
+        want = cache_format.task_fingerprint(task, split, cached_lengths)
+        if entry.get("fingerprint") != want:
+            raise CacheError(f"cache {cache_dir}: task {task!r} split {split!r} is stale (fingerprint "
+                             f"{entry.get('fingerprint')!r}, the task now gives {want!r}: its templates, source, "
+                             f"caps or vocabulary changed); {REBUILD}")
+        stats = cache_format.read_split_stats(cache_dir, task, split)
+        if stats is None or stats.get("fingerprint") != want:
+            raise CacheError(f"cache {cache_dir}: task {task!r} split {split!r} is not committed "
+                             f"({cache_format.stats_path(cache_dir, task, split)} is missing or stale); {REBUILD}")
+        paths = [os.path.join(cache_format.split_dir(cache_dir, task, split), name) for name in stats["shards"]]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise CacheError(f"cache {cache_dir}: shard {path} of task {task!r} is missing; {REBUILD}")
+        if not paths or not stats.get("examples"):
+            raise CacheError(f"cache {cache_dir}: task {task!r} has no {split!r} examples; remove it from the "
+                             "mixture")
+        shards[task] = (paths, int(stats["examples"]))
+    return shards
+
+
+class TaskRecords:
+    """A task's cached examples as a random-access source for Grain: item i is (task id, record index, inputs,
+    targets), in record-index order (shard k holds the records k mod n: item i is read from shard i mod n while all
+    shards are equally full). Read errors and undecodable records raise CacheError naming the shard and task.
+    Picklable (the readers are reopened in a worker process); `reads` counts the records read in this process."""
+
+    def __init__(self, task: str, task_id: int, paths: Sequence[str], examples: int):
+        self.task, self.task_id, self.paths, self.examples = task, task_id, list(paths), examples
+        self.reads = 0
+        self._readers = None
+        lengths = [len(r) for r in self._open()]
+        if sum(lengths) != examples:
+            raise CacheError(f"task {self.task!r}: its shards {self.paths} hold {sum(lengths)} records, its stats "
+                             f"say {examples}; {REBUILD}")
+        n = len(lengths)
+        if all(lengths[k] == len(range(k, examples, n)) for k in range(n)):
+            self._order = None  # round-robin: item i is record i // n of shard i % n
+        else:  # unequal shards: the items of shard k in (j, k) order, keys j * n + k
+            keys = np.concatenate([np.arange(m, dtype=np.int64) * n + k for k, m in enumerate(lengths)])
+            self._order = np.sort(keys)
+
+    def _open(self):
+        if self._readers is None:
+            from array_record.python import array_record_data_source  # lazy: only cache readers need ArrayRecord
+            readers = []
+            for path in self.paths:
+                try:
+                    readers.append(array_record_data_source.ArrayRecordDataSource([path]))
+                except Exception as e:  # noqa: BLE001 - the reader's errors are not typed
+                    raise CacheError(f"shard {path} of task {self.task!r} is unreadable ({e}); {REBUILD}") from None
+            self._readers = readers
+        return self._readers
+
+    def __getstate__(self):
+        return dict(vars(self), _readers=None, reads=0)
+
+    def __len__(self) -> int:
+        return self.examples
+
+    def __getitem__(self, item: int):
+        item = int(item) % self.examples
+        n = len(self.paths)
+        key = item if self._order is None else int(self._order[item])
+        shard, offset = key % n, key // n
+        path = self.paths[shard]
+        self.reads += 1
+        try:
+            data = self._open()[shard][offset]
+            index, inputs, targets = cache_format.decode_example(data)
+        except CacheError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ArrayRecord read errors are untyped RuntimeErrors
+            raise CacheError(f"shard {path} of task {self.task!r} is corrupt: record {offset}: {e}; {REBUILD}") \
+                from None
+        return self.task_id, index, inputs, targets
+
+
+def _task_seed(seed: int, task: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"flan_jax.cache/{seed}/{task}".encode()).digest()[:4], "little")
+
+
+def example_dataset(cache_dir: str, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], *,
+                    split: str = "train", seed: int = 0, shuffle: bool = True, shard_index: int = 0,
+                    num_shards: int = 1):
+    """(grain.MapDataset of this shard's endless mixed examples (task id, record index, inputs, targets),
+    [task names by id], [their TaskRecords]). Checks the cache first."""
+    import grain  # lazy: Grain is needed only by the cache input path
+
+    rates = native.registry_components(mixture_or_task_name)
+    names = sorted(rates)
+    shards = check_cache(cache_dir, names, split, task_feature_lengths)
+    sources, datasets = [], []
+    for task_id, task in enumerate(names):
+        source = TaskRecords(task, task_id, *shards[task])
+        ds = grain.MapDataset.source(source)
+        if shuffle:  # reshuffled each epoch (repeat reseeds), deterministic in (seed, task)
+            ds = ds.shuffle(seed=_task_seed(seed, task))
+        sources.append(source)
+        datasets.append(ds.repeat())
+    mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, [rates[n] for n in names])
+    if num_shards > 1:
+        mixed = mixed[shard_index::num_shards]
+    return mixed, names, sources
+
+
+# --- packing as a Grain transformation ------------------------------------------------------------------------------
+_PACK_CLASSES = None
+
+
+def _pack_classes():
+    """(PackIterDataset, its iterator): defined on first use, since Grain is imported lazily."""
+    global _PACK_CLASSES
+    if _PACK_CLASSES is not None:
+        return _PACK_CLASSES
+    import grain  # lazy: Grain is needed only by the cache input path
+
+    class PackIterator(grain.DatasetIterator):
+        def __init__(self, parent, make_packer):
+            super().__init__(parent)
+            self._make_packer = make_packer
+            self.packer = make_packer()
+            self._rows = collections.deque()
+
+        def __next__(self):
+            while not self._rows:
+                _, _, inputs, targets = next(self._parent)
+                self._rows.extend(self.packer.add(inputs, targets))
+            return self._rows.popleft()
+
+        def get_state(self):
+            # A copy: the packer's buffers change in place as it goes on.
+            return copy.deepcopy({"parent": self._parent.get_state(), "packer": native.packer_state(self.packer),
+                                  "rows": list(self._rows)})
+
+        def set_state(self, state):
+            self._parent.set_state(state["parent"])
+            restored = native.packer_from_state(state["packer"])
+            # The counters object stays the one the converter holds (the trainer reads it).
+            vars(self.packer.stats).update(vars(restored.stats))
+            restored.stats = self.packer.stats
+            self.packer = restored
+            self._rows = collections.deque(state["rows"])
+
+    class PackIterDataset(grain.IterDataset):
+        """Packed rows (lists of (inputs, targets) segments) of a stream of (task id, index, inputs, targets)."""
+
+        def __init__(self, parent, make_packer):
+            super().__init__(parent)
+            self._make_packer = make_packer
+
+        def __iter__(self):
+            return PackIterator(self._parent.__iter__(), self._make_packer)
+
+        def __str__(self):
+            return "PackIterDataset(flan_jax.packing.ExamplePacker)"
+
+    _PACK_CLASSES = PackIterDataset, PackIterator
+    return _PACK_CLASSES
+
+
+class CacheBatches:
+    """Endless batches of packed features from a cache (the layout of native.PackedBatches); `state()` is plain
+    data and `state=` resumes bitwise. See `cache_batches`."""
+
+    def __init__(self, cache_dir: str, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                 batch_size: int, converter=None, *, split: str = "train", seed: int = 0, shuffle: bool = True,
+                 shard_index: int = 0, num_shards: int = 1, state: Optional[dict] = None, worker_count: int = 0):
+        import grain  # lazy: Grain is needed only by the cache input path
+
+        converter = converter or packing.PackedEncDecFeatureConverter()
+        prefix_lm = isinstance(converter, packing.PackedPrefixLMFeatureConverter)  # decoder-only models
+        if not isinstance(converter, (packing.PackedEncDecFeatureConverter, packing.PackedPrefixLMFeatureConverter)) \
+                or not converter.pack:
+            raise ValueError("train.input_pipeline='cache' packs with flan_jax.packing.PackedEncDecFeatureConverter "
+                             f"or PackedPrefixLMFeatureConverter; got {type(converter).__name__}")
+        lengths = (int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"]))
+        bos, loss_on_targets_only = converter.bos_id, getattr(converter, "loss_on_targets_only", True)
+        options = dict(converter.packing_options)
+        self.batch_size = batch_size
+        mixed, self.tasks, self.sources = example_dataset(
+                cache_dir, mixture_or_task_name, task_feature_lengths, split=split, seed=seed, shuffle=shuffle,
+                shard_index=shard_index, num_shards=num_shards)
+        examples = mixed.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD))
+        if worker_count > 0:  # workers read and decode; the packer (and its counters) stays in this process.
+            # Grain reads absl flags here: the process must have parsed them (the trainer's absl app does).
+            examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        pack_dataset, _ = _pack_classes()
+        rows = pack_dataset(examples, lambda: packing.ExamplePacker(lengths, concatenate=prefix_lm, **options))
+
+        def features(batch_rows):
+            if prefix_lm:  # one decoder row per segment: inputs ++ targets share one length budget
+                return packing.prefix_lm_feature_batch(batch_rows, sum(lengths), loss_on_targets_only, bos)
+            return packing.encdec_feature_batch(batch_rows, lengths, bos)
+
+        # Our own batching (not IterDataset.batch): it keeps the rows a list of variable-length segments.
+        self._features = features
+        self._rows = rows.__iter__()
+        if state is not None:
+            self._rows.set_state(state)
+        self._pack_iterator = self._rows
+        converter.stats = self._pack_iterator.packer.stats
+
+    @property
+    def stats(self) -> packing.PackingStats:
+        return self._pack_iterator.packer.stats
+
+    def state(self) -> dict:
+        return _plain(self._rows.get_state())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self._features([next(self._rows) for _ in range(self.batch_size)])
+
+    def reads(self) -> int:
+        """Records read so far in this process (not counting worker processes)."""
+        return sum(s.reads for s in self.sources)
+
+
+def _plain(x):
+    """Grain's iterator states as plain data (numpy scalars -> Python numbers; tuples and deques kept)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, collections.deque):
+        return collections.deque(_plain(v) for v in x)
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_plain(v) for v in x)
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def cache_batches(cache_dir: str, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                  batch_size: int, converter=None, *, split: str = "train", seed: int = 0, shuffle: bool = True,
+                  shard_index: int = 0, num_shards: int = 1, state: Optional[dict] = None,
+                  worker_count: int = 0) -> CacheBatches:
+    """Endless batches of this process's packed features read from the cache at `cache_dir`.
+
+    converter: a PackedEncDecFeatureConverter (or PackedPrefixLMFeatureConverter for decoder-only models): its
+    packing options are used and it receives the `.stats` counters. shard_index/num_shards: this process's slice of
+    the mixed stream. state: a `state()` to continue from. worker_count > 0 reads and decodes in that many Grain
+    worker processes (mp_prefetch, whose position is part of the state); the packing stays in this process.
+    """
+    return CacheBatches(cache_dir, mixture_or_task_name, task_feature_lengths, batch_size, converter, split=split,
+                        seed=seed, shuffle=shuffle, shard_index=shard_index, num_shards=num_shards, state=state,
+                        worker_count=worker_count)
