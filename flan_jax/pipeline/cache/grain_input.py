@@ -21,6 +21,7 @@ import collections
 import copy
 import hashlib
 import os
+import sys
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -30,8 +31,10 @@ from flan_jax.pipeline import native
 from flan_jax.pipeline.cache import format as cache_format
 
 REBUILD = "rebuild it with `flan-jax data cache`"
-# Threads reading records ahead of the packer, and how far ahead: a restored iterator re-reads at most this many.
-READ_THREADS, READ_AHEAD = 2, 64
+# Threads reading records ahead of the packer, and how far ahead (a restored iterator re-reads at most that many).
+# None: a local shard serves a record in ~10 us, less than a reader thread costs under the GIL; on a network file
+# system (gcsfuse) raise both.
+READ_THREADS, READ_AHEAD = 0, 0
 
 
 CacheError = cache_format.CacheError
@@ -146,32 +149,30 @@ def example_dataset(cache_dir: str, mixture_or_task_name: str, task_feature_leng
     [task names by id], [their TaskRecords]). Checks the cache first."""
     import grain  # lazy: Grain is needed only by the cache input path
 
+    task_epochs = _grain_classes()[2]
     rates = native.registry_components(mixture_or_task_name)
     names = sorted(rates)
     shards = check_cache(cache_dir, names, split, task_feature_lengths)
     sources, datasets = [], []
     for task_id, task in enumerate(names):
         source = TaskRecords(task, task_id, *shards[task])
-        ds = grain.MapDataset.source(source)
-        if shuffle:  # reshuffled each epoch (repeat reseeds), deterministic in (seed, task)
-            ds = ds.shuffle(seed=_task_seed(seed, task))
         sources.append(source)
-        datasets.append(ds.repeat())
+        datasets.append(task_epochs(source, _task_seed(seed, task) if shuffle else None))
     mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, [rates[n] for n in names])
     if num_shards > 1:
         mixed = mixed[shard_index::num_shards]
     return mixed, names, sources
 
 
-# --- packing as a Grain transformation ------------------------------------------------------------------------------
-_PACK_CLASSES = None
+# --- Grain transformations: endless task epochs, packing ---------------------------------------------------------
+_GRAIN_CLASSES = None
 
 
-def _pack_classes():
-    """(PackIterDataset, its iterator): defined on first use, since Grain is imported lazily."""
-    global _PACK_CLASSES
-    if _PACK_CLASSES is not None:
-        return _PACK_CLASSES
+def _grain_classes():
+    """(PackIterDataset, its iterator, TaskEpochs): defined on first use, since Grain is imported lazily."""
+    global _GRAIN_CLASSES
+    if _GRAIN_CLASSES is not None:
+        return _GRAIN_CLASSES
     import grain  # lazy: Grain is needed only by the cache input path
 
     class PackIterator(grain.DatasetIterator):
@@ -214,8 +215,33 @@ def _pack_classes():
         def __str__(self):
             return "PackIterDataset(flan_jax.packing.ExamplePacker)"
 
-    _PACK_CLASSES = PackIterDataset, PackIterator
-    return _PACK_CLASSES
+    class TaskEpochs(grain.MapDataset):
+        """A task's records repeated endlessly, each epoch in its own seeded order (None: record order). One numpy
+        permutation per epoch, not Grain's shuffle + repeat: those cost ~50 us per element, more than the read."""
+
+        def __init__(self, source: TaskRecords, seed: Optional[int]):
+            super().__init__()
+            self._source, self._seed, self._epoch, self._order = source, seed, -1, None
+
+        def __len__(self) -> int:
+            return sys.maxsize
+
+        def __getitem__(self, index):
+            if isinstance(index, slice):
+                return self.slice(index)
+            epoch, offset = divmod(int(index), len(self._source))
+            if self._seed is None:
+                return self._source[offset]
+            if epoch != self._epoch:
+                self._order = np.random.default_rng([self._seed, epoch]).permutation(len(self._source))
+                self._epoch = epoch
+            return self._source[int(self._order[offset])]
+
+        def __str__(self):
+            return f"TaskEpochs({self._source.task})"
+
+    _GRAIN_CLASSES = PackIterDataset, PackIterator, TaskEpochs
+    return _GRAIN_CLASSES
 
 
 class CacheBatches:
@@ -244,7 +270,7 @@ class CacheBatches:
         if worker_count > 0:  # workers read and decode; the packer (and its counters) stays in this process.
             # Grain reads absl flags here: the process must have parsed them (the trainer's absl app does).
             examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-        pack_dataset, _ = _pack_classes()
+        pack_dataset = _grain_classes()[0]
         rows = pack_dataset(examples, lambda: packing.ExamplePacker(lengths, concatenate=prefix_lm, **options))
 
         def features(batch_rows):

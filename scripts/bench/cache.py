@@ -1,0 +1,241 @@
+"""Cache suite: the preprocessed cache (Beam -> ArrayRecord -> Grain) against seqio's cache job and the native path.
+
+  python scripts/benchmark.py cache [--quick] [--json F]
+
+Data: `bench._many_tasks`, a generated collection registered at a chosen task count (the default collection's
+generators, one seed and template wording per task, the default vocabulary), mixed example-proportionally. The
+same total of train examples is spread over 20, 200 and 1,800 tasks, so a figure that moves with the task count is a
+per-task cost. Every side runs in its own fresh child process; peak memory is the largest summed RSS of that
+process and its children (Beam workers), sampled every 0.2 s.
+
+Rows:
+  preprocess examples/s   ours: `flan-jax data cache bench_tasks` (DirectRunner, multi_processing, 2 workers,
+                          train and validation splits, one shard per task and split). Baseline: seqio's
+                          `python -m seqio.scripts.cache_tasks_main` over the same tasks' seqio twins (same rendered
+                          source; tokenize, CacheDatasetPlaceholder, append EOS), the same runner options and
+                          `--min_shards=1` (one shard per task and split, as ours). examples/s = cached examples /
+                          wall seconds of the whole command, start-up included. seqio runs at 20 tasks only: its job
+                          costs ~10 s per task on this host, so 200 and 1,800 tasks show ours alone.
+  preprocess peak GiB     the same two commands' peak memory.
+  first batch s           ours: `grain_input.cache_batches` over the cache; baseline: today's native path
+                          (`native.packed_batches`); from building the stream (tasks already registered) to the first
+                          batch of 64 packed 256/64 rows, shuffled, seed 0.
+  steady examples/s       examples packed per second after the first batch, same two sides.
+  input peak GiB          the child's peak RSS (imports and registration included), same two sides.
+  resume first batch s    cache path only, at 1,800 tasks: a state saved after 10 batches, against the same state
+                          with the mixed stream's index moved to where batch 100,000 stands (10,000 x its index);
+                          restoring and reading the next batch.
+  packed rows             the same 20,000 cached examples, in the same order, packed by our best-fit packer (ours) and
+                          by Grain's BestFitPackIterDataset (baseline; 1,000 bins, its rows of the same lengths).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+SUITE = "cache"
+LENGTHS = {"inputs": 256, "targets": 64}
+BATCH = 64
+TOTAL_TRAIN = 36_000          # train examples of the collection, at every task count
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(os.path.dirname(_HERE))
+
+
+def _env(tasks: int, **extra) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join([_REPO, os.path.dirname(_HERE)]),
+               FLAN_BENCH_TASKS=str(tasks), FLAN_BENCH_EXAMPLES=str(TOTAL_TRAIN // tasks))
+    env.update(extra)
+    return env
+
+
+def _measured(cmd: list, env: dict) -> tuple[float, float, str]:
+    """(wall seconds, peak GiB of the process tree, stdout) of a command; raises with its stderr when it fails."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                procs = [root] + root.children(recursive=True)
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}):\n{err[-3000:]}")
+    return seconds, peak[0] / 2**30, out
+
+
+def preprocess(tasks: int, out_dir: str) -> dict:
+    """Both cache jobs over the same tasks: {side: (examples/s, peak GiB)}."""
+    beam = ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    examples = TOTAL_TRAIN // tasks * tasks + 8 * tasks  # train + validation (8 per task)
+    ours_dir, seqio_dir = os.path.join(out_dir, f"ours_{tasks}"), os.path.join(out_dir, f"seqio_{tasks}")
+    ours_cmd = [sys.executable, "-m", "flan_jax.cli", "data", "cache", "bench_tasks", "--output", ours_dir,
+                "--module", "bench._many_tasks", "--num_shards", "1", "--direct_num_workers", "2"]
+    seqio_cmd = [sys.executable, "-m", "seqio.scripts.cache_tasks_main", "--module_import=bench._many_tasks",
+                 "--tasks=bench_t.*_zs_noopt_seqio", f"--output_cache_dir={seqio_dir}", "--min_shards=1",
+                 "--pipeline_options=" + ",".join(beam)]
+    result = {}
+    for side, cmd, env in (("ours", ours_cmd, _env(tasks)), ("seqio", seqio_cmd, _env(tasks, FLAN_BENCH_SEQIO_TWINS="1"))):
+        seconds, gib, _ = _measured(cmd, env)
+        result[side] = (examples / seconds, gib)
+        print(f"[cache] preprocess {tasks} tasks {side}: {seconds:.1f} s, {gib:.2f} GiB", flush=True)
+    _check_examples(ours_dir, examples)
+    return result
+
+
+def _check_examples(cache_dir: str, expected: int) -> None:
+    with open(os.path.join(cache_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    cached = sum(split["examples"] for task in manifest["tasks"].values() for split in task.values())
+    if cached != expected:
+        raise RuntimeError(f"the cache holds {cached} examples, expected {expected}")
+
+
+# --- the timed input child ------------------------------------------------------------------------------------------
+def input_child(side: str, cache_dir: str, examples: int, resume: bool) -> dict:
+    import bench._many_tasks as many  # noqa: F401  (registration, from the environment)
+    from flan_jax.packing import PackedEncDecFeatureConverter
+    from flan_jax.pipeline import native
+    from flan_jax.pipeline.cache import grain_input
+
+    def build(state=None):
+        converter = PackedEncDecFeatureConverter()
+        if side == "native":
+            return native.packed_batches(many.MIXTURE, LENGTHS, BATCH, converter, seed=0), converter
+        return grain_input.cache_batches(cache_dir, many.MIXTURE, LENGTHS, BATCH, converter, seed=0,
+                                         state=state), converter
+
+    start = time.perf_counter()
+    batches, converter = build()
+    next(batches)
+    result = {"first_batch_s": time.perf_counter() - start}
+    first = converter.stats.examples_in
+    start = time.perf_counter()
+    while converter.stats.examples_in - first < examples:
+        next(batches)
+    result["examples_per_s"] = (converter.stats.examples_in - first) / (time.perf_counter() - start)
+    result["encoder_fill"] = converter.stats.encoder_fill
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if resume:
+        batches, _ = build()
+        for _ in range(10):
+            next(batches)
+        state = batches.state()
+        far = dict(state, parent=dict(state["parent"], next_index=state["parent"]["next_index"] * 10_000))
+        for name, saved in (("resume_10_s", state), ("resume_100000_s", far)) * 2:  # best of two, alternating
+            start = time.perf_counter()
+            restored, _ = build(saved)
+            next(restored)
+            result[name] = min(result.get(name, float("inf")), time.perf_counter() - start)
+    return result
+
+
+def _input(side: str, tasks: int, cache_dir: str, examples: int, resume: bool = False) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--cache_dir", cache_dir, "--examples",
+           str(examples)] + ["--resume"] * resume
+    _, _, out = _measured(cmd, _env(tasks))
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def packer_rows(cache_dir: str, count: int) -> tuple[int, int]:
+    """(rows of our packer, rows of Grain's BestFitPackIterDataset) over the same `count` cached examples."""
+    import grain
+    import numpy as np
+
+    import bench._many_tasks as many
+    from flan_jax import packing
+    from flan_jax.pipeline.cache import grain_input
+
+    mixed, _, _ = grain_input.example_dataset(cache_dir, many.MIXTURE, LENGTHS, seed=0)
+    examples = [mixed[i] for i in range(count)]
+    cut = [(np.asarray(i)[:LENGTHS["inputs"]], np.asarray(t)[:LENGTHS["targets"]]) for _, _, i, t in examples]
+    packer = packing.ExamplePacker((LENGTHS["inputs"], LENGTHS["targets"]))
+    ours = sum(len(packer.add(i, t)) for i, t in cut) + len(packer.flush())
+    stream = grain.MapDataset.source([{"inputs": i, "targets": t} for i, t in cut]).to_iter_dataset()
+    theirs = sum(1 for _ in grain.experimental.BestFitPackIterDataset(stream, length_struct=dict(LENGTHS),
+                                                                       num_packing_bins=1000))
+    return ours, theirs
+
+
+def run(quick: bool) -> list[dict]:
+    from bench import row
+
+    counts = (20,) if quick else (20, 200, 1800)
+    steady = 5_000 if quick else 40_000
+    rows = []
+    work = tempfile.mkdtemp(prefix="flan_jax_cache_bench_")
+    try:
+        for tasks in counts:
+            if tasks <= 20:
+                sides = preprocess(tasks, work)
+                rows.append(row(SUITE, f"preprocess examples/s, {tasks} tasks", sides["ours"][0], sides["seqio"][0],
+                                "examples/s"))
+                rows.append(row(SUITE, f"preprocess peak GiB, {tasks} tasks", sides["ours"][1], sides["seqio"][1],
+                                "GiB"))
+            else:  # seqio's job costs ~10 s per task here (228 s at 20 tasks): ours alone, to show its memory is flat
+                ours_dir = os.path.join(work, f"ours_{tasks}")
+                seconds, gib, _ = _measured([sys.executable, "-m", "flan_jax.cli", "data", "cache", "bench_tasks",
+                                             "--output", ours_dir, "--module", "bench._many_tasks", "--num_shards",
+                                             "1", "--direct_num_workers", "2"], _env(tasks))
+                rows.append(row(SUITE, f"preprocess examples/s, {tasks} tasks", (TOTAL_TRAIN + 8 * tasks) / seconds,
+                                None, "examples/s"))
+                rows.append(row(SUITE, f"preprocess peak GiB, {tasks} tasks", gib, None, "GiB"))
+            cache_dir = os.path.join(work, f"ours_{tasks}")
+            ours = _input("cache", tasks, cache_dir, steady, resume=tasks == counts[-1])
+            native = _input("native", tasks, cache_dir, steady)
+            print(f"[cache] input {tasks} tasks: cache {ours}, native {native}", flush=True)
+            rows.append(row(SUITE, f"first batch s, {tasks} tasks", ours["first_batch_s"], native["first_batch_s"],
+                            "s"))
+            rows.append(row(SUITE, f"steady examples/s, {tasks} tasks", ours["examples_per_s"],
+                            native["examples_per_s"], "examples/s"))
+            rows.append(row(SUITE, f"encoder fill, {tasks} tasks", ours["encoder_fill"], native["encoder_fill"],
+                            "fraction"))
+            rows.append(row(SUITE, f"input peak GiB, {tasks} tasks", ours["peak_rss_gib"], native["peak_rss_gib"],
+                            "GiB"))
+            if "resume_10_s" in ours:
+                rows.append(row(SUITE, f"resume first batch s, step 100,000 vs step 10, {tasks} tasks",
+                                ours["resume_100000_s"], ours["resume_10_s"], "s"))
+        env_tasks = counts[0]
+        os.environ.update(_env(env_tasks))
+        import bench._many_tasks  # noqa: F401  (registers the 20-task collection in this process)
+        ours_rows, grain_rows = packer_rows(os.path.join(work, f"ours_{env_tasks}"), 5_000 if quick else 20_000)
+        rows.append(row(SUITE, "packed rows, same examples (vs Grain BestFitPackIterDataset)", ours_rows, grain_rows,
+                        "rows"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", choices=("cache", "native"), required=True)
+    parser.add_argument("--cache_dir", required=True)
+    parser.add_argument("--examples", type=int, required=True)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(input_child(args.child, args.cache_dir, args.examples, args.resume)))
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [_REPO, os.path.dirname(_HERE)]
+    _main()
