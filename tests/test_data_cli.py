@@ -33,7 +33,27 @@ def test_stats_reports_rates_lengths_and_truncation():
     (row,) = rows
     assert row[1] == "1" and float(row[2]) == pytest.approx(1 / 15, abs=1e-3) and row[3] == "20"
     assert "trunc=" in row[4] and int(row[4].split("trunc=")[1]) > 0  # parity prompts exceed 16 tokens
-    assert "truncated inputs" in lines[-2] and "skipped malformed records: none" in lines[-1]
+    assert "truncated inputs" in lines[-3] and "skipped malformed records: none" in lines[-2]
+    assert lines[-1] == "# present: 15 task(s) read; unreadable: 0"
+
+
+def test_stats_reports_a_task_without_data_and_goes_on(tmp_path):
+    """A TFDS dataset that is not prepared is named with the reason; the other tasks are still scanned."""
+    from flan_jax.data import mixing, registry
+    from flan_jax.data.sources import TfdsSource
+    from flan_jax.data.templates import Template
+
+    registry.register_task("absent_rte", TfdsSource("glue/rte", data_dir=str(tmp_path)),
+                           [Template("{sentence1}", "{label}")], fields=["sentence1", "label"], cluster="nli")
+    try:
+        mixing.register_mixture("stats_with_absent", {"absent_rte_zs_noopt": 1.0, "parity_zs_opt": 1.0})
+        lines = run("stats", "stats_with_absent", "-n", "5").strip().split("\n")
+        (absent,) = [line for line in lines if line.startswith("absent_rte_zs_noopt")]
+        assert f"MISSING: TFDS glue/rte is not prepared in {tmp_path}" in absent
+        assert [line for line in lines if line.startswith("parity_zs_opt")][0].split("\t")[3] == "5"
+        assert "# present: 1 task(s) read; unreadable: 1" in lines
+    finally:
+        registry.unregister_task("absent_rte")
 
 
 def test_bad_arguments_fail_clearly():
@@ -84,7 +104,7 @@ def test_show_reports_skipped_records_with_reason_and_line(tmp_path):
     assert (f"# t_skips_zs_noopt [train]: shown 2; skipped 3 record(s) of those read: 1 invalid_json (first at "
             f"{path}:2); 1 missing_field:a; 1 not_a_json_object (first at {path}:3)") in text
     assert "# t_skips_zs_noopt [train]: shown 2; skipped 3 record(s)" in run("show", "t_skips_zs_noopt")  # per pass
-    last = run("stats", "t_skips_zs_noopt").strip().splitlines()[-1]
+    last = run("stats", "t_skips_zs_noopt").strip().splitlines()[-2]
     assert last.startswith("# skipped malformed records: {'t_skips_zs_noopt': {") and all(
         f"'{reason}': 1" in last for reason in ("invalid_json", "not_a_json_object", "missing_field:a"))
 

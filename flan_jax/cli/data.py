@@ -22,21 +22,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import re
 import sys
 from typing import Sequence, TextIO
 
 import numpy as np
-from flan_jax.utils.user_modules import import_modules
 import seqio
-from flan_jax.data import mixing
-from flan_jax.data import registry
-import flan_jax.tasks.flan2022
-from flan_jax.tasks import t0
-from flan_jax.tasks import niv2
-from flan_jax.tasks import cot
-from flan_jax.tasks import flan2022
-from flan_jax.data import mixing, registry
+
 from flan_jax.cli import data_cache
+from flan_jax.data import mixing, registry
+from flan_jax.data.sources import TfdsSource
+from flan_jax.tasks import cot, flan2022, niv2, t0
+from flan_jax.utils.user_modules import import_modules
 
 PERCENTILES = (50, 90, 99)
 
@@ -246,9 +243,51 @@ def _length_stats(lengths: np.ndarray, limit: int) -> str:
     return f"{pcts}/{int(lengths.max())} trunc={int((lengths > limit).sum())}"
 
 
-def cmd_stats(args, out: TextIO) -> int:
+def _scan_lengths(task_name: str, split: str, num_examples: int) -> dict:
+    """{"inputs": [arrays], "targets": [arrays]} of the token lengths of a task's first examples."""
     import tensorflow as tf  # lazy: TensorFlow takes seconds to import; only the input pipeline needs it
 
+    ds = seqio.get_mixture_or_task(task_name).get_dataset(sequence_length=None, split=split, shuffle=False,
+                                                         use_cached=False)
+    ds = ds.take(num_examples).map(lambda ex: {"inputs": tf.size(ex["inputs"]), "targets": tf.size(ex["targets"])})
+    lengths = {"inputs": [], "targets": []}
+    for batch in ds.batch(1024).as_numpy_iterator():
+        for key in lengths:
+            lengths[key].append(batch[key])
+    return lengths
+
+
+def _unprepared_tfds(task_name: str) -> str | None:
+    """Why a task's TFDS data is absent (its dataset not prepared in the TFDS data dir), or None."""
+    import tensorflow_datasets as tfds  # lazy: TFDS is heavy; only commands that read data need it
+
+    for source in _source_chain(task_name):
+        if isinstance(source, TfdsSource):
+            try:
+                prepared = tfds.builder(source.name, data_dir=source.data_dir).is_prepared()
+            except Exception as e:  # noqa: BLE001 - an unknown or broken builder is as absent as an unprepared one
+                return f"TFDS {source.name}: {_one_line(e)}"
+            if not prepared:
+                return (f"TFDS {source.name} is not prepared in {source.data_dir or tfds.core.constants.DATA_DIR} "
+                        "(`tfds build` it, or set TFDS_DATA_DIR)")
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's own first line; for a tf.data error, the Python error it wraps."""
+    text = str(error).strip().splitlines()
+    wrapped = [line.strip() for line in text if re.match(r"\s*\w+(Error|Exception): ", line)]
+    return (wrapped[-1] if wrapped else f"{type(error).__name__}: {text[0] if text else ''}")[:200]
+
+
+def _group_by_reason(failures: dict) -> dict:
+    groups: dict[str, list] = {}
+    for task, reason in failures.items():
+        groups.setdefault(reason, []).append(task)
+    return groups
+
+
+def cmd_stats(args, out: TextIO) -> int:
     task_rates = _tasks_and_rates(args.name)
     total_rate = sum(rate for _, rate in task_rates) or 1.0
     limits = {"inputs": 1024, "targets": 256, **args.feature_lengths}
@@ -258,18 +297,22 @@ def cmd_stats(args, out: TextIO) -> int:
     print("task\trate\tshare\tn\tinputs\ttargets", file=out)
     totals = {"n": 0, "inputs": 0, "targets": 0}
     with _mock_context(args.mock, args.num_examples):
-        skipped = {}
+        skipped, unreadable = {}, {}
         for task_name, rate in task_rates:
             split = args.split or _default_split(args.name, task_name)
-            before = _skip_snapshot(task_name)
-            ds = seqio.get_mixture_or_task(task_name).get_dataset(
-                sequence_length=None, split=split, shuffle=False, use_cached=False)
-            ds = ds.take(args.num_examples).map(
-                lambda ex: {"inputs": tf.size(ex["inputs"]), "targets": tf.size(ex["targets"])}).batch(1024)
-            lengths = {"inputs": [], "targets": []}
-            for batch in ds.as_numpy_iterator():
-                for key in lengths:
-                    lengths[key].append(batch[key])
+            missing = None if args.mock else _unprepared_tfds(task_name)
+            if missing:
+                unreadable[task_name] = missing
+                print(f"{task_name}\t{rate:g}\t{rate / total_rate:.4f}\t0\tMISSING: {missing}", file=out)
+                continue
+            try:
+                before = _skip_snapshot(task_name)
+                lengths = _scan_lengths(task_name, split, args.num_examples)
+            except Exception as e:  # noqa: BLE001 - any failing source (unprepared TFDS, unreadable file) is reported
+                unreadable[task_name] = _one_line(e)
+                print(f"{task_name}\t{rate:g}\t{rate / total_rate:.4f}\t0\tUNREADABLE: {unreadable[task_name]}",
+                      file=out)
+                continue
             arrays = {k: np.concatenate(v) if v else np.zeros([0], np.int32) for k, v in lengths.items()}
             totals["n"] += arrays["inputs"].size
             for key in ("inputs", "targets"):
@@ -282,8 +325,11 @@ def cmd_stats(args, out: TextIO) -> int:
                 skipped[task_name] = skips["reasons"]
     print(f"# total scanned {totals['n']}: truncated inputs {totals['inputs']}, targets {totals['targets']}", file=out)
     print(f"# skipped malformed records: {skipped or 'none'}", file=out)
+    print(f"# present: {len(task_rates) - len(unreadable)} task(s) read; unreadable: {len(unreadable)}", file=out)
+    for reason, tasks in _group_by_reason(unreadable).items():
+        print(f"#   {len(tasks)} task(s), e.g. {tasks[0]}: {reason}", file=out)
     if args.name.startswith("flan2022"):
-        print(f"# flan2022 missing collections: {flan_jax.tasks.flan2022.describe_missing()}", file=out)
+        print(f"# flan2022 missing collections: {flan2022.describe_missing()}", file=out)
     return 0
 
 
