@@ -216,3 +216,18 @@ def test_the_trainer_runs_on_a_cache(tmp_path):
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
     assert any(r["metric"] == "packing_examples_in" and r["value"] > 0 for r in rows)
     assert os.path.exists(os.path.join(model_dir, "input_state", "checkpoint_2", "process_0.json"))
+
+
+def test_mixing_schedule_is_exact_in_each_period_and_random_access():
+    """Each period gives every task its share of slots; a task's examples come in order 0, 1, 2, ... without gaps;
+    any position read alone (a resumed stream) equals the sequential walk; another seed gives another order."""
+    schedule = grain_input.MixingSchedule([1.0, 2.0, 0.5, 1e-9], seed=3, period=700)
+    assert schedule.period == 701 and list(schedule.counts) == [200, 400, 100, 1]  # a tiny rate keeps one slot
+    walk = [schedule[i] for i in range(3 * schedule.period)]
+    for task, count in enumerate(schedule.counts):
+        offsets = [k for t, k in walk if t == task]
+        assert offsets == list(range(3 * count))
+    fresh = grain_input.MixingSchedule([1.0, 2.0, 0.5, 1e-9], seed=3, period=700)
+    assert [fresh[i] for i in (2000, 5, 1401, 700)] == [walk[i] for i in (2000, 5, 1401, 700)]
+    other = grain_input.MixingSchedule([1.0, 2.0, 0.5, 1e-9], seed=4, period=700)
+    assert [other[i] for i in range(50)] != walk[:50]
