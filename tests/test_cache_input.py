@@ -215,7 +215,17 @@ def test_the_trainer_runs_on_a_cache(tmp_path):
     losses = {r["step"]: r["value"] for r in rows if r["metric"] == "loss" and r["split"] == "train"}
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
     assert any(r["metric"] == "packing_examples_in" and r["value"] > 0 for r in rows)
-    assert os.path.exists(os.path.join(model_dir, "input_state", "checkpoint_2", "process_0.json"))
+    assert os.path.exists(os.path.join(model_dir, "input_state", "checkpoint_4", "process_0.json"))
+    with pytest.raises(train_main_lib.ConfigError, match="train.input_workers=2"):
+        train_main_lib.train_main([*flags[:2], f"--gin.MODEL_DIR='{model_dir}y'", "--gin.train.input_workers=2"])
+
+    # Resumed at step 4 from the saved input position, steps 5-6 see the batches of an uninterrupted run.
+    six = ["--gin.TRAIN_STEPS=6", f"--gin.train.input_cache_dir='{root}'"]
+    train_main_lib.train_main([*flags, f"--gin.MODEL_DIR='{model_dir}'", *six])
+    train_main_lib.train_main([*flags, f"--gin.MODEL_DIR='{model_dir}_straight'", *six])
+    resumed, straight = ({r["step"]: r["value"] for r in read_metrics(d) if r["metric"] == "loss"
+                          and r["split"] == "train"} for d in (model_dir, model_dir + "_straight"))
+    assert [resumed[s] for s in (5, 6)] == [straight[s] for s in (5, 6)]
 
 
 def test_mixing_schedule_is_exact_in_each_period_and_random_access():
@@ -231,3 +241,37 @@ def test_mixing_schedule_is_exact_in_each_period_and_random_access():
     assert [fresh[i] for i in (2000, 5, 1401, 700)] == [walk[i] for i in (2000, 5, 1401, 700)]
     other = grain_input.MixingSchedule([1.0, 2.0, 0.5, 1e-9], seed=4, period=700)
     assert [other[i] for i in range(50)] != walk[:50]
+
+
+@pytest.mark.slow  # starts Grain worker processes (~10 s each on a loaded 2-core host)
+def test_worker_processes_pack_the_same_examples_resume_bitwise_and_count(cache):
+    """With 2 workers each packs its own slice of the mixed stream: the rows hold exactly the stream's first examples
+    (none lost or repeated), the counters arrive from the workers, and a saved position resumes bitwise."""
+    root, _ = cache
+    converter = packing.PackedEncDecFeatureConverter()
+    batches = grain_input.cache_batches(root, MIXTURE, LENGTHS, 4, converter, split=SPLIT, seed=2, worker_count=2)
+    first = [next(batches) for _ in range(3)]
+    state = json.loads(json.dumps(checkpointing.to_plain(batches.state())))
+    expected = [next(batches) for _ in range(3)]
+    stats = converter.stats.as_dict()
+    assert stats["rows_out"] >= 24 and stats["examples_in"] >= stats["segments"] > 0
+
+    packed = collections.Counter()
+    for batch in first + expected:
+        for row, seg in zip(batch["encoder_input_tokens"], batch["encoder_segment_ids"]):
+            for s in range(1, int(seg.max()) + 1):
+                packed[row[seg == s].tobytes()] += 1
+    mixed, _, _ = grain_input.example_dataset(root, MIXTURE, LENGTHS, split=SPLIT, seed=2)
+    stream = collections.Counter(np.asarray(mixed[i][2][:LENGTHS["inputs"]], np.int32).tobytes()
+                                 for i in range(stats["examples_in"]))
+    assert sum(packed.values()) == stats["segments"] and not packed - stream  # every packed example is in the stream
+
+    resumed_converter = packing.PackedEncDecFeatureConverter()
+    resumed = grain_input.cache_batches(root, MIXTURE, LENGTHS, 4, resumed_converter, split=SPLIT, seed=2,
+                                        worker_count=2, state=checkpointing.from_plain(state))
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with pytest.raises(ValueError, match="2 input workers, this run has 0"):
+        grain_input.cache_batches(root, MIXTURE, LENGTHS, 4, split=SPLIT, seed=2, state=checkpointing.from_plain(state))

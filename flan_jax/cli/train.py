@@ -108,6 +108,7 @@ def train_config(
     input_sharding: str = "per_process_shard",
     input_pipeline: str = "seqio",
     input_cache_dir: Optional[str] = None,  # input_pipeline='cache': the preprocessed cache (`flan-jax data cache`)
+    input_workers: int = 0,  # input_pipeline='cache': Grain worker processes reading, packing and batching
     restore_optimizer_state: bool = False,
     peak_tflops: Optional[float] = None,
     compile_effort: float = 0.0,
@@ -126,7 +127,7 @@ def train_config(
             model_dir=model_dir, model=model,
             input=data_lib.InputConfig(mixture_or_task_name, task_feature_lengths, batch_size, seed=seed,
                                      input_sharding=input_sharding, pipeline=input_pipeline,
-                                     cache_dir=input_cache_dir),
+                                     cache_dir=input_cache_dir, workers=input_workers),
             train_steps=train_steps, eval_mixture_or_task_name=eval_mixture_or_task_name,
             schedule=optim.ScheduleConfig(schedule, learning_rate, warmup_steps),
             loss=step_lib.LossConfig(z_loss, label_smoothing, loss_normalizing_factor, head_chunk),

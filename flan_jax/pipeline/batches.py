@@ -19,7 +19,7 @@ import seqio
 from flan_jax.data import registry
 from flan_jax.pipeline import native as native_pipeline
 from flan_jax.pipeline import seqio_input
-from flan_jax.pipeline.cache import grain_input
+from flan_jax.pipeline.cache import format as cache_format, grain_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,8 @@ class InputConfig:
     #   cache`) at `cache_dir`, read, mixed and packed with Grain.
     pipeline: str = "seqio"
     cache_dir: Optional[str] = None
+    # 'cache' only: Grain worker processes that read, pack and batch (0: all in the training process).
+    workers: int = 0
 
 
 def resolve_mixture_or_task(name: str, key: str = "MIXTURE_OR_TASK_NAME"):
@@ -112,7 +114,7 @@ def train_batches(cfg: InputConfig, feature_converter: seqio.FeatureConverter, s
         batches = grain_input.cache_batches(
                 cfg.cache_dir, cfg.mixture_or_task_name, cfg.task_feature_lengths, batch_size, feature_converter,
                 split=cfg.split, seed=cfg.seed, shuffle=cfg.shuffle, shard_index=index if per_shard else 0,
-                num_shards=count if per_shard else 1, state=input_state)
+                num_shards=count if per_shard else 1, state=input_state, worker_count=cfg.workers)
         if input_state is None:
             for _ in range(skip_batches):
                 next(batches)
@@ -141,7 +143,7 @@ def input_fingerprint(cfg: InputConfig, shard) -> dict:
                 "sharding": cfg.input_sharding, "pipeline": cfg.pipeline,
                 "shard": None if shard is None else [shard.index, shard.count], "state_format": 3}
     if cfg.pipeline == "cache":  # only then: the positions saved by the other pipelines keep their fingerprint
-        identity["cache"] = _cache_identity(cfg)
+        identity["cache"], identity["workers"] = _cache_identity(cfg), cfg.workers
     return identity
 
 
@@ -151,8 +153,8 @@ def _cache_identity(cfg: InputConfig) -> Optional[dict]:
     if cfg.pipeline != "cache":
         return None
     try:
-        entries = grain_input.cache_format.read_manifest(cfg.cache_dir).get("tasks") or {}
-    except grain_input.CacheError:
+        entries = cache_format.read_manifest(cfg.cache_dir).get("tasks") or {}
+    except cache_format.CacheError:
         entries = {}
     return {"dir": cfg.cache_dir, "tasks": {t: (e.get(cfg.split) or {}).get("fingerprint")
                                             for t, e in sorted(entries.items())}}

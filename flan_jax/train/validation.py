@@ -219,6 +219,10 @@ def _check_tasks(cfg) -> None:
     _need(cfg.input.pipeline != "cache" or isinstance(cfg.input.cache_dir, str) and cfg.input.cache_dir,
           "train.input_pipeline='cache' needs train.input_cache_dir: the directory of a preprocessed cache (built "
           f"with `flan-jax data cache`); got train.input_cache_dir={cfg.input.cache_dir!r}")
+    _need(isinstance(cfg.input.workers, int) and cfg.input.workers >= 0
+          and (cfg.input.workers == 0 or cfg.input.pipeline == "cache"),
+          f"train.input_workers={cfg.input.workers!r}: Grain worker processes serve train.input_pipeline='cache' "
+          "only; expected 0, or a count >= 1 with the cache pipeline")
     if cfg.input.pipeline in ("native", "cache"):
         try:
             native_pipeline.registry_components(cfg.input.mixture_or_task_name)

@@ -4,8 +4,8 @@
     per task: ArrayRecord shards -> records decoded -> shuffled per epoch (seeded) -> repeated
     tasks mixed by the registered rates (MixingSchedule: index-based, so any position is O(1))
     -> this process's slice of the mixed stream (mixed[shard_index::num_shards])
-    -> to_iter_dataset (optionally mp_prefetch worker processes) -> our best-fit packer (a Grain IterDataset)
-    -> batches of exactly the features native.PackedBatches produces.
+    -> to_iter_dataset -> our best-fit packer (a Grain IterDataset) -> optionally mp_prefetch: that many worker
+    processes, each packing its own slice -> batches of exactly the features native.PackedBatches produces.
 
 The whole position is the Grain iterator's `get_state()`: the mixed stream's next index, the packer (its buffer,
 RNG and counters, as `native.packer_state`) and the rows not yet batched. All plain data, so it is saved with each
@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
+import functools
 import hashlib
 import os
 import sys
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from absl import flags
 
 from flan_jax import packing
 from flan_jax.pipeline import native
@@ -35,6 +38,8 @@ REBUILD = "rebuild it with `flan-jax data cache`"
 # None: a local shard serves a record in ~10 us, less than a reader thread costs under the GIL; on a network file
 # system (gcsfuse) raise both.
 READ_THREADS, READ_AHEAD = 0, 0
+# A worker process's packing counters since its previous batch, sent with the batch (removed before the trainer).
+COUNTS_KEY = "packing_counts"
 
 
 CacheError = cache_format.CacheError
@@ -206,7 +211,7 @@ _GRAIN_CLASSES = None
 
 
 def _grain_classes():
-    """(PackIterDataset, its iterator, TaskEpochs, MixedTasks): defined on first use, since Grain is imported lazily."""
+    """(PackIterDataset, BatchIterDataset, TaskEpochs, MixedTasks): defined on first use, since Grain is imported lazily."""
     global _GRAIN_CLASSES
     if _GRAIN_CLASSES is not None:
         return _GRAIN_CLASSES
@@ -215,7 +220,6 @@ def _grain_classes():
     class PackIterator(grain.DatasetIterator):
         def __init__(self, parent, make_packer):
             super().__init__(parent)
-            self._make_packer = make_packer
             self.packer = make_packer()
             self._rows = collections.deque()
 
@@ -251,6 +255,43 @@ def _grain_classes():
 
         def __str__(self):
             return "PackIterDataset(flan_jax.packing.ExamplePacker)"
+
+    class BatchIterator(grain.DatasetIterator):
+        def __init__(self, parent, batch_size, features, with_counts):
+            super().__init__(parent)
+            self._batch_size, self._features, self._with_counts = batch_size, features, with_counts
+            self._counted = dataclasses.asdict(self.packer.stats)
+
+        @property
+        def packer(self):
+            return self._parent.packer
+
+        def __next__(self):
+            batch = self._features([next(self._parent) for _ in range(self._batch_size)])
+            if self._with_counts:  # in a worker process: the counters added since the last batch travel with it
+                now = dataclasses.asdict(self.packer.stats)
+                batch[COUNTS_KEY] = {k: v if k == "max_segments_in_a_row" else v - self._counted[k]
+                                     for k, v in now.items() if v != self._counted[k]}
+                self._counted = now
+            return batch
+
+        def get_state(self):
+            return self._parent.get_state()
+
+        def set_state(self, state):
+            self._parent.set_state(state)
+            self._counted = dataclasses.asdict(self.packer.stats)
+
+    class BatchIterDataset(grain.IterDataset):
+        """Feature batches (dicts of [batch, length] arrays) of packed rows: built where the rows are packed, so a
+        worker process sends a few large arrays per batch, not every segment of every row."""
+
+        def __init__(self, parent, batch_size, features, with_counts: bool = False):
+            super().__init__(parent)
+            self._args = batch_size, features, with_counts
+
+        def __iter__(self):
+            return BatchIterator(self._parent.__iter__(), *self._args)
 
     class TaskEpochs(grain.MapDataset):
         """A task's records repeated endlessly, each epoch in its own seeded order (None: record order). One numpy
@@ -296,7 +337,7 @@ def _grain_classes():
         def __str__(self):
             return f"MixedTasks({len(self._parents)} tasks)"
 
-    _GRAIN_CLASSES = PackIterDataset, PackIterator, TaskEpochs, MixedTasks
+    _GRAIN_CLASSES = PackIterDataset, BatchIterDataset, TaskEpochs, MixedTasks
     return _GRAIN_CLASSES
 
 
@@ -323,41 +364,65 @@ class CacheBatches:
                 cache_dir, mixture_or_task_name, task_feature_lengths, split=split, seed=seed, shuffle=shuffle,
                 shard_index=shard_index, num_shards=num_shards)
         examples = mixed.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_AHEAD))
-        if worker_count > 0:  # workers read and decode; the packer (and its counters) stays in this process.
-            # Grain reads absl flags here: the process must have parsed them (the trainer's absl app does).
-            examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-        pack_dataset = _grain_classes()[0]
-        rows = pack_dataset(examples, lambda: packing.ExamplePacker(lengths, concatenate=prefix_lm, **options))
-
-        def features(batch_rows):
-            if prefix_lm:  # one decoder row per segment: inputs ++ targets share one length budget
-                return packing.prefix_lm_feature_batch(batch_rows, sum(lengths), loss_on_targets_only, bos)
-            return packing.encdec_feature_batch(batch_rows, lengths, bos)
-
-        # Our own batching (not IterDataset.batch): it keeps the rows a list of variable-length segments.
-        self._features = features
-        self._rows = rows.__iter__()
+        make_packer = functools.partial(packing.ExamplePacker, lengths, concatenate=prefix_lm, **options)
+        features = functools.partial(_feature_batch, lengths=lengths, prefix_lm=prefix_lm,
+                                     loss_on_targets_only=loss_on_targets_only, bos=bos)
+        pack_dataset, batch_dataset = _grain_classes()[:2]
+        dataset = batch_dataset(pack_dataset(examples, make_packer), batch_size, features, worker_count > 0)
+        self._workers = worker_count
+        if worker_count > 0:
+            # Each worker packs and batches its own slice of the mixed stream (element i goes to worker i mod k);
+            # batches are taken from the workers in turn: deterministic for a given worker count, which the position
+            # records.
+            _absl_flags_parsed()
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        self._batches = dataset.__iter__()
+        # With workers the packers' counters live there and arrive with the batches, summed here.
+        self.stats = self._batches.packer.stats if worker_count == 0 else packing.PackingStats()
         if state is not None:
-            self._rows.set_state(state)
-        self._pack_iterator = self._rows
-        converter.stats = self._pack_iterator.packer.stats
-
-    @property
-    def stats(self) -> packing.PackingStats:
-        return self._pack_iterator.packer.stats
+            if state.get("workers", 0) != worker_count:
+                raise ValueError(f"the input position was saved with {state.get('workers', 0)} input workers, this "
+                                 f"run has {worker_count}")
+            self._batches.set_state(state["grain"])
+            if worker_count:
+                vars(self.stats).update(state["stats"])
+        converter.stats = self.stats
 
     def state(self) -> dict:
-        return _plain(self._rows.get_state())
+        saved = {"workers": self._workers, "grain": _plain(self._batches.get_state())}
+        if self._workers:
+            saved["stats"] = dataclasses.asdict(self.stats)
+        return saved
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return self._features([next(self._rows) for _ in range(self.batch_size)])
+        batch = next(self._batches)
+        for key, value in batch.pop(COUNTS_KEY, {}).items():
+            if key == "max_segments_in_a_row":
+                self.stats.max_segments_in_a_row = max(self.stats.max_segments_in_a_row, value)
+            else:
+                setattr(self.stats, key, getattr(self.stats, key) + value)
+        return batch
 
     def reads(self) -> int:
         """Records read so far in this process (not counting worker processes)."""
         return sum(s.reads for s in self.sources)
+
+
+def _feature_batch(rows, *, lengths, prefix_lm, loss_on_targets_only, bos) -> dict:
+    """Packed rows -> the feature arrays of native.PackedBatches."""
+    if prefix_lm:  # one decoder row per segment: inputs ++ targets share one length budget
+        return packing.prefix_lm_feature_batch(rows, sum(lengths), loss_on_targets_only, bos)
+    return packing.encdec_feature_batch(rows, lengths, bos)
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags: outside an absl app (`flan-jax train`, tests) mark them parsed
+    with their defaults, or reading them raises."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _plain(x):
@@ -383,8 +448,9 @@ def cache_batches(cache_dir: str, mixture_or_task_name: str, task_feature_length
 
     converter: a PackedEncDecFeatureConverter (or PackedPrefixLMFeatureConverter for decoder-only models): its
     packing options are used and it receives the `.stats` counters. shard_index/num_shards: this process's slice of
-    the mixed stream. state: a `state()` to continue from. worker_count > 0 reads and decodes in that many Grain
-    worker processes (mp_prefetch, whose position is part of the state); the packing stays in this process.
+    the mixed stream. state: a `state()` to continue from. worker_count > 0 reads, decodes and packs in that many
+    Grain worker processes (mp_prefetch; every worker's position is part of the state, so a position is resumed
+    only with the same worker count).
     """
     return CacheBatches(cache_dir, mixture_or_task_name, task_feature_lengths, batch_size, converter, split=split,
                         seed=seed, shuffle=shuffle, shard_index=shard_index, num_shards=num_shards, state=state,
