@@ -275,3 +275,11 @@ def test_worker_processes_pack_the_same_examples_resume_bitwise_and_count(cache)
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     with pytest.raises(ValueError, match="2 input workers, this run has 0"):
         grain_input.cache_batches(root, MIXTURE, LENGTHS, 4, split=SPLIT, seed=2, state=checkpointing.from_plain(state))
+
+
+def test_a_missing_cache_package_names_the_extra(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grain" else real(name, *a))
+    with pytest.raises(cache_format.CacheError, match=r"needs grain: pip install 'flan_jax\[cache\]'"):
+        grain_input.check_cache("/nonexistent", TASKS, SPLIT, LENGTHS)

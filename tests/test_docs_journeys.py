@@ -137,7 +137,7 @@ def test_tiny_argv_scales_steps_and_appends_small_settings():
 
 
 PAGES = {"README.md": ["own-data"], "docs/evaluation.md": ["evaluate"], "docs/export.md": ["export"],
-         "docs/configuration.md": ["resume"]}
+         "docs/configuration.md": ["resume"], "docs/cache.md": ["cache"]}
 
 
 @pytest.mark.parametrize("page", sorted(PAGES))
@@ -182,3 +182,12 @@ def test_resume_page(tmp_path):
         in out.splitlines(), log
     assert f"start        resuming from checkpoint_{scaled(100)}, to step {scaled(200)}" in out.splitlines(), log
     assert os.path.isdir(tmp_path / "runs/resume" / f"checkpoint_{scaled(200)}"), log
+
+
+@pytest.mark.slow  # ~60 s: a Beam cache job over one task, train from it
+def test_cache_page(tmp_path):
+    out, log = run_journey("docs/cache.md", "cache", tmp_path)
+    assert re.search(r"^parity_zs_opt\ttrain=built\texamples=20000\t", out, re.M), log
+    with open(tmp_path / "runs/parity_cache/manifest.json") as f:
+        assert "parity_zs_opt" in f.read(), log
+    assert os.path.isdir(tmp_path / "runs/parity" / "checkpoint_4"), log

@@ -273,6 +273,7 @@ def build_cache(name: str, output: str, *, splits: Optional[Sequence[str]] = Non
     Bad inputs (unknown name, no requested split, unwritable output, an existing manifest for other feature lengths
     or versions) raise `format.CacheError` before any work. Failures of single tasks are in the report.
     """
+    fmt.require("apache_beam", "array_record")
     import_modules(modules)
     lengths = dict(feature_lengths) if feature_lengths else None
     if num_shards is not None and num_shards < 1:

@@ -36,6 +36,16 @@ class CacheError(ValueError):
     """A cache that cannot be used: mismatched, missing or corrupt (the message names the field, file or task)."""
 
 
+def require(*modules: str) -> None:
+    """A CacheError naming the install command when a package of the 'cache' extra is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CacheError(f"the preprocessed cache needs {', '.join(missing)}: pip install 'flan_jax[cache]' "
+                         "(apache-beam, grain, array-record)")
+
+
 # --- records ---------------------------------------------------------------------------------------------------------
 def encode_example(index: int, inputs: np.ndarray, targets: np.ndarray) -> bytes:
     inputs, targets = np.asarray(inputs, "<i4"), np.asarray(targets, "<i4")

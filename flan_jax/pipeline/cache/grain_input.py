@@ -53,6 +53,7 @@ def _run_lengths(task_feature_lengths: Mapping[str, int]) -> dict:
 def check_cache(cache_dir: str, tasks: Sequence[str], split: str, task_feature_lengths: Mapping[str, int]) -> dict:
     """{task: [shard paths]} of a cache that can serve `tasks`' `split` for a run of these feature lengths;
     a CacheError naming what differs otherwise (see the module docstring)."""
+    cache_format.require("grain", "array_record")
     manifest = cache_format.read_manifest(cache_dir)
     cached_lengths = manifest.get("feature_lengths")
     # An untruncated cache (feature_lengths None) serves any run lengths; a truncated one only its own.
