@@ -20,7 +20,8 @@ Rows:
   first batch s           ours: `grain_input.cache_batches` over the cache; baseline: today's native path
                           (`native.packed_batches`); from building the stream (tasks already registered) to the first
                           batch of 64 packed 256/64 rows, shuffled, seed 0.
-  steady examples/s       examples packed per second after the first batch, same two sides.
+  steady examples/s       examples packed per second after the first batch, same two sides; at 20 tasks also
+                          the cache path with 2 Grain worker processes packing and batching (train.input_workers=2).
   input peak GiB          the child's peak RSS (imports and registration included), same two sides.
   resume first batch s    cache path only, at 1,800 tasks: a state saved after 10 batches, against the same state
                           with the mixed stream's index moved to where batch 100,000 stands (10,000 x its index);
@@ -122,8 +123,9 @@ def input_child(side: str, cache_dir: str, examples: int, resume: bool) -> dict:
         converter = PackedEncDecFeatureConverter()
         if side == "native":
             return native.packed_batches(many.MIXTURE, LENGTHS, BATCH, converter, seed=0), converter
+        workers = 2 if side == "cache_workers" else 0
         return grain_input.cache_batches(cache_dir, many.MIXTURE, LENGTHS, BATCH, converter, seed=0,
-                                         state=state), converter
+                                         state=state, worker_count=workers), converter
 
     start = time.perf_counter()
     batches, converter = build()
@@ -214,6 +216,10 @@ def run(quick: bool) -> list[dict]:
                             "fraction"))
             rows.append(row(SUITE, f"input peak GiB, {tasks} tasks", ours["peak_rss_gib"], native["peak_rss_gib"],
                             "GiB"))
+            if tasks == counts[0]:  # packing and batching in 2 Grain worker processes
+                workers = _input("cache_workers", tasks, cache_dir, steady)
+                rows.append(row(SUITE, f"steady examples/s, 2 input workers, {tasks} tasks",
+                                workers["examples_per_s"], native["examples_per_s"], "examples/s"))
             if "resume_10_s" in ours:
                 rows.append(row(SUITE, f"resume first batch s, step 100,000 vs step 10, {tasks} tasks",
                                 ours["resume_100000_s"], ours["resume_10_s"], "s"))
@@ -230,7 +236,7 @@ def run(quick: bool) -> list[dict]:
 
 def _main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", choices=("cache", "native"), required=True)
+    parser.add_argument("--child", choices=("cache", "cache_workers", "native"), required=True)
     parser.add_argument("--cache_dir", required=True)
     parser.add_argument("--examples", type=int, required=True)
     parser.add_argument("--resume", action="store_true")
