@@ -258,3 +258,18 @@ def test_beam_options_after_a_double_dash_pass_through(tasks, tmp_path, monkeypa
                           "DataflowRunner", "--", "--project=P", "--region=R"]) == 0
     assert seen["runner"] == "DataflowRunner" and list(seen["pipeline_args"]) == ["--project=P", "--region=R"]
     assert "flan_jax.tasks" in seen["modules"] and module in seen["modules"]
+
+
+def test_a_seqio_task_outside_the_registry_is_refused_by_name(tmp_path, capsys):
+    import seqio
+    features = {k: seqio.Feature(seqio.PassThroughVocabulary(100)) for k in ("inputs", "targets")}
+    seqio.TaskRegistry.add("plain_seqio_for_cache", source=seqio.FunctionDataSource(lambda split, shuffle_files: None,
+                                                                                     splits=["train"]),
+                           output_features=features)
+    try:
+        assert data_cli.main(["cache", "plain_seqio_for_cache", "--output", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "task 'plain_seqio_for_cache' was not registered with flan_jax.data.registry" in err, err
+        assert len(err.splitlines()) == 1
+    finally:
+        seqio.TaskRegistry.remove("plain_seqio_for_cache")

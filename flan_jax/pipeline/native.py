@@ -44,8 +44,8 @@ def registry_components(mixture_or_task_name: str, key: str = "MIXTURE_OR_TASK_N
             registry.task_info(name)
         except (KeyError, ValueError):
             raise ValueError(f"{key}={mixture_or_task_name!r}: task {name!r} was not registered with "
-                             "flan_jax.data.registry, so train.input_pipeline='native' or 'cache' cannot read it "
-                             "(use 'seqio')") from None
+                             "flan_jax.data.registry: the native and cache input paths read only registry tasks "
+                             "(train.input_pipeline='seqio' reads any seqio task)") from None
     total = sum(rates.values())
     if total <= 0:
         raise ValueError(f"{key}={mixture_or_task_name!r}: mixing rates sum to {total}")

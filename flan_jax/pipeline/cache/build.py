@@ -211,8 +211,7 @@ def _tasks_of(name: str) -> list[str]:
     try:
         return sorted(native.registry_components(name, key="name"))
     except ValueError as e:
-        raise fmt.CacheError(str(e).replace(", so train.input_pipeline='native' cannot read it (use 'seqio')",
-                                            ", so it cannot be cached")) from None
+        raise fmt.CacheError(str(e)) from None
 
 
 def _check_output(root: str) -> None:
