@@ -23,15 +23,15 @@ def write_task(root: str, task: str, split: str, examples: Sequence, num_shards:
                feature_lengths: Optional[Mapping[str, int]] = None) -> dict:
     """Writes one (task, split): shard k holds the records whose index is k mod num_shards, then stats.json.
     Returns the manifest entry {"fingerprint", "examples", "shards"}."""
-    names = []
+    names, counts = [], []
     for k in range(num_shards):
         path = cache_format.shard_path(root, task, split, k, num_shards)
-        cache_format.write_shard(path, [cache_format.encode_example(i, a, b) for i, a, b in examples
-                                        if i % num_shards == k])
+        counts.append(cache_format.write_shard(path, [cache_format.encode_example(i, a, b) for i, a, b in examples
+                                                      if i % num_shards == k]))
         names.append(path.rsplit("/", 1)[1])
     entry = {"fingerprint": cache_format.task_fingerprint(task, split, feature_lengths),
              "examples": len(examples), "shards": names}
-    cache_format.write_json_atomic(cache_format.stats_path(root, task, split), dict(entry))
+    cache_format.write_json_atomic(cache_format.stats_path(root, task, split), dict(entry, shard_examples=counts))
     return entry
 
 

@@ -127,7 +127,8 @@ def commit_split(root: str, task: str, split: str, fingerprint: str, results: Se
         reason = (f"shard {failures[0]['shard']}/{num_shards}: {failures[0]['error']}" if failures
                   else f"{len(results)} of {num_shards} shard(s) reported")
         return {"task": task, "split": split, "status": "failed", "reason": reason}
-    stats = {"fingerprint": fingerprint, "shards": [r["file"] for r in results], "examples": 0,
+    stats = {"fingerprint": fingerprint, "shards": [r["file"] for r in results],
+             "shard_examples": [r["examples"] for r in results], "examples": 0,
              "tokens": {}, "truncated": {}, "skipped": {}, "histogram": {}}
     for r in results:
         stats["examples"] += r["examples"]
