@@ -15,6 +15,7 @@ reader refuses a cache whose manifest differs from what the run expects, naming 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import struct
@@ -38,8 +39,6 @@ class CacheError(ValueError):
 
 def require(*modules: str) -> None:
     """A CacheError naming the install command when a package of the 'cache' extra is missing."""
-    import importlib.util
-
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise CacheError(f"the preprocessed cache needs {', '.join(missing)}: pip install 'flan_jax[cache]' "
