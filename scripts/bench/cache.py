@@ -3,9 +3,10 @@
   python scripts/benchmark.py cache [--quick] [--json F]
 
 Data: `bench._many_tasks`, a generated collection registered at a chosen task count (the default collection's
-generators, one seed and template wording per task, the default vocabulary), mixed example-proportionally. The
-same total of train examples is spread over 20, 200 and 1,800 tasks, so a figure that moves with the task count is a
-per-task cost. Every side runs in its own fresh child process; peak memory is the largest summed RSS of that
+generators, one seed, instruction paragraph and template wording per task, the default vocabulary), its zero-shot
+and few-shot variants mixed example-proportionally (inputs of ~160 tokens zero-shot, ~500 few-shot). The same
+total of train examples (36,000 per variant) is spread over 20, 200 and 1,800 tasks, so a figure that moves with the
+task count is a per-task cost. Every side runs in its own fresh child process; peak memory is the largest summed RSS of that
 process and its children (Beam workers), sampled every 0.2 s.
 
 Rows:
@@ -19,7 +20,7 @@ Rows:
   preprocess peak GiB     the same two commands' peak memory.
   first batch s           ours: `grain_input.cache_batches` over the cache; baseline: today's native path
                           (`native.packed_batches`); from building the stream (tasks already registered) to the first
-                          batch of 64 packed 256/64 rows, shuffled, seed 0.
+                          batch of 64 packed 1024/256 rows, shuffled, seed 0.
   steady examples/s       examples packed per second after the first batch, same two sides; at 20 tasks also
                           the cache path with 2 Grain worker processes packing and batching (train.input_workers=2).
   input peak GiB          the child's peak RSS (imports and registration included), same two sides.
@@ -43,7 +44,7 @@ import threading
 import time
 
 SUITE = "cache"
-LENGTHS = {"inputs": 256, "targets": 64}
+LENGTHS = {"inputs": 1024, "targets": 256}
 BATCH = 64
 TOTAL_TRAIN = 36_000          # train examples of the collection, at every task count
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,12 +89,12 @@ def _measured(cmd: list, env: dict) -> tuple[float, float, str]:
 def preprocess(tasks: int, out_dir: str) -> dict:
     """Both cache jobs over the same tasks: {side: (examples/s, peak GiB)}."""
     beam = ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    examples = TOTAL_TRAIN // tasks * tasks + 8 * tasks  # train + validation (8 per task)
+    examples = 2 * (TOTAL_TRAIN // tasks * tasks + 8 * tasks)  # two variants, train + validation (8 per task)
     ours_dir, seqio_dir = os.path.join(out_dir, f"ours_{tasks}"), os.path.join(out_dir, f"seqio_{tasks}")
     ours_cmd = [sys.executable, "-m", "flan_jax.cli", "data", "cache", "bench_tasks", "--output", ours_dir,
                 "--module", "bench._many_tasks", "--num_shards", "1", "--direct_num_workers", "2"]
     seqio_cmd = [sys.executable, "-m", "seqio.scripts.cache_tasks_main", "--module_import=bench._many_tasks",
-                 "--tasks=bench_t.*_zs_noopt_seqio", f"--output_cache_dir={seqio_dir}", "--min_shards=1",
+                 "--tasks=bench_t.*_seqio", f"--output_cache_dir={seqio_dir}", "--min_shards=1",
                  "--pipeline_options=" + ",".join(beam)]
     result = {}
     for side, cmd, env in (("ours", ours_cmd, _env(tasks)), ("seqio", seqio_cmd, _env(tasks, FLAN_BENCH_SEQIO_TWINS="1"))):
@@ -201,7 +202,7 @@ def run(quick: bool) -> list[dict]:
                 seconds, gib, _ = _measured([sys.executable, "-m", "flan_jax.cli", "data", "cache", "bench_tasks",
                                              "--output", ours_dir, "--module", "bench._many_tasks", "--num_shards",
                                              "1", "--direct_num_workers", "2"], _env(tasks))
-                rows.append(row(SUITE, f"preprocess examples/s, {tasks} tasks", (TOTAL_TRAIN + 8 * tasks) / seconds,
+                rows.append(row(SUITE, f"preprocess examples/s, {tasks} tasks", 2 * (TOTAL_TRAIN + 8 * tasks) / seconds,
                                 None, "examples/s"))
                 rows.append(row(SUITE, f"preprocess peak GiB, {tasks} tasks", gib, None, "GiB"))
             cache_dir = os.path.join(work, f"ours_{tasks}")
