@@ -15,8 +15,9 @@ Rows:
                           `python -m seqio.scripts.cache_tasks_main` over the same tasks' seqio twins (same rendered
                           source; tokenize, CacheDatasetPlaceholder, append EOS), the same runner options and
                           `--min_shards=1` (one shard per task and split, as ours). examples/s = cached examples /
-                          wall seconds of the whole command, start-up included. seqio runs at 20 tasks only: its job
-                          costs ~10 s per task on this host, so 200 and 1,800 tasks show ours alone.
+                          wall seconds of the whole command, start-up included. The comparison runs 20 tasks of 450
+                          records (9,000 per variant): at 36,000 seqio's workers exceed this host's 23 GiB and are
+                          killed. Ours alone then runs the full 36,000 at 20, 200 and 1,800 tasks (flat memory).
   preprocess peak GiB     the same two commands' peak memory.
   first batch s           ours: `grain_input.cache_batches` over the cache; baseline: today's native path
                           (`native.packed_batches`); from building the stream (tasks already registered) to the first
@@ -46,7 +47,8 @@ import time
 SUITE = "cache"
 LENGTHS = {"inputs": 1024, "targets": 256}
 BATCH = 64
-TOTAL_TRAIN = 36_000          # train examples of the collection, at every task count
+TOTAL_TRAIN = 36_000          # train records of the collection (per variant), at every task count
+SEQIO_RECORDS = 9_000         # train records (per variant) of the comparison with seqio's cache job
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(os.path.dirname(_HERE))
 
@@ -86,21 +88,28 @@ def _measured(cmd: list, env: dict) -> tuple[float, float, str]:
     return seconds, peak[0] / 2**30, out
 
 
-def preprocess(tasks: int, out_dir: str) -> dict:
-    """Both cache jobs over the same tasks: {side: (examples/s, peak GiB)}."""
+def _cache_command(out: str) -> list:
+    return [sys.executable, "-m", "flan_jax.cli", "data", "cache", "bench_tasks", "--output", out, "--module",
+            "bench._many_tasks", "--num_shards", "1", "--direct_num_workers", "2"]
+
+
+def preprocess(tasks: int, per_task: int, out_dir: str, seqio_too: bool) -> dict:
+    """The cache jobs over `tasks` tasks of `per_task` train records: {side: (examples/s, peak GiB)}, and the
+    directory of ours."""
     beam = ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    examples = 2 * (TOTAL_TRAIN // tasks * tasks + 8 * tasks)  # two variants, train + validation (8 per task)
-    ours_dir, seqio_dir = os.path.join(out_dir, f"ours_{tasks}"), os.path.join(out_dir, f"seqio_{tasks}")
-    ours_cmd = [sys.executable, "-m", "flan_jax.cli", "data", "cache", "bench_tasks", "--output", ours_dir,
-                "--module", "bench._many_tasks", "--num_shards", "1", "--direct_num_workers", "2"]
+    examples = 2 * tasks * (per_task + 8)  # two variants, train + validation (8 per task)
+    ours_dir = os.path.join(out_dir, f"ours_{tasks}_{per_task}")
     seqio_cmd = [sys.executable, "-m", "seqio.scripts.cache_tasks_main", "--module_import=bench._many_tasks",
-                 "--tasks=bench_t.*_seqio", f"--output_cache_dir={seqio_dir}", "--min_shards=1",
-                 "--pipeline_options=" + ",".join(beam)]
-    result = {}
-    for side, cmd, env in (("ours", ours_cmd, _env(tasks)), ("seqio", seqio_cmd, _env(tasks, FLAN_BENCH_SEQIO_TWINS="1"))):
+                 "--tasks=bench_t.*_seqio", f"--output_cache_dir={os.path.join(out_dir, f'seqio_{tasks}')}",
+                 "--min_shards=1", "--pipeline_options=" + ",".join(beam)]
+    sides = [("ours", _cache_command(ours_dir), _env(tasks, FLAN_BENCH_EXAMPLES=str(per_task)))]
+    if seqio_too:
+        sides.append(("seqio", seqio_cmd, _env(tasks, FLAN_BENCH_EXAMPLES=str(per_task), FLAN_BENCH_SEQIO_TWINS="1")))
+    result = {"dir": ours_dir}
+    for side, cmd, env in sides:
         seconds, gib, _ = _measured(cmd, env)
         result[side] = (examples / seconds, gib)
-        print(f"[cache] preprocess {tasks} tasks {side}: {seconds:.1f} s, {gib:.2f} GiB", flush=True)
+        print(f"[cache] preprocess {tasks} tasks x {per_task} {side}: {seconds:.1f} s, {gib:.2f} GiB", flush=True)
     _check_examples(ours_dir, examples)
     return result
 
@@ -190,22 +199,19 @@ def run(quick: bool) -> list[dict]:
     rows = []
     work = tempfile.mkdtemp(prefix="flan_jax_cache_bench_")
     try:
+        # Against seqio: 20 tasks at a size its job fits in this host's 23 GiB (at 36,000 records per variant its
+        # DirectRunner workers were killed by the kernel's OOM killer).
+        small = 250 if quick else SEQIO_RECORDS // 20
+        sides = preprocess(20, small, work, seqio_too=True)
+        rows.append(row(SUITE, f"preprocess examples/s, 20 tasks x {small}", sides["ours"][0], sides["seqio"][0],
+                        "examples/s"))
+        rows.append(row(SUITE, f"preprocess peak GiB, 20 tasks x {small}", sides["ours"][1], sides["seqio"][1],
+                        "GiB"))
         for tasks in counts:
-            if tasks <= 20:
-                sides = preprocess(tasks, work)
-                rows.append(row(SUITE, f"preprocess examples/s, {tasks} tasks", sides["ours"][0], sides["seqio"][0],
-                                "examples/s"))
-                rows.append(row(SUITE, f"preprocess peak GiB, {tasks} tasks", sides["ours"][1], sides["seqio"][1],
-                                "GiB"))
-            else:  # seqio's job costs ~10 s per task here (228 s at 20 tasks): ours alone, to show its memory is flat
-                ours_dir = os.path.join(work, f"ours_{tasks}")
-                seconds, gib, _ = _measured([sys.executable, "-m", "flan_jax.cli", "data", "cache", "bench_tasks",
-                                             "--output", ours_dir, "--module", "bench._many_tasks", "--num_shards",
-                                             "1", "--direct_num_workers", "2"], _env(tasks))
-                rows.append(row(SUITE, f"preprocess examples/s, {tasks} tasks", 2 * (TOTAL_TRAIN + 8 * tasks) / seconds,
-                                None, "examples/s"))
-                rows.append(row(SUITE, f"preprocess peak GiB, {tasks} tasks", gib, None, "GiB"))
-            cache_dir = os.path.join(work, f"ours_{tasks}")
+            sides = preprocess(tasks, TOTAL_TRAIN // tasks, work, seqio_too=False)
+            rows.append(row(SUITE, f"preprocess examples/s, {tasks} tasks", sides["ours"][0], None, "examples/s"))
+            rows.append(row(SUITE, f"preprocess peak GiB, {tasks} tasks", sides["ours"][1], None, "GiB"))
+            cache_dir = sides["dir"]
             ours = _input("cache", tasks, cache_dir, steady, resume=tasks == counts[-1])
             native = _input("native", tasks, cache_dir, steady)
             print(f"[cache] input {tasks} tasks: cache {ours}, native {native}", flush=True)
@@ -227,7 +233,8 @@ def run(quick: bool) -> list[dict]:
         env_tasks = counts[0]
         os.environ.update(_env(env_tasks))
         import bench._many_tasks  # noqa: F401  (registers the 20-task collection in this process)
-        ours_rows, grain_rows = packer_rows(os.path.join(work, f"ours_{env_tasks}"), 5_000 if quick else 20_000)
+        ours_rows, grain_rows = packer_rows(os.path.join(work, f"ours_{env_tasks}_{TOTAL_TRAIN // env_tasks}"),
+                                            5_000 if quick else 20_000)
         rows.append(row(SUITE, "packed rows, same examples (vs Grain BestFitPackIterDataset)", ours_rows, grain_rows,
                         "rows"))
     finally:
