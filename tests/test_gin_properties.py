@@ -217,7 +217,7 @@ KNOWN_GAPS = [
     ({"train.fsdp": "yes"}, "accepted: any truthy value"),
     ({"EVAL_MIXTURE_OR_TASK_NAME": "no_such_eval"}, "error says MIXTURE_OR_TASK_NAME='no_such_eval' (wrong key)"),
     ({"MIXTURE_OR_TASK_NAME": "flan_default_eval", "BEST_METRIC": "mean_heldout/accuracy"},
-     "the oracle's own gap: with every eval task trained on, no held-out group exists"),
+     "refused: trained on every eval task, there is no held-out group to select"),
 ]
 
 
