@@ -161,8 +161,8 @@ class MixingSchedule:
     Positions come in periods of `period` slots; in each, task t holds round(rate_t * period) slots (at least one),
     in an order drawn per period from (seed, period number). Position i is then (task, the count of that task's
     slots before i) with no walk over earlier positions, so a stream opened at step 100,000 costs what one opened at
-    step 10 does. (Grain's MapDataset.mix picks each element by a scan over all datasets: ~270 us per element at
-    1,800 tasks.) Rates are kept to 1 part in `period`."""
+    step 10 does. (Grain's MapDataset.mix picks each element by a scan over all datasets, a cost per element that
+    grows with the number of tasks.) Rates are kept to 1 part in `period`."""
 
     def __init__(self, rates: Sequence[float], seed: int, period: int = 1 << 20):
         rates = np.asarray(rates, np.float64) / float(np.sum(rates))
